@@ -1,0 +1,6 @@
+"""The Python API: one function per command."""
+
+from .inspect import inspect
+from .merge import MergeResult, merge
+
+__all__ = ["MergeResult", "inspect", "merge"]

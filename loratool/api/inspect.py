@@ -1,0 +1,141 @@
+"""`inspect`: describe a checkpoint or an adapter as plain JSON-ready values.
+
+The keys returned here are the documented `--json` schema (docs/inspect.md); renderers only read them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..dtypes import TORCH_TO_SAFETENSORS
+from ..formats import detect_format, load_adapter
+from ..lora.module import Adapter
+
+SCHEMA_VERSION = 1
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _dtype_breakdown(items) -> dict[str, dict[str, int]]:
+    breakdown: dict[str, dict[str, int]] = {}
+    for dtype, numel, nbytes in items:
+        entry = breakdown.setdefault(dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += numel
+        entry["bytes"] += nbytes
+    return dict(sorted(breakdown.items()))
+
+
+def _nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
+    if not tensor.is_floating_point():
+        return None
+    values = tensor.float() if tensor.dtype.itemsize < 2 else tensor
+    nan = int(torch.isnan(values).sum())
+    inf = int(torch.isinf(values).sum())
+    return {"nan": nan, "inf": inf} if nan or inf else None
+
+
+def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: bool = False,
+                       progress: Callable[[int, int], None] | None = None) -> dict:
+    infos = list(checkpoint.values())
+    config = checkpoint.config() or {}
+    report: dict = {
+        "schema": SCHEMA_VERSION,
+        "kind": "checkpoint",
+        "path": str(checkpoint.path),
+        "format": "pickle" if checkpoint.pickled is not None else "safetensors",
+        "sharded": checkpoint.index_path is not None,
+        "files": [p.name for p in checkpoint.files],
+        "tensors": len(infos),
+        "parameters": sum(i.numel for i in infos),
+        "bytes": sum(i.nbytes for i in infos),
+        "dtypes": _dtype_breakdown((i.dtype, i.numel, i.nbytes) for i in infos),
+        "metadata": checkpoint.metadata,
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+    }
+    if tensors:
+        report["tensor_list"] = [
+            {"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes, "file": i.path.name}
+            for i in sorted(infos, key=lambda i: i.name)
+        ]
+    if check:
+        found = {}
+        total = report["bytes"]
+        for info in infos:
+            bad = _nonfinite(checkpoint.read(info.name))
+            if bad:
+                found[info.name] = bad
+            if progress:
+                progress(info.nbytes, total)
+        report["nonfinite"] = found
+    return report
+
+
+def _groups(adapter: Adapter) -> list[dict]:
+    groups: dict[tuple, dict] = {}
+    for name, module in adapter.modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        key = (leaf, module.kind.value, module.rank, module.alpha, module.scale, module.is_dora)
+        group = groups.setdefault(key, {
+            "target": leaf, "kind": module.kind.value, "rank": module.rank, "alpha": module.alpha,
+            "scale": module.scale, "dora": module.is_dora, "modules": 0,
+        })
+        group["modules"] += 1
+    return sorted(groups.values(), key=lambda g: (g["target"], g["rank"], g["alpha"]))
+
+
+def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False) -> dict:
+    named = adapter.named_tensors()
+    layers = sorted({int(m.group(1)) for name in adapter.modules if (m := _LAYER_INDEX.search(f".{name}."))})
+    config = adapter.config
+    report: dict = {
+        "schema": SCHEMA_VERSION,
+        "kind": "adapter",
+        "path": str(adapter.path),
+        "format": adapter.source_format,
+        "base_model": adapter.base_model,
+        "peft_version": config.get("peft_version"),
+        "task_type": config.get("task_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "use_rslora": adapter.use_rslora,
+        "use_dora": adapter.use_dora,
+        "modules": len(adapter.modules),
+        "targets": sorted({name.rsplit(".", 1)[-1] for name in adapter.modules}),
+        "layers": layers,
+        "groups": _groups(adapter),
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+        "modules_to_save": sorted(adapter.full_tensors),
+        "tensors": len(named),
+        "parameters": sum(t.numel() for t in named.values()),
+        "bytes": sum(t.numel() * t.element_size() for t in named.values()),
+        "dtypes": _dtype_breakdown(
+            (TORCH_TO_SAFETENSORS[t.dtype], t.numel(), t.numel() * t.element_size()) for t in named.values()
+        ),
+    }
+    if tensors:
+        report["tensor_list"] = [
+            {"name": name, "dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+             "bytes": t.numel() * t.element_size()}
+            for name, t in sorted(named.items())
+        ]
+    if check:
+        report["nonfinite"] = {name: bad for name, t in named.items() if (bad := _nonfinite(t))}
+    return report
+
+
+def inspect(path: str | os.PathLike, check: bool = False, tensors: bool = False, allow_pickle: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Describe `path`: an adapter when one is recognised there, otherwise a model checkpoint."""
+    path = Path(path)
+    if detect_format(path) is not None:
+        return inspect_adapter(load_adapter(path, allow_pickle=allow_pickle), check=check, tensors=tensors)
+    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
+        return inspect_checkpoint(checkpoint, check=check, tensors=tensors, progress=progress)

@@ -1,0 +1,206 @@
+"""`merge`: fold adapters into base weights, streaming one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
+from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
+from ..errors import NonFiniteError, UsageError
+from ..formats import load_adapter
+from ..lora.delta import COMPUTE_DTYPE, add_delta_, apply_dora_
+from ..lora.module import Adapter
+from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
+
+INDEX_NAME = "model.safetensors.index.json"
+#: Called after each tensor with (bytes just written, total bytes to write).
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    files: list[str]
+    tensors: int
+    tensors_changed: int
+    bytes_written: int
+    seconds: float
+    adapters: list[str]
+    weights: list[float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "output": str(self.output),
+            "files": self.files,
+            "tensors": self.tensors,
+            "tensors_changed": self.tensors_changed,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "adapters": self.adapters,
+            "weights": self.weights,
+            "notes": self.notes,
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _layout(base: Checkpoint, out_dtype: torch.dtype | None, max_shard_bytes: int | None) -> dict[str, list[PlannedTensor]]:
+    """Output file name -> tensors in write order. By default each base file maps to a file of the
+    same name holding the same tensors; `max_shard_bytes` (or a pickle base) re-plans HF-style shards."""
+
+    def planned(name: str) -> PlannedTensor:
+        info = base[name]
+        dtype = info.torch_dtype
+        if out_dtype is not None and dtype in MERGEABLE_FLOATS:
+            dtype = out_dtype
+        return PlannedTensor(name=name, dtype=dtype, shape=info.shape)
+
+    in_file_order = sorted(base, key=lambda n: (base[n].path.name, base[n].data_start))
+    if not base.is_folder:
+        return {"": [planned(n) for n in in_file_order]}
+    if max_shard_bytes is None and base.pickled is None:
+        layout: dict[str, list[PlannedTensor]] = {}
+        for name in in_file_order:
+            layout.setdefault(base[name].path.name, []).append(planned(name))
+        return layout
+    shards = plan_shards([planned(n) for n in in_file_order], max_shard_bytes or 5 * 10**9)
+    return dict(zip(shard_names(len(shards)), shards))
+
+
+def _merged_tensor(base: Checkpoint, name: str, ops: list, device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
+    original = base.read(name)
+    first = ops[0]
+    if isinstance(first, ReplaceOp):
+        if first.weight != 1.0 and not torch.equal(first.tensor.to(original.dtype), original):
+            raise UsageError(
+                f"{name} is replaced outright by {first.source} (modules_to_save), which cannot be scaled by "
+                f"weight {first.weight}; merge that adapter with weight 1"
+            )
+        acc = first.tensor.to(device=device, dtype=COMPUTE_DTYPE)
+        ops = ops[1:]
+    else:
+        acc = original.to(device=device, dtype=COMPUTE_DTYPE)
+    unmerged = acc.clone() if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops) else None
+    for op in ops:
+        if isinstance(op, DeltaOp) and op.module.is_dora:
+            apply_dora_(acc, unmerged, op.module, op.transposed)
+        elif isinstance(op, DeltaOp):
+            add_delta_(acc, op.module, op.weight, op.transposed)
+        elif isinstance(op, BiasOp):
+            acc.add_(op.module.bias.to(device=device, dtype=COMPUTE_DTYPE), alpha=op.weight * op.module.scale)
+    return acc.to(out_dtype)
+
+
+def _update_config(path: Path, dtype: torch.dtype) -> None:
+    config = json.loads(path.read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = torch_dtype_name(dtype)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def merge(
+    base: str | os.PathLike,
+    adapters: Sequence[str | os.PathLike | Adapter],
+    output: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    dtype: str = "auto",
+    max_shard_bytes: int | None = None,
+    device: str = "auto",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressCallback | None = None,
+) -> MergeResult:
+    """Merge `adapters` into `base`, writing `output` (file -> file, folder -> folder) atomically.
+
+    W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ per targeted weight, computed in float32 and rounded to the output dtype
+    once. DoRA adapters apply their magnitude on top, as PEFT's merge does.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    out_dtype = parse_output_dtype(dtype)
+    torch_device = resolve_device(device)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    if not loaded:
+        raise UsageError("give at least one adapter to merge")
+    weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
+    with open_checkpoint(base, allow_pickle=allow_pickle) as checkpoint:
+        check_output_path(output, [Path(base)] + [a.path for a in loaded], force)
+        if not checkpoint.is_folder and output.suffix != ".safetensors":
+            raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")
+        plan = plan_merge(checkpoint, loaded, weights, out_dtype, allow_nonfinite)
+        layout = _layout(checkpoint, out_dtype, max_shard_bytes)
+        with atomic_output(output, checkpoint.is_folder) as temp:
+            written = _write(checkpoint, plan, layout, temp, torch_device, allow_nonfinite, progress)
+            if checkpoint.is_folder:
+                _finish_folder(checkpoint, layout, temp, out_dtype)
+    return MergeResult(
+        output=output,
+        files=[f for f in layout if f] or [output.name],
+        tensors=len(checkpoint),
+        tensors_changed=len(plan.ops),
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+        adapters=[str(a.path) for a in loaded],
+        weights=weights,
+        notes=plan.notes,
+    )
+
+
+def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,
+           device: torch.device, allow_nonfinite: bool, progress: ProgressCallback | None) -> int:
+    written = 0
+    total = sum(item.nbytes for items in layout.values() for item in items)
+    for file_name, items in layout.items():
+        writer = SafetensorsWriter(temp / file_name if file_name else temp, items)
+        try:
+            for item in items:
+                source = checkpoint[item.name]
+                ops = plan.ops.get(item.name)
+                if ops:
+                    tensor = _merged_tensor(checkpoint, item.name, ops, device, item.dtype)
+                    if not allow_nonfinite and not torch.isfinite(tensor).all():
+                        raise NonFiniteError(
+                            f"merged {item.name} holds NaN/Inf (overflow in {torch_dtype_name(item.dtype)}?); "
+                            "try --dtype float32, or --allow-nonfinite to write it anyway"
+                        )
+                    writer.write(item.name, tensor)
+                elif checkpoint.pickled is None and source.torch_dtype == item.dtype:
+                    writer.copy_raw(item.name, checkpoint.fd(source.path), source)
+                else:
+                    writer.write(item.name, checkpoint.read(item.name).to(item.dtype))
+                written += item.nbytes
+                if progress:
+                    progress(item.nbytes, total)
+        finally:
+            writer.close()
+    return written
+
+
+def _finish_folder(checkpoint: Checkpoint, layout: dict[str, list[PlannedTensor]], temp: Path,
+                   out_dtype: torch.dtype | None) -> None:
+    if len(layout) > 1 or checkpoint.index_path is not None:
+        index_name = checkpoint.index_path.name if checkpoint.index_path and checkpoint.pickled is None else INDEX_NAME
+        write_index(temp / index_name, layout)
+    for companion in checkpoint.companion_files():
+        shutil.copy2(companion, temp / companion.name)
+    if out_dtype is not None and (temp / "config.json").is_file():
+        _update_config(temp / "config.json", out_dtype)

@@ -1,0 +1,148 @@
+"""Parse and fully validate a safetensors header before any tensor data is touched.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON, then the data buffer. Every entry
+maps a tensor name to dtype, shape and `[begin, end)` offsets into the data buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..dtypes import SAFETENSORS_TO_TORCH, itemsize
+from ..errors import InvalidCheckpointError, PickleRefusedError, summarize
+
+#: Same ceiling as the safetensors library: anything larger is not a real header.
+MAX_HEADER_BYTES = 100_000_000
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL_MARK = 0x80
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor; `data_start` is an absolute file offset."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    data_start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self):
+        return SAFETENSORS_TO_TORCH[self.dtype]
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _looks_pickled(prefix: bytes) -> bool:
+    """Only consulted once the bytes have failed as a safetensors length: a valid length may start 0x80."""
+    return prefix.startswith(ZIP_MAGIC) or (len(prefix) > 0 and prefix[0] == PICKLE_PROTOCOL_MARK)
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate the header of `path`, reporting every problem found in one error."""
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        if header_len < 2 or header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+            if _looks_pickled(prefix):
+                raise PickleRefusedError(
+                    f"{path}: this is a PyTorch pickle checkpoint named like safetensors; convert it to "
+                    "safetensors, or rename it to .bin and pass --allow-pickle"
+                )
+            raise InvalidCheckpointError(
+                f"{path}: not a valid safetensors file (header length {header_len} does not fit a "
+                f"{file_size}-byte file); the file may be truncated or of another format"
+            )
+        raw = f.read(header_len)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidCheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from e
+    if not isinstance(parsed, dict):
+        raise InvalidCheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + header_len
+    tensors, metadata = _validate_entries(path, parsed, data_size=file_size - data_start, data_start=data_start)
+    return Header(path=path, tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _validate_entries(
+    path: Path, parsed: dict, data_size: int, data_start: int
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    problems: list[str] = []
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        problems.append("__metadata__ must map strings to strings")
+        metadata = {}
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in parsed.items():
+        info = _validate_entry(path, name, entry, data_size, data_start, problems)
+        if info is not None:
+            tensors[name] = info
+            spans.append((info.data_start, info.data_start + info.nbytes, name))
+    spans.sort()
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            problems.append(f"tensors {prev_name!r} and {name!r} overlap")
+    if problems:
+        raise InvalidCheckpointError(f"{path}: invalid safetensors header: {summarize(problems)}")
+    return tensors, metadata
+
+
+def _validate_entry(
+    path: Path, name: str, entry: object, data_size: int, data_start: int, problems: list[str]
+) -> TensorInfo | None:
+    if not isinstance(entry, dict):
+        problems.append(f"entry {name!r} is not an object")
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_TO_TORCH:
+        problems.append(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        return None
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        problems.append(f"tensor {name!r} has an invalid shape {shape!r}")
+        return None
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        problems.append(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        return None
+    begin, end = offsets
+    expected = math.prod(shape) * itemsize(dtype)
+    if not 0 <= begin <= end:
+        problems.append(f"tensor {name!r} has data_offsets {offsets} out of order")
+        return None
+    if end - begin != expected:
+        problems.append(
+            f"tensor {name!r} is {dtype}{shape} ({expected} bytes) but its data_offsets span {end - begin} bytes"
+        )
+        return None
+    if end > data_size:
+        problems.append(
+            f"tensor {name!r} ends at byte {end} but the data section holds {data_size} bytes (truncated file?)"
+        )
+        return None
+    return TensorInfo(
+        name=name, dtype=dtype, shape=tuple(shape), path=path, data_start=data_start + begin, nbytes=expected
+    )

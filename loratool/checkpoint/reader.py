@@ -1,0 +1,246 @@
+"""Lazy checkpoints: one `.safetensors` file, a sharded folder with an index, or a folder of files.
+
+Headers of all files are validated when a checkpoint is opened; tensor data is read later, one tensor
+at a time, with positional reads straight into the tensor's own buffer. Positional reads rather than a
+memory map keep the resident set at one tensor: mapped pages of a multi-GB shard would otherwise
+count against the process until the map is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..dtypes import TORCH_TO_SAFETENSORS
+from ..errors import InvalidCheckpointError, LoratoolError, summarize
+from .header import TensorInfo, read_header
+from .pickled import PICKLE_SUFFIXES, load_pickle_state_dict, refuse_pickle
+
+SAFETENSORS_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".index.json"
+#: Files copied unchanged next to a merged model folder.
+COMPANION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
+
+
+@dataclass
+class Checkpoint(Mapping[str, TensorInfo]):
+    """A read-only mapping from tensor name to header info, with `read(name)` for the data."""
+
+    path: Path
+    is_folder: bool
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    index_path: Path | None = None
+    pickled: dict[str, torch.Tensor] | None = None
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def folder(self) -> Path | None:
+        return self.path if self.is_folder else None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def config(self) -> dict | None:
+        """The model's `config.json` when the checkpoint sits in a folder that has one."""
+        folder = self.path if self.is_folder else self.path.parent
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            return None
+        try:
+            return json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidCheckpointError(f"{config_path}: not valid JSON ({e})") from e
+
+    def companion_files(self) -> list[Path]:
+        if not self.is_folder:
+            return []
+        return [self.path / name for name in COMPANION_FILES if (self.path / name).is_file()]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory."""
+        info = self.tensors[name]
+        if self.pickled is not None:
+            return self.pickled[name]
+        tensor = torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.nbytes:
+            _pread_into(self.fd(info.path), tensor.reshape(-1).view(torch.uint8).numpy(), info.data_start, info)
+        return tensor
+
+    def fd(self, path: Path) -> int:
+        """An open read-only descriptor for one of this checkpoint's files (closed by `close()`)."""
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pread_into(fd: int, buffer, offset: int, info: TensorInfo) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise InvalidCheckpointError(f"{info.path}: file ended while reading tensor {info.name!r} (truncated?)")
+        done += got
+
+
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint file, index file or folder, validating every header before returning."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidCheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_folder(path, allow_pickle)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _open_index(path, allow_pickle)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _open_pickle_files(path, [path], allow_pickle, is_folder=False)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        raise InvalidCheckpointError(
+            f"{path}: unknown checkpoint type; expected a .safetensors file, an .index.json or a model folder"
+        )
+    header = read_header(path)
+    return Checkpoint(
+        path=path, is_folder=False, files=[path], tensors=header.tensors, metadata={path.name: header.metadata}
+    )
+
+
+def _open_folder(folder: Path, allow_pickle: bool) -> Checkpoint:
+    indexes = sorted(folder.glob(f"*{SAFETENSORS_SUFFIX}{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
+        raise InvalidCheckpointError(
+            f"{folder}: several index files ({', '.join(p.name for p in indexes)}); pass the one to use"
+        )
+    if indexes:
+        return _open_index(indexes[0], allow_pickle)
+    files = sorted(folder.glob(f"*{SAFETENSORS_SUFFIX}"))
+    if files:
+        return _from_files(folder, files, is_folder=True)
+    pickle_indexes = sorted(p for p in folder.glob(f"*{INDEX_SUFFIX}") if Path(p.stem).suffix in PICKLE_SUFFIXES)
+    if pickle_indexes:
+        return _open_index(pickle_indexes[0], allow_pickle)
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        return _open_pickle_files(folder, pickles, allow_pickle, is_folder=True)
+    raise InvalidCheckpointError(f"{folder}: no .safetensors files or index found in this folder")
+
+
+def _from_files(root: Path, files: list[Path], is_folder: bool, index_path: Path | None = None) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, dict[str, str]] = {}
+    clashes: list[str] = []
+    for file in files:
+        header = read_header(file)
+        metadata[file.name] = header.metadata
+        for name, info in header.tensors.items():
+            if name in tensors:
+                clashes.append(f"{name!r} in both {tensors[name].path.name} and {file.name}")
+            tensors[name] = info
+    if clashes:
+        raise InvalidCheckpointError(f"{root}: tensors stored twice: {summarize(clashes)}")
+    return Checkpoint(path=root, is_folder=is_folder, files=files, tensors=tensors, metadata=metadata,
+                      index_path=index_path)
+
+
+def _load_index(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidCheckpointError(f"{index_path}: not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InvalidCheckpointError(f"{index_path}: no valid 'weight_map' (tensor name -> shard file)")
+    unsafe = sorted({v for v in weight_map.values() if Path(v).name != v or v in ("", ".", "..")})
+    if unsafe:
+        raise InvalidCheckpointError(
+            f"{index_path}: shard names must be plain file names in the same folder, got {summarize(unsafe)}"
+        )
+    return weight_map
+
+
+def _open_index(index_path: Path, allow_pickle: bool) -> Checkpoint:
+    folder = index_path.parent
+    weight_map = _load_index(index_path)
+    shard_names = sorted(set(weight_map.values()))
+    missing = [n for n in shard_names if not (folder / n).is_file()]
+    if missing:
+        raise InvalidCheckpointError(f"{index_path}: shard files missing: {summarize(missing)}")
+    shards = [folder / n for n in shard_names]
+    if any(p.suffix in PICKLE_SUFFIXES for p in shards):
+        checkpoint = _open_pickle_files(folder, shards, allow_pickle, is_folder=True)
+    else:
+        checkpoint = _from_files(folder, shards, is_folder=True, index_path=index_path)
+    checkpoint.index_path = index_path
+    problems = [
+        f"{name!r} listed in {file} but stored in {checkpoint.tensors[name].path.name}"
+        for name, file in weight_map.items()
+        if name in checkpoint.tensors and checkpoint.tensors[name].path.name != file
+    ]
+    problems += [f"{name!r} listed but not stored in {file}" for name, file in weight_map.items()
+                 if name not in checkpoint.tensors]
+    problems += [f"{name!r} stored in {info.path.name} but not listed" for name, info in checkpoint.tensors.items()
+                 if name not in weight_map]
+    if problems:
+        raise InvalidCheckpointError(f"{index_path}: index does not match the shards: {summarize(problems)}")
+    return checkpoint
+
+
+def _open_pickle_files(root: Path, files: list[Path], allow_pickle: bool, is_folder: bool) -> Checkpoint:
+    if not allow_pickle:
+        raise refuse_pickle(files[0])
+    loaded: dict[str, torch.Tensor] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, tensor in load_pickle_state_dict(file).items():
+            if tensor.dtype not in TORCH_TO_SAFETENSORS:
+                raise LoratoolError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+            tensor = tensor.contiguous()
+            loaded[name] = tensor
+            tensors[name] = TensorInfo(
+                name=name, dtype=TORCH_TO_SAFETENSORS[tensor.dtype], shape=tuple(tensor.shape), path=file,
+                data_start=-1, nbytes=tensor.numel() * tensor.element_size(),
+            )
+    return Checkpoint(path=root, is_folder=is_folder, files=files, tensors=tensors, pickled=loaded)

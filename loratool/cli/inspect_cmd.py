@@ -1,0 +1,123 @@
+"""`loratool inspect`: rich tables for people, `--json` for scripts."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..api import inspect
+from .params import allow_pickle_option, json_option
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def _summary(report: dict) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [("path", report["path"]), ("kind", report["kind"]), ("format", report["format"])]
+    if report["kind"] == "adapter":
+        rows += [
+            ("base model", report["base_model"] or "(not recorded)"),
+            ("modules", str(report["modules"])),
+            ("targets", ", ".join(report["targets"])),
+            ("layers", _ranges(report["layers"]) or "-"),
+            ("r / alpha", f"{report['r']} / {report['lora_alpha']}"),
+            ("rsLoRA", "yes" if report["use_rslora"] else "no"),
+            ("DoRA", "yes" if report["use_dora"] else "no"),
+        ]
+        if report["modules_to_save"]:
+            rows.append(("full tensors", ", ".join(report["modules_to_save"])))
+    else:
+        rows += [("files", f"{len(report['files'])}{' (sharded, index.json)' if report['sharded'] else ''}")]
+        if report["model_type"]:
+            rows.append(("model type", report["model_type"]))
+    rows += [
+        ("tensors", f"{report['tensors']:,}"),
+        ("parameters", f"{report['parameters']:,}"),
+        ("size", _size(report["bytes"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def _dtypes(report: dict) -> Table:
+    table = Table(title="dtypes", title_justify="left")
+    for column in ("dtype", "tensors", "parameters", "size"):
+        table.add_column(column, justify="left" if column == "dtype" else "right")
+    for dtype, entry in report["dtypes"].items():
+        table.add_row(dtype, f"{entry['tensors']:,}", f"{entry['parameters']:,}", _size(entry["bytes"]))
+    return table
+
+
+def _groups(report: dict) -> Table:
+    table = Table(title="modules by target", title_justify="left")
+    for column in ("target", "kind", "modules", "rank", "alpha", "scale", "DoRA"):
+        table.add_column(column, justify="left" if column in ("target", "kind") else "right")
+    for g in report["groups"]:
+        table.add_row(g["target"], g["kind"], str(g["modules"]), str(g["rank"]), f"{g['alpha']:g}",
+                      f"{g['scale']:.4g}", "yes" if g["dora"] else "")
+    return table
+
+
+def _tensors(report: dict) -> Table:
+    table = Table(title="tensors", title_justify="left")
+    for column in ("name", "dtype", "shape", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for t in report["tensor_list"]:
+        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", _size(t["bytes"]))
+    return table
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path())
+@json_option
+@click.option("--tensors", is_flag=True, help="List every tensor with dtype, shape and size.")
+@click.option("--check", is_flag=True, help="Read all tensor data and report NaN/Inf (exit 2 if any).")
+@allow_pickle_option
+@click.pass_obj
+def inspect_cmd(out, path, as_json, tensors, check, allow_pickle):
+    """Describe a checkpoint or adapter at PATH.
+
+    PATH is a .safetensors file, a sharded index.json, a model folder or a PEFT adapter folder.
+    Adapters show rank, alpha and scale per target, the layers covered, DoRA/rsLoRA and the base
+    model. Checkpoints show files, tensors, parameters and a dtype breakdown. The --json keys are
+    stable; see docs/inspect.md.
+    """
+    with out.progress("checking") as advance:
+        report = inspect(path, check=check, tensors=tensors, allow_pickle=allow_pickle, progress=advance)
+    if as_json:
+        out.json(report)
+    else:
+        out.print(_summary(report))
+        out.print(_dtypes(report))
+        if report["kind"] == "adapter":
+            out.print(_groups(report))
+        if tensors:
+            out.print(_tensors(report))
+        metadata = report.get("metadata") or {}
+        if any(metadata.values()):
+            out.print("metadata: " + ", ".join(f"{f}: {m}" for f, m in metadata.items() if m))
+        if check:
+            bad = report["nonfinite"]
+            out.print(f"[red]NaN/Inf in {len(bad)} tensor(s):[/] " + ", ".join(bad) if bad else "[green]all values finite[/]")
+    if check and report["nonfinite"]:
+        raise click.exceptions.Exit(2)

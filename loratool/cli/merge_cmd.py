@@ -1,0 +1,57 @@
+"""`loratool merge`."""
+
+from __future__ import annotations
+
+import click
+
+from ..api import merge
+from .params import (SizeType, WeightListType, allow_pickle_option, device_option, dtype_option, force_option,
+                     json_option, output_option)
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@output_option
+@click.option("--weights", type=WeightListType(), default=None,
+              help="One weight per adapter, comma-separated: W' = W + Σ wᵢ·ΔWᵢ. A negative weight subtracts, "
+                   "so --weights -1 unmerges. Default: 1 each.")
+@dtype_option
+@click.option("--max-shard-size", type=SizeType(), default=None,
+              help="Re-shard a folder output into files of at most this size (e.g. 5GB, 500MB). "
+                   "Default: keep the base's own shard layout.")
+@device_option
+@force_option
+@click.option("--allow-nonfinite", is_flag=True, help="Merge even when adapters or results hold NaN/Inf.")
+@allow_pickle_option
+@json_option
+@click.pass_obj
+def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, device, force, allow_nonfinite,
+              allow_pickle, as_json):
+    """Fold one or more ADAPTERS into BASE and write a plain model to OUTPUT.
+
+    BASE is a .safetensors file, a sharded index.json or a model folder; OUTPUT mirrors it (file ->
+    file, folder -> folder, with config and tokenizer files copied). Tensors stream one at a time, so
+    memory stays at about one tensor whatever the model size. ΔW is computed in float32 and rounded
+    to the output dtype once.
+
+    \b
+    Examples:
+      loratool merge base/ adapter/ -o merged/
+      loratool merge base/ style/ subject/ --weights 0.7,1 -o merged/
+      loratool merge merged/ adapter/ --weights -1 -o restored/
+    """
+    with out.progress("merging") as advance:
+        result = merge(base, list(adapters), output, weights=weights, dtype=dtype, max_shard_bytes=max_shard_size,
+                       device=device, force=force, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                       progress=advance)
+    for note in result.notes:
+        out.note(note)
+    if as_json:
+        out.json(result.to_json())
+        return
+    out.print(
+        f"[green]merged[/] {len(result.adapters)} adapter(s) into {result.output}: "
+        f"{result.tensors_changed}/{result.tensors} tensors changed, {result.bytes_written / 1e6:,.1f} MB in "
+        f"{len(result.files)} file(s), {result.seconds:.2f}s"
+    )

@@ -1,0 +1,46 @@
+"""One place for terminal output: results to stdout, diagnostics and progress to stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from .. import env
+
+
+class Output:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.stdout = Console(soft_wrap=True)
+        self.stderr = Console(stderr=True, soft_wrap=True)
+
+    def json(self, value) -> None:
+        sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+    def print(self, *renderables) -> None:
+        self.stdout.print(*renderables)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self.stderr.print(f"[yellow]note:[/] {message}", highlight=False)
+
+    @property
+    def progress_enabled(self) -> bool:
+        return not self.quiet and self.stderr.is_terminal and not env.progress_disabled()
+
+    @contextlib.contextmanager
+    def progress(self, description: str) -> Iterator:
+        """Yield a callback `(advance_bytes, total_bytes)` driving a byte bar; None when stderr is not a TTY."""
+        if not self.progress_enabled:
+            yield None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.stderr, transient=True) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda advance, total: bar.update(task, advance=advance, total=total)

@@ -1,0 +1,81 @@
+"""Shared Click options and parameter types, defined once."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from ..dtypes import OUTPUT_DTYPE_CHOICES
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write it like 5GB, 500MB or 2GiB")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if value < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class WeightListType(click.ParamType):
+    """Comma-separated floats: `1,0.5` or `-1`."""
+
+    name = "W1,W2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(part) for part in value.split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 1,0.5 or -1)", param, ctx)
+
+
+def output_option(f):
+    return click.option("-o", "--output", "output", required=True, type=click.Path(),
+                        help="Where to write. Must not exist (or pass --force) and must not be an input.")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")(f)
+
+
+def allow_pickle_option(f):
+    return click.option(
+        "--allow-pickle", is_flag=True,
+        help="Load pickle checkpoints (.bin/.pt/.ckpt) with torch.load(weights_only=True). Off by default: "
+             "pickle files can run code.",
+    )(f)
+
+
+def dtype_option(f):
+    return click.option("--dtype", type=click.Choice(OUTPUT_DTYPE_CHOICES), default="auto", show_default=True,
+                        help="Output float dtype; auto keeps each tensor's own.")(f)
+
+
+def device_option(f):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                        help="Where the arithmetic runs; auto picks CUDA when torch sees one.")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON to stdout.")(f)

@@ -1,0 +1,191 @@
+"""PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors` (or `.bin` with --allow-pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import open_checkpoint
+from ..errors import AdapterError, summarize
+from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.scaling import pattern_value
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+KEY_PREFIX = "base_model.model."
+
+#: LoRA tensor suffix -> (role, layer kind it implies). Longest suffixes first.
+LORA_SUFFIXES: dict[str, tuple[str, LayerKind | None]] = {
+    ".lora_embedding_A": ("A", LayerKind.EMBEDDING),
+    ".lora_embedding_B": ("B", LayerKind.EMBEDDING),
+    ".lora_magnitude_vector.weight": ("magnitude", None),
+    ".lora_magnitude_vector": ("magnitude", None),
+    ".lora_A.weight": ("A", None),
+    ".lora_B.weight": ("B", None),
+    ".lora_B.bias": ("bias", None),
+}
+
+#: `init_lora_weights` values whose initialisation rewrote the base weights; the saved A/B only make
+#: sense against that rewritten base, which is not the base the user merges into.
+BASE_CHANGING_INITS = {
+    "pissa": "PiSSA",
+    "olora": "OLoRA",
+    "corda": "CorDA",
+    "loftq": "LoftQ",
+}
+
+#: Config fields naming LoRA variants whose update is not the plain s·B·A that loratool merges.
+UNSUPPORTED_FEATURES = {
+    "layer_replication": "layer replication (the adapted model has more layers than the base)",
+    "target_parameters": "LoRA on raw nn.Parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (its update depends on the input tokens, so it cannot be merged)",
+    "trainable_token_indices": "trainable token deltas (trainable_token_indices)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (the update depends on the input)",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+    "megatron_config": "Megatron-parallel layers",
+}
+
+
+def find_peft_folder(path: Path) -> Path | None:
+    """The folder holding `adapter_config.json` for `path`: itself, the file's folder, or a single
+    named-adapter subfolder. Several named adapters are an error that lists them."""
+    if path.is_file():
+        return path.parent if (path.parent / CONFIG_NAME).is_file() else None
+    if (path / CONFIG_NAME).is_file():
+        return path
+    named = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
+    if len(named) > 1:
+        names = ", ".join(str(p) for p in named)
+        raise AdapterError(f"{path} holds several named adapters; pass one of: {names}")
+    return named[0] if named else None
+
+
+def _check_config(config: dict, config_path: Path) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(f"{config_path}: this is a {peft_type} adapter; loratool handles LoRA adapters only")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str):
+        for prefix, label in BASE_CHANGING_INITS.items():
+            if init.lower().startswith(prefix):
+                raise AdapterError(
+                    f"{config_path}: {label} initialisation (init_lora_weights={init!r}) rewrote the base weights "
+                    "during training, so this adapter does not apply to the original base. Save it with PEFT's "
+                    "path_initial_model_for_weight_conversion to get a plain LoRA, then use that"
+                )
+    used = [label for key, label in UNSUPPORTED_FEATURES.items() if config.get(key) not in (None, False, {}, [])]
+    if used:
+        raise AdapterError(f"{config_path}: uses {summarize(used)}, which loratool cannot merge exactly")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
+
+
+def _weights_file(folder: Path, given: Path) -> Path:
+    if given.is_file():
+        return given
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise AdapterError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin) next to {CONFIG_NAME}")
+
+
+def read_peft_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+    folder = find_peft_folder(path)
+    if folder is None:
+        raise AdapterError(f"{path}: no {CONFIG_NAME} found, so this is not a PEFT adapter")
+    config_path = folder / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    _check_config(config, config_path)
+    weights_path = _weights_file(folder, path)
+    with open_checkpoint(weights_path, allow_pickle=allow_pickle) as checkpoint:
+        state = {name: checkpoint.read(name) for name in checkpoint}
+    modules, full = _group_keys(state, weights_path)
+    return Adapter(
+        path=folder,
+        source_format="peft",
+        modules=_build_modules(modules, config, weights_path),
+        full_tensors=full,
+        config=config,
+    )
+
+
+def _group_keys(state: dict[str, torch.Tensor], source: Path):
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, LayerKind] = {}
+    full: dict[str, torch.Tensor] = {}
+    foreign = [k for k in state if not k.startswith(KEY_PREFIX)]
+    if foreign:
+        raise AdapterError(
+            f"{source}: keys without the PEFT prefix {KEY_PREFIX!r}: {summarize(foreign)}; "
+            "is this a full model checkpoint rather than an adapter?"
+        )
+    for key, tensor in state.items():
+        key = key[len(KEY_PREFIX):]
+        for suffix, (role, kind) in LORA_SUFFIXES.items():
+            if key.endswith(suffix):
+                module = key[: -len(suffix)]
+                modules.setdefault(module, {})[role] = tensor
+                if kind is not None:
+                    kinds[module] = kind
+                break
+        else:
+            if ".lora_" in key:
+                raise AdapterError(f"{source}: unrecognised LoRA tensor {key!r}")
+            full[key.replace(".base_layer.", ".")] = tensor
+    return {name: (parts, kinds.get(name)) for name, parts in modules.items()}, full
+
+
+def _build_modules(grouped, config: dict, source: Path) -> dict[str, LoraModule]:
+    default_r = config.get("r", 8)
+    default_alpha = config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
+    problems: list[str] = []
+    modules: dict[str, LoraModule] = {}
+    for name, (parts, kind) in sorted(grouped.items()):
+        A, B = parts.get("A"), parts.get("B")
+        if A is None or B is None:
+            problems.append(f"{name} has {'lora_B' if A is None else 'lora_A'} but no {'lora_A' if A is None else 'lora_B'}")
+            continue
+        kind = kind or (LayerKind.CONV if A.dim() > 2 else LayerKind.LINEAR)
+        rank = A.shape[0]
+        if B.dim() < 2 or B.shape[1] != rank or A.dim() != B.dim() or any(s != 1 for s in B.shape[2:]):
+            problems.append(f"{name}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a rank-{rank} pair")
+            continue
+        configured_r = pattern_value(rank_pattern, name, default_r)
+        if configured_r != rank:
+            problems.append(f"{name}: rank {rank} in the weights but r={configured_r} in the config")
+            continue
+        magnitude = parts.get("magnitude")
+        if (magnitude is not None) != use_dora:
+            problems.append(f"{name}: {'DoRA magnitude without use_dora' if magnitude is not None else 'use_dora set but no lora_magnitude_vector'}")
+            continue
+        modules[name] = LoraModule(
+            name=name,
+            kind=kind,
+            lora_A=A,
+            lora_B=B,
+            alpha=float(pattern_value(alpha_pattern, name, default_alpha)),
+            use_rslora=use_rslora,
+            magnitude=magnitude.reshape(-1) if magnitude is not None else None,
+            bias=parts.get("bias"),
+        )
+    if problems:
+        raise AdapterError(f"{source}: {summarize(problems)}")
+    if not modules:
+        raise AdapterError(f"{source}: holds no LoRA tensors")
+    return modules

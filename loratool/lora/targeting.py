@@ -1,0 +1,77 @@
+"""Matching adapter modules to base tensors: name prefixes and HF `Conv1D` orientation.
+
+Pure logic over names and shapes; the caller supplies the base checkpoint's header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from .delta import expected_base_shape
+from .module import LayerKind, LoraModule
+
+#: transformers model types whose projections are `Conv1D`, storing W as (in, out).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
+
+
+def _name_transforms(base_keys: Iterable[str]) -> list[Callable[[str], str]]:
+    transforms: list[Callable[[str], str]] = [lambda n: n, lambda n: n.split(".", 1)[1] if "." in n else n]
+    for prefix in sorted({k.split(".", 1)[0] for k in base_keys if "." in k}):
+        transforms.append(lambda n, p=prefix: f"{p}.{n}")
+    return transforms
+
+
+def resolve_base_names(
+    module_names: Iterable[str], tensor_names: Iterable[str], base_keys: Mapping[str, object]
+) -> tuple[dict[str, str], list[str]]:
+    """Map adapter names onto the base's naming.
+
+    Adapters name modules as the trained model class did (`model.layers.0...` for a CausalLM), while a
+    base may have been saved from another class (`layers.0...`, `transformer.h.0...`). One transform
+    (identity, drop the first component, or add a base top-level prefix) is chosen for the whole
+    adapter: the one that resolves most names, identity on ties. Module names resolve to their module
+    path (its `.weight` must exist); tensor names resolve to a tensor. Returns the mapping and the
+    names no transform resolved.
+    """
+    modules, tensors = list(module_names), list(tensor_names)
+
+    def resolved(transform) -> dict[str, str]:
+        hits = {n: transform(n) for n in modules if f"{transform(n)}.weight" in base_keys}
+        hits.update({n: transform(n) for n in tensors if transform(n) in base_keys})
+        return hits
+
+    best: dict[str, str] = {}
+    for transform in _name_transforms(base_keys):
+        candidate = resolved(transform)
+        if len(candidate) > len(best):
+            best = candidate
+    return best, [n for n in modules + tensors if n not in best]
+
+
+def fits(module: LoraModule, base_shape: tuple[int, ...]) -> list[bool]:
+    """The orientations (False: W is (out, in); True: HF Conv1D's (in, out)) the base shape admits."""
+    options = [False, True] if module.kind is LayerKind.LINEAR else [False]
+    return [t for t in options if expected_base_shape(module, t) == tuple(base_shape)]
+
+
+def choose_orientation(
+    candidates: Mapping[str, list[bool]], model_type: str | None, fan_in_fan_out: bool
+) -> tuple[dict[str, bool], str | None]:
+    """Decide each module's orientation from the base, not from the adapter's `fan_in_fan_out`.
+
+    Non-square weights decide themselves. Square ones (GPT-2's attention c_proj) follow the model
+    type when the base config names one, then the evidence of the non-square modules, and only then
+    the adapter's flag. Returns the decisions and a note when the flag had to be trusted.
+    """
+    decided = {name: opts[0] for name, opts in candidates.items() if len(opts) == 1}
+    evidence = set(decided.values())
+    if model_type is not None:
+        fallback, note = model_type in CONV1D_MODEL_TYPES, None
+    elif len(evidence) == 1:
+        fallback, note = evidence.pop(), None
+    else:
+        fallback = fan_in_fan_out
+        note = "square weights with no config.json to tell their layout; trusted the adapter's fan_in_fan_out"
+    ambiguous = [name for name, opts in candidates.items() if len(opts) > 1]
+    decided.update({name: fallback for name in ambiguous})
+    return decided, note if ambiguous else None

@@ -1,0 +1,96 @@
+"""Builders for tiny real models and real PEFT adapters, shared by the tests and the fixture script."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64)).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).eval()
+
+
+class TinyConvNet(torch.nn.Module):
+    """A small conv + linear model, standing in for a UNet block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.conv_mid = torch.nn.Conv2d(8, 8, kernel_size=1)
+        self.proj = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.conv_mid(torch.relu(self.conv_in(x)))
+        return self.proj(h.mean(dim=(2, 3)))
+
+
+def randomize_adapter(model, seed: int = 1) -> None:
+    """Give every LoRA tensor random, non-trivial values so that merges are actually tested."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(param.shape, generator=generator) * 0.1
+                if "magnitude" in name:
+                    param.mul_(1 + noise.to(param.dtype))
+                else:
+                    param.copy_(noise.to(param.dtype))
+
+
+def make_adapter(model, config: LoraConfig, out_dir, seed: int = 1):
+    """Wrap `model` with PEFT, randomize the adapter, save it with PEFT's own save_pretrained."""
+    peft_model = get_peft_model(model, config)
+    randomize_adapter(peft_model, seed)
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model
+
+
+def peft_merged_state(base_model, adapter_dirs, weights=None) -> dict[str, torch.Tensor]:
+    """The oracle: PEFT's own load + merge_and_unload on a freshly loaded base."""
+    model = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name="a0")
+    for i, path in enumerate(adapter_dirs[1:], start=1):
+        model.load_adapter(str(path), adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
+    if weights is not None:
+        model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
+        names = ["mix"]
+    model.base_model.set_adapter(names)
+    merged = model.merge_and_unload(adapter_names=names)
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def load_folder(path) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
