@@ -190,6 +190,7 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
                 written += item.nbytes
                 if progress:
                     progress(item.nbytes, total)
+            writer.finish()
         finally:
             writer.close()
     return written

@@ -59,7 +59,9 @@ def read_header(path: Path) -> Header:
     file_size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
-        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        if len(prefix) < 8:
+            raise InvalidCheckpointError(f"{path}: not a safetensors file ({file_size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", prefix)
         if header_len < 2 or header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
             if _looks_pickled(prefix):
                 raise PickleRefusedError(

@@ -103,13 +103,16 @@ class SafetensorsWriter:
             raise RuntimeError(f"{name}: planned {planned.nbytes} bytes, source has {source.nbytes}")
         _copy_range(source_fd, self._fd, source.data_start, source.nbytes)
 
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        os.close(self._fd)
-        self._fd = -1
+    def finish(self) -> None:
+        """Check that every planned tensor arrived, then close."""
         if self._next != len(self.plan):
             raise RuntimeError(f"{self.path.name}: {len(self.plan) - self._next} planned tensors never written")
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _state["debug"] = env.debug_enabled()
     try:
-        cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-        return 0
+        # Without standalone mode, click returns the code of a `click.exceptions.Exit` instead of raising it.
+        code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
