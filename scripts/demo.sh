@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: inspect and merge on the bundled fixtures (fixtures/make_fixtures.py).
+set -euo pipefail
+BIN=${1:-.venv/bin}
+LT="$BIN/loratool"
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+step "$LT" inspect fixtures/tiny-llama
+step "$LT" inspect fixtures/lora-llama
+step "$LT" inspect fixtures/lora-llama-qv --json
+step "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged"
+step "$LT" merge fixtures/tiny-llama fixtures/lora-llama fixtures/lora-llama-qv --weights 0.7,0.3 --dtype bfloat16 -o "$OUT/mixed"
+step "$LT" inspect "$OUT/mixed" --check
+step "$LT" merge "$OUT/merged" fixtures/lora-llama --weights -1 -o "$OUT/restored"
+"$BIN/python" - "$OUT/restored/model.safetensors" fixtures/tiny-llama/model.safetensors <<'PY'
+import sys
+from safetensors.torch import load_file
+restored, base = (load_file(p) for p in sys.argv[1:3])
+worst = max((restored[k] - base[k]).abs().max().item() for k in base)
+print(f"unmerge with --weights -1 gives back the base: max |diff| = {worst:.2e}")
+PY
+printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
+"$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"
