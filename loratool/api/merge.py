@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.pipeline import BackgroundWriter, Prefetcher
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
-from ..lora.delta import COMPUTE_DTYPE, add_delta_, apply_dora_
+from ..lora.delta import COMPUTE_DTYPE, add_delta_, add_deltas_blockwise, apply_dora_, delta_factors
 from ..lora.module import Adapter
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
 
@@ -84,28 +87,54 @@ def _layout(base: Checkpoint, out_dtype: torch.dtype | None, max_shard_bytes: in
     return dict(zip(shard_names(len(shards)), shards))
 
 
-def _merged_tensor(base: Checkpoint, name: str, ops: list, device: torch.device, out_dtype: torch.dtype) -> torch.Tensor:
-    original = base.read(name)
-    first = ops[0]
-    if isinstance(first, ReplaceOp):
-        if first.weight != 1.0 and not torch.equal(first.tensor.to(original.dtype), original):
+def fits_dtype(low: float, high: float, dtype: torch.dtype) -> bool:
+    """Whether float32 values in [low, high] are finite and stay finite when rounded to `dtype`."""
+    limit = torch.finfo(dtype).max
+    return math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit
+
+
+def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.device,
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """The merged tensor in `out_dtype`, and whether all its values are finite."""
+    original = original.to(device)
+    weight = original
+    if isinstance(ops[0], ReplaceOp):
+        first, ops = ops[0], ops[1:]
+        if first.weight != 1.0 and not torch.equal(first.tensor.to(device=device, dtype=original.dtype), original):
             raise UsageError(
                 f"{name} is replaced outright by {first.source} (modules_to_save), which cannot be scaled by "
                 f"weight {first.weight}; merge that adapter with weight 1"
             )
-        acc = first.tensor.to(device=device, dtype=COMPUTE_DTYPE)
-        ops = ops[1:]
-    else:
-        acc = original.to(device=device, dtype=COMPUTE_DTYPE)
-    unmerged = acc.clone() if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops) else None
+        weight = first.tensor.to(device)
+    if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops):
+        return _merged_with_dora(weight, ops, out_dtype)
+    terms = []
+    for op in ops:
+        if isinstance(op, DeltaOp):
+            left, right = delta_factors(op.module, op.transposed, device)
+            terms.append((left, right, op.weight * op.module.scale))
+        else:
+            bias = op.module.bias.to(device=device, dtype=COMPUTE_DTYPE)
+            terms.append((bias.reshape(-1, 1), torch.ones(1, 1, device=device), op.weight * op.module.scale))
+    in_place = weight is original and weight.dtype == out_dtype
+    out = weight if in_place else torch.empty(weight.shape, dtype=out_dtype, device=device)
+    low, high = add_deltas_blockwise(weight, out, terms)
+    return out, fits_dtype(low, high, out_dtype)
+
+
+def _merged_with_dora(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """DoRA rescales whole rows by norms of the full update, so it works on the full float32 weight."""
+    acc = weight.to(COMPUTE_DTYPE, copy=True)
+    unmerged = acc.clone()
     for op in ops:
         if isinstance(op, DeltaOp) and op.module.is_dora:
             apply_dora_(acc, unmerged, op.module, op.transposed)
         elif isinstance(op, DeltaOp):
             add_delta_(acc, op.module, op.weight, op.transposed)
-        elif isinstance(op, BiasOp):
-            acc.add_(op.module.bias.to(device=device, dtype=COMPUTE_DTYPE), alpha=op.weight * op.module.scale)
-    return acc.to(out_dtype)
+        else:
+            acc.add_(op.module.bias.to(device=acc.device, dtype=COMPUTE_DTYPE), alpha=op.weight * op.module.scale)
+    low, high = (v.item() for v in torch.aminmax(acc))
+    return acc.to(out_dtype), fits_dtype(low, high, out_dtype)
 
 
 def _update_config(path: Path, dtype: torch.dtype) -> None:
@@ -167,33 +196,38 @@ def merge(
 
 def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,
            device: torch.device, allow_nonfinite: bool, progress: ProgressCallback | None) -> int:
-    written = 0
     total = sum(item.nbytes for items in layout.values() for item in items)
-    for file_name, items in layout.items():
-        writer = SafetensorsWriter(temp / file_name if file_name else temp, items)
-        try:
+    order = [item.name for items in layout.values() for item in items if item.name in plan.ops]
+    prefetch = Prefetcher(lambda name: checkpoint.read(name), order)
+    background = BackgroundWriter()
+    try:
+        for file_name, items in layout.items():
+            writer = SafetensorsWriter(temp / file_name if file_name else temp, items)
             for item in items:
                 source = checkpoint[item.name]
                 ops = plan.ops.get(item.name)
                 if ops:
-                    tensor = _merged_tensor(checkpoint, item.name, ops, device, item.dtype)
-                    if not allow_nonfinite and not torch.isfinite(tensor).all():
+                    tensor, finite = _merged_tensor(prefetch.get(item.name), item.name, ops, device, item.dtype)
+                    if not allow_nonfinite and not finite:
                         raise NonFiniteError(
                             f"merged {item.name} holds NaN/Inf (overflow in {torch_dtype_name(item.dtype)}?); "
                             "try --dtype float32, or --allow-nonfinite to write it anyway"
                         )
-                    writer.write(item.name, tensor)
+                    background.submit(partial(writer.write, item.name, tensor))
                 elif checkpoint.pickled is None and source.torch_dtype == item.dtype:
-                    writer.copy_raw(item.name, checkpoint.fd(source.path), source)
+                    background.submit(partial(writer.copy_raw, item.name, checkpoint.fd(source.path), source))
                 else:
-                    writer.write(item.name, checkpoint.read(item.name).to(item.dtype))
-                written += item.nbytes
+                    background.submit(partial(writer.write, item.name, checkpoint.read(item.name).to(item.dtype)))
                 if progress:
                     progress(item.nbytes, total)
-            writer.finish()
-        finally:
-            writer.close()
-    return written
+            background.submit(writer.finish)
+        background.close()
+    except BaseException:
+        background.abort()
+        raise
+    finally:
+        prefetch.close()
+    return total
 
 
 def _finish_folder(checkpoint: Checkpoint, layout: dict[str, list[PlannedTensor]], temp: Path,

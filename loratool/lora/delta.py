@@ -7,6 +7,8 @@ the update with one in-place `addmm_` and never materialise ΔW for plain LoRA.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .module import LayerKind, LoraModule
@@ -68,3 +70,29 @@ def apply_dora_(acc: torch.Tensor, base: torch.Tensor, module: LoraModule, trans
     factor = module.magnitude.to(device=acc.device, dtype=COMPUTE_DTYPE).reshape(-1) / norm
     acc2d = as_2d(acc)
     acc2d.add_(as_2d(delta)).mul_(factor.unsqueeze(1) if rows else factor.unsqueeze(0))
+
+
+def add_deltas_blockwise(
+    weight: torch.Tensor, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+    block_elements: int = 1 << 20,
+) -> tuple[float, float]:
+    """out = round(weight + Σ alpha·left@right), a block of rows at a time; returns (min, max) of the
+    float32 result (NaN if any NaN), so callers check finiteness without another pass.
+
+    Working in blocks keeps the float32 copy in cache instead of materialising the whole weight in
+    float32, which halves memory traffic on large matrices. `out` may be `weight` itself.
+    """
+    w2, o2 = as_2d(weight), as_2d(out)
+    rows = max(1, block_elements // max(1, w2.shape[1]))
+    low, high = float("inf"), float("-inf")
+    for start in range(0, w2.shape[0], rows):
+        stop = min(start + rows, w2.shape[0])
+        acc = w2[start:stop].to(COMPUTE_DTYPE, copy=True)
+        for left, right, alpha in terms:
+            acc.addmm_(left[start:stop], right, alpha=alpha)
+        o2[start:stop].copy_(acc)
+        block_low, block_high = (v.item() for v in torch.aminmax(acc))
+        if math.isnan(block_low) or math.isnan(block_high):
+            return math.nan, math.nan
+        low, high = min(low, block_low), max(high, block_high)
+    return low, high
