@@ -205,3 +205,23 @@ def test_merge_then_unmerge_gives_back_the_base(run_cli, tmp_path, llama_base, l
     merge_cli(run_cli, llama_base, [llama_adapter], merged)
     restored = merge_cli(run_cli, merged, [llama_adapter], tmp_path / "restored", "--weights", "-1")
     assert max_diff(restored, load_folder(llama_base)) <= 1e-6
+
+
+def test_lora_bias_and_modules_to_save(run_cli, tmp_path):
+    base = tmp_path / "qwen2"
+    tiny_qwen2().save_pretrained(base)  # Qwen2's q/k/v projections carry biases
+    adapter = tmp_path / "bias_lora"
+    peft_model = make_adapter(tiny_qwen2(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                       lora_bias=True, modules_to_save=["lm_head"],
+                                                       init_lora_weights=False), adapter)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.bias") for k in saved) and "base_model.model.lm_head.weight" in saved
+    with torch.no_grad():  # make the saved lm_head differ from the base, so replacing it is observable
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    peft_model.save_pretrained(adapter)
+    ours = merge_cli(run_cli, base, [adapter], tmp_path / "out")
+    oracle = peft_merged_state(Qwen2ForCausalLM.from_pretrained(base), [adapter])
+    base_state = load_folder(base)
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.bias"], base_state["model.layers.0.self_attn.q_proj.bias"])
+    assert not torch.equal(ours["lm_head.weight"], base_state["lm_head.weight"])
+    assert max_diff(ours, oracle) <= 1e-6

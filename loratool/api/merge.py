@@ -21,7 +21,7 @@ from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, s
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
-from ..lora.delta import COMPUTE_DTYPE, add_delta_, add_deltas_blockwise, apply_dora_, delta_factors
+from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, apply_dora_, as_2d, delta_factors
 from ..lora.module import Adapter
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
 
@@ -93,6 +93,16 @@ def fits_dtype(low: float, high: float, dtype: torch.dtype) -> bool:
     return math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit
 
 
+def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A plain LoRA op as alpha·left@right on the 2-D view of its tensor; a bias is a rank-1 column."""
+    alpha = op.weight * op.module.scale
+    if isinstance(op, BiasOp):
+        bias = op.module.bias.to(device=device, dtype=COMPUTE_DTYPE)
+        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), alpha
+    left, right = delta_factors(op.module, op.transposed, device)
+    return left, right, alpha
+
+
 def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.device,
                    out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """The merged tensor in `out_dtype`, and whether all its values are finite."""
@@ -108,14 +118,7 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
         weight = first.tensor.to(device)
     if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops):
         return _merged_with_dora(weight, ops, out_dtype)
-    terms = []
-    for op in ops:
-        if isinstance(op, DeltaOp):
-            left, right = delta_factors(op.module, op.transposed, device)
-            terms.append((left, right, op.weight * op.module.scale))
-        else:
-            bias = op.module.bias.to(device=device, dtype=COMPUTE_DTYPE)
-            terms.append((bias.reshape(-1, 1), torch.ones(1, 1, device=device), op.weight * op.module.scale))
+    terms = [_term(op, device) for op in ops]
     in_place = weight is original and weight.dtype == out_dtype
     out = weight if in_place else torch.empty(weight.shape, dtype=out_dtype, device=device)
     low, high = add_deltas_blockwise(weight, out, terms)
@@ -129,10 +132,9 @@ def _merged_with_dora(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -
     for op in ops:
         if isinstance(op, DeltaOp) and op.module.is_dora:
             apply_dora_(acc, unmerged, op.module, op.transposed)
-        elif isinstance(op, DeltaOp):
-            add_delta_(acc, op.module, op.weight, op.transposed)
         else:
-            acc.add_(op.module.bias.to(device=acc.device, dtype=COMPUTE_DTYPE), alpha=op.weight * op.module.scale)
+            left, right, alpha = _term(op, acc.device)
+            as_2d(acc).addmm_(left, right, alpha=alpha)
     low, high = (v.item() for v in torch.aminmax(acc))
     return acc.to(out_dtype), fits_dtype(low, high, out_dtype)
 

@@ -2,7 +2,7 @@
 
 Every kind reduces to one matrix product in the base weight's own layout: ΔW2d = s · left @ right,
 where ΔW2d is the base weight viewed as 2-D (conv kernels flattened into columns). That lets merge add
-the update with one in-place `addmm_` and never materialise ΔW for plain LoRA.
+the update with `addmm_` a block of rows at a time and never materialise ΔW for plain LoRA.
 """
 
 from __future__ import annotations
@@ -50,12 +50,6 @@ def delta_weight(module: LoraModule, transposed: bool = False, device: torch.dev
     """ΔW = s·B@A in the base weight's shape, float32."""
     left, right = delta_factors(module, transposed, device)
     return (module.scale * (left @ right)).reshape(expected_base_shape(module, transposed))
-
-
-def add_delta_(acc: torch.Tensor, module: LoraModule, weight: float = 1.0, transposed: bool = False) -> None:
-    """acc += weight · ΔW, in place, without forming ΔW."""
-    left, right = delta_factors(module, transposed, acc.device)
-    as_2d(acc).addmm_(left, right, alpha=weight * module.scale)
 
 
 def apply_dora_(acc: torch.Tensor, base: torch.Tensor, module: LoraModule, transposed: bool = False) -> None:
