@@ -225,3 +225,12 @@ def test_lora_bias_and_modules_to_save(run_cli, tmp_path):
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.bias"], base_state["model.layers.0.self_attn.q_proj.bias"])
     assert not torch.equal(ours["lm_head.weight"], base_state["lm_head.weight"])
     assert max_diff(ours, oracle) <= 1e-6
+
+
+def test_dora_after_plain_lora_follows_peft_order(run_cli, tmp_path, llama_base, llama_adapter):
+    dora = tmp_path / "dora"
+    make_adapter(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], use_dora=True,
+                                          init_lora_weights=False), dora, seed=5)
+    ours = merge_cli(run_cli, llama_base, [llama_adapter, dora], tmp_path / "out")
+    oracle = peft_merged_state(LlamaForCausalLM.from_pretrained(llama_base), [llama_adapter, dora])
+    assert max_diff(ours, oracle) <= 1e-6
