@@ -62,3 +62,12 @@ def test_fixtures_are_real_peft_adapters(run_cli, tmp_path):
     ours = load_folder(tmp_path / "out")
     assert max((ours[k] - oracle[k]).abs().max().item() for k in ours) <= 1e-6
     assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"], load_folder(base)["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_model_folder_with_an_adapter_subfolder_is_a_model(run_cli, tmp_path):
+    import shutil
+
+    shutil.copytree(FIXTURES / "tiny-llama", tmp_path / "model")
+    shutil.copytree(FIXTURES / "lora-llama", tmp_path / "model" / "lora")
+    assert json.loads(run_cli("inspect", tmp_path / "model", "--json").stdout)["kind"] == "checkpoint"
+    assert json.loads(run_cli("inspect", tmp_path / "model" / "lora", "--json").stdout)["kind"] == "adapter"

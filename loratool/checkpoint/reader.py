@@ -91,7 +91,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """Read one tensor into fresh CPU memory."""
         info = self.tensors[name]
         if self.pickled is not None:
-            return self.pickled[name]
+            return self.pickled[name].clone()  # callers may update in place; the loaded state stays as read
         tensor = torch.empty(info.shape, dtype=info.torch_dtype)
         if info.nbytes:
             _pread_into(self.fd(info.path), tensor.reshape(-1).view(torch.uint8).numpy(), info.data_start, info)

@@ -53,11 +53,14 @@ UNSUPPORTED_FEATURES = {
 
 def find_peft_folder(path: Path) -> Path | None:
     """The folder holding `adapter_config.json` for `path`: itself, the file's folder, or a single
-    named-adapter subfolder. Several named adapters are an error that lists them."""
+    named-adapter subfolder of a folder with no weights of its own. Several named adapters are an
+    error that lists them."""
     if path.is_file():
         return path.parent if (path.parent / CONFIG_NAME).is_file() else None
     if (path / CONFIG_NAME).is_file():
         return path
+    if any(path.glob("*.safetensors")):
+        return None  # a model folder that happens to hold an adapter subfolder is still a model
     named = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
     if len(named) > 1:
         names = ", ".join(str(p) for p in named)
