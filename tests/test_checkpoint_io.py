@@ -139,3 +139,17 @@ def test_hostile_json_headers_fail_cleanly(tmp_path, header, data):
         return
     for info in parsed.tensors.values():  # anything accepted must be readable exactly within the file
         assert info.data_start + info.nbytes <= path.stat().st_size
+
+
+def test_blockwise_merge_finishes_every_block_after_a_nan():
+    """With --allow-nonfinite a NaN must not leave later row blocks unwritten."""
+    from loratool.lora.delta import add_deltas_blockwise
+
+    weight = torch.randn(8, 4, dtype=torch.float64).float()
+    left, right = torch.randn(8, 2), torch.randn(2, 4)
+    left[0, 0] = float("nan")
+    out = torch.full_like(weight, 7.0)
+    low, high = add_deltas_blockwise(weight, out, [(left, right, 0.5)], block_elements=8)  # 2 rows per block
+    assert low != low and high != high
+    expected = weight.double() + 0.5 * left.double() @ right.double()
+    assert torch.allclose(out[2:].double(), expected[2:], atol=1e-6)

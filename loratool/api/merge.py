@@ -200,7 +200,7 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
            device: torch.device, allow_nonfinite: bool, progress: ProgressCallback | None) -> int:
     total = sum(item.nbytes for items in layout.values() for item in items)
     order = [item.name for items in layout.values() for item in items if item.name in plan.ops]
-    prefetch = Prefetcher(lambda name: checkpoint.read(name), order)
+    prefetch = Prefetcher(checkpoint.read, order)
     background = BackgroundWriter()
     try:
         for file_name, items in layout.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
     index_path: Path | None = None
     pickled: dict[str, torch.Tensor] | None = None
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __getitem__(self, name: str) -> TensorInfo:
         return self.tensors[name]
@@ -98,10 +100,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
         return tensor
 
     def fd(self, path: Path) -> int:
-        """An open read-only descriptor for one of this checkpoint's files (closed by `close()`)."""
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        """An open read-only descriptor for one of this checkpoint's files (closed by `close()`).
+
+        Thread-safe: merge's reader thread and its main thread both ask for descriptors."""
+        with self._fd_lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -78,7 +78,7 @@ def add_deltas_blockwise(
     """
     w2, o2 = as_2d(weight), as_2d(out)
     rows = max(1, block_elements // max(1, w2.shape[1]))
-    low, high = float("inf"), float("-inf")
+    low, high, saw_nan = math.inf, -math.inf, False
     for start in range(0, w2.shape[0], rows):
         stop = min(start + rows, w2.shape[0])
         acc = w2[start:stop].to(COMPUTE_DTYPE, copy=True)
@@ -86,7 +86,6 @@ def add_deltas_blockwise(
             acc.addmm_(left[start:stop], right, alpha=alpha)
         o2[start:stop].copy_(acc)
         block_low, block_high = (v.item() for v in torch.aminmax(acc))
-        if math.isnan(block_low) or math.isnan(block_high):
-            return math.nan, math.nan
+        saw_nan = saw_nan or math.isnan(block_low) or math.isnan(block_high)
         low, high = min(low, block_low), max(high, block_high)
-    return low, high
+    return (math.nan, math.nan) if saw_nan else (low, high)
