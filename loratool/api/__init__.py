@@ -2,5 +2,7 @@
 
 from .inspect import inspect
 from .merge import MergeResult, merge
+from .resize import resize
+from .svd_extract import LowRankResult, svd_extract
 
-__all__ = ["MergeResult", "inspect", "merge"]
+__all__ = ["LowRankResult", "MergeResult", "inspect", "merge", "resize", "svd_extract"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +142,26 @@ def write_index(path: Path, layout: dict[str, list[PlannedTensor]]) -> None:
     total = sum(item.nbytes for items in layout.values() for item in items)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by dtype and shape now and read only when it is written."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | LazyTensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write one file, loading each `LazyTensor` only when its turn comes, so one is in memory at a time."""
+    plan = [PlannedTensor(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = SafetensorsWriter(path, plan, metadata)
+    try:
+        for name, tensor in tensors.items():
+            loaded = tensor.load().to(tensor.dtype) if isinstance(tensor, LazyTensor) else tensor
+            writer.write(name, loaded)
+        writer.finish()
+    finally:
+        writer.close()

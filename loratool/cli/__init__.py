@@ -21,7 +21,7 @@ _state = {"debug": False}
 @click.version_option(__version__, prog_name="loratool")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
-    """Inspect, merge and convert LoRA adapters and model checkpoints.
+    """Inspect, merge, extract and resize LoRA adapters and model checkpoints.
 
     Every command reads .safetensors files, sharded folders (model.safetensors.index.json) and PEFT
     adapter folders lazily, and writes its output atomically: nothing half-written is ever left.
@@ -32,10 +32,11 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _register() -> None:
     from .inspect_cmd import inspect_cmd
+    from .lowrank_cmd import resize_cmd, svd_extract_cmd
     from .merge_cmd import merge_cmd
 
-    cli.add_command(inspect_cmd)
-    cli.add_command(merge_cmd)
+    for command in (inspect_cmd, merge_cmd, svd_extract_cmd, resize_cmd):
+        cli.add_command(command)
 
 
 _register()

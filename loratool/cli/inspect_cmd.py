@@ -6,15 +6,8 @@ import click
 from rich.table import Table
 
 from ..api import inspect
+from .output import format_bytes
 from .params import allow_pickle_option, json_option
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
 
 
 def _summary(report: dict) -> Table:
@@ -41,7 +34,7 @@ def _summary(report: dict) -> Table:
     rows += [
         ("tensors", f"{report['tensors']:,}"),
         ("parameters", f"{report['parameters']:,}"),
-        ("size", _size(report["bytes"])),
+        ("size", format_bytes(report["bytes"])),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -64,7 +57,7 @@ def _dtypes(report: dict) -> Table:
     for column in ("dtype", "tensors", "parameters", "size"):
         table.add_column(column, justify="left" if column == "dtype" else "right")
     for dtype, entry in report["dtypes"].items():
-        table.add_row(dtype, f"{entry['tensors']:,}", f"{entry['parameters']:,}", _size(entry["bytes"]))
+        table.add_row(dtype, f"{entry['tensors']:,}", f"{entry['parameters']:,}", format_bytes(entry["bytes"]))
     return table
 
 
@@ -83,7 +76,7 @@ def _tensors(report: dict) -> Table:
     for column in ("name", "dtype", "shape", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for t in report["tensor_list"]:
-        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", _size(t["bytes"]))
+        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", format_bytes(t["bytes"]))
     return table
 
 

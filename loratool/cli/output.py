@@ -13,6 +13,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from .. import env
 
 
+def format_bytes(nbytes: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers and the Hub show sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
 class Output:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import open_checkpoint
+from ..checkpoint.writer import LazyTensor, write_safetensors
 from ..errors import AdapterError, summarize
 from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.scaling import pattern_value
@@ -192,3 +195,110 @@ def _build_modules(grouped, config: dict, source: Path) -> dict[str, LoraModule]
     if not modules:
         raise AdapterError(f"{source}: holds no LoRA tensors")
     return modules
+
+
+#: transformers architecture suffix -> PEFT task type, so `from_pretrained` builds the right wrapper.
+TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+WEIGHTS_NAME = WEIGHT_NAMES[0]
+
+
+def task_type_for(model_config: dict | None) -> str | None:
+    """PEFT's task type for a transformers config's first architecture, when it has one."""
+    for architecture in (model_config or {}).get("architectures") or []:
+        for suffix, task in TASK_TYPES.items():
+            if architecture.endswith(suffix):
+                return task
+    return None
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _most_common(values: list):
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], v))
+
+
+def scaling_fields(modules: Mapping[str, LoraModule]) -> dict:
+    """`r`, `lora_alpha`, `use_rslora` and the patterns that give every module its own rank and scale.
+
+    The most common rank and alpha become the defaults; the rest go to `rank_pattern`/`alpha_pattern`
+    under the module's full name (PEFT matches pattern keys as `(.*\\.)?(key)$`). When modules disagree
+    on rsLoRA, rsLoRA is folded into alpha (alpha' = s·r) so one flag serves all and every scale holds.
+    """
+    flags = {m.use_rslora for m in modules.values()}
+    use_rslora = flags == {True}
+    alphas = {name: m.alpha if m.use_rslora == use_rslora else m.scale * m.rank for name, m in modules.items()}
+    r = _most_common([m.rank for m in modules.values()])
+    lora_alpha = _most_common(list(alphas.values()))
+    return {
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
+        "use_rslora": use_rslora,
+        "rank_pattern": {name: m.rank for name, m in sorted(modules.items()) if m.rank != r},
+        "alpha_pattern": {name: _number(a) for name, a in sorted(alphas.items()) if a != lora_alpha},
+    }
+
+
+def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor | LazyTensor],
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | LazyTensor]:
+    """Tensors under the keys PEFT saves, the factors cast to `dtype` when given; `full_tensors` (which
+    may be lazy) keep their own dtype and are keyed by their model name after the prefix."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in sorted(modules.items()):
+        key = KEY_PREFIX + name
+        if module.kind is LayerKind.EMBEDDING:
+            state[f"{key}.lora_embedding_A"] = cast(module.lora_A)
+            state[f"{key}.lora_embedding_B"] = cast(module.lora_B)
+        else:
+            state[f"{key}.lora_A.weight"] = cast(module.lora_A)
+            state[f"{key}.lora_B.weight"] = cast(module.lora_B)
+        if module.bias is not None:
+            state[f"{key}.lora_B.bias"] = cast(module.bias)
+        if module.magnitude is not None:
+            state[f"{key}.lora_magnitude_vector"] = cast(module.magnitude)
+    for name, tensor in sorted(full_tensors.items()):
+        state[KEY_PREFIX + name] = tensor
+    return {k: v if isinstance(v, LazyTensor) else v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def write_peft_adapter(folder: Path, modules: Mapping[str, LoraModule],
+                       full_tensors: Mapping[str, torch.Tensor | LazyTensor],
+                       config: dict, dtype: torch.dtype | None = None) -> list[Path]:
+    """Write `adapter_config.json` + `adapter_model.safetensors` into an existing `folder`.
+
+    `config` supplies everything but the scaling fields, which are derived from the modules so that
+    they always agree with the tensors.
+    """
+    biased = {m.bias is not None for m in modules.values()}
+    if len(biased) > 1:
+        raise AdapterError("some modules carry a lora_B bias and others do not; PEFT's lora_bias is all or nothing")
+    full_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        **config,
+        **scaling_fields(modules),
+        "use_dora": any(m.is_dora for m in modules.values()),
+        "lora_bias": biased == {True},
+    }
+    weights = folder / WEIGHTS_NAME
+    write_safetensors(weights, adapter_state_dict(modules, full_tensors, dtype))
+    config_path = folder / CONFIG_NAME
+    config_path.write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
+    return [config_path, weights]

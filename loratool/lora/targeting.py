@@ -75,3 +75,25 @@ def choose_orientation(
     ambiguous = [name for name, opts in candidates.items() if len(opts) > 1]
     decided.update({name: fallback for name in ambiguous})
     return decided, note if ambiguous else None
+
+
+#: Module leaf names of token and position embeddings (2-D weights that are lookups, not linears).
+EMBEDDING_LEAVES = frozenset({
+    "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings", "position_embeddings",
+    "token_type_embeddings", "tok_embeddings", "shared",
+})
+#: Module leaf names of output heads tied to, or shaped like, the vocabulary.
+OUTPUT_HEAD_LEAVES = frozenset({"lm_head", "embed_out"})
+
+
+def leaf(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def compact_target_modules(targeted: Iterable[str], candidates: Iterable[str]) -> list[str]:
+    """PEFT `target_modules` for exactly `targeted`: the leaf names (`q_proj`, ...) when they select no
+    other module among `candidates` (every module of the model with a weight), else the full names."""
+    targeted = set(targeted)
+    leaves = {leaf(name) for name in targeted}
+    selected = {name for name in candidates if leaf(name) in leaves}
+    return sorted(leaves) if selected == targeted else sorted(targeted)

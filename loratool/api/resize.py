@@ -1,0 +1,110 @@
+"""`resize`: re-rank an adapter through QR of its factors, never forming ΔW.
+
+For ΔW = s·B@A (out×in, rank r): B = Q_b R_b and Aᵀ = Q_a R_a, so ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ and the
+SVD of the r×r core gives ΔW's exact singular triplets in O((out + in)·r²). Truncating them is the best
+rank-R approximation (Eckart–Young), and R ≥ r reproduces ΔW exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.output import atomic_output, check_output_path
+from ..dtypes import parse_output_dtype
+from ..errors import AdapterError, UsageError, summarize
+from ..formats import load_adapter
+from ..formats.peft import write_peft_adapter
+from ..lora.module import Adapter, LoraModule
+from ..lora.svd import factored_norm, factored_svd, rank_for_energy, split_factors
+from .svd_extract import LowRankResult, ModuleReport, RankRule
+
+
+def resize_module(module: LoraModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, float]:
+    """The module re-ranked with scale 1 (alpha = new r), and its relative Frobenius error as written."""
+    A2 = module.lora_A.reshape(module.rank, -1).double()
+    B2 = module.lora_B.reshape(module.lora_B.shape[0], module.rank).double() * module.scale
+    U, S, Vh = factored_svd(B2, A2)
+    total = float(S.square().sum())
+    if rule.energy is not None:
+        rank = rank_for_energy(S, total, rule.energy) or len(S)
+        rank = min(rank, rule.max_rank or rank)
+    else:
+        rank = min(rule.rank, rule.max_rank or rule.rank, len(S))
+    rank = max(rank, 1)
+    dtype = dtype or module.lora_A.dtype
+    B, A = (f.to(dtype) for f in split_factors(U[:, :rank], S[:rank], Vh[:rank]))
+    residual = factored_norm(torch.cat([B2, -B.double()], 1), torch.cat([A2, A.double()], 0))
+    error = residual / math.sqrt(total) if total > 0 else 0.0
+    bias = module.bias * module.scale if module.bias is not None else None
+    resized = LoraModule(
+        name=module.name,
+        kind=module.kind,
+        lora_A=A.reshape(rank, *module.lora_A.shape[1:]).contiguous(),
+        lora_B=B.reshape(module.lora_B.shape[0], rank, *module.lora_B.shape[2:]).contiguous(),
+        alpha=float(rank),
+        bias=bias.to(dtype) if bias is not None else None,
+    )
+    return resized, error
+
+
+def resize(
+    adapter: str | os.PathLike | Adapter,
+    output: str | os.PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> LowRankResult:
+    """Write `adapter` re-ranked to `rank` (or the smallest rank keeping `energy` per module) as PEFT."""
+    started = time.perf_counter()
+    rule = RankRule(rank, energy, max_rank)
+    output = Path(output)
+    out_dtype = parse_output_dtype(dtype)
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    check_output_path(output, [loaded.path], force)
+    if loaded.use_dora:
+        raise AdapterError(
+            f"{loaded.path} is a DoRA adapter: its magnitude vector rescales W + ΔW row by row, so a re-ranked ΔW "
+            "would no longer match it. Merge it (loratool merge) and svd-extract the merged model instead"
+        )
+    modules, reports, notes = {}, [], []
+    kept_exact = []
+    for name, module in sorted(loaded.modules.items()):
+        resized, error = resize_module(module, rule, out_dtype)
+        modules[name] = resized
+        if rule.rank is not None and rule.rank >= module.rank:
+            kept_exact.append(name)
+        out_features, in_features = module.lora_B.shape[0], math.prod(module.lora_A.shape[1:])
+        reports.append(ModuleReport(
+            name=name, kind=module.kind.value, shape=[out_features, in_features], rank=resized.rank,
+            energy=max(0.0, 1 - error**2), relative_error=error,
+            delta_norm=factored_norm(module.lora_B.reshape(out_features, -1) * module.scale,
+                                     module.lora_A.reshape(module.rank, -1)),
+        ))
+    if kept_exact:
+        notes.append(f"--rank is at or above the current rank of {summarize(kept_exact)}; those are exact")
+    config = {k: v for k, v in loaded.config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    config.setdefault("target_modules", sorted(modules))
+    with atomic_output(output, is_folder=True) as temp:
+        files = write_peft_adapter(temp, modules, loaded.full_tensors, config)
+        adapter_bytes = sum(f.stat().st_size for f in files)
+    source_bytes = sum(t.numel() * t.element_size() for t in loaded.named_tensors().values())
+    return LowRankResult(
+        output=output,
+        method="factored",
+        modules=reports,
+        full_tensors=[],
+        unchanged=0,
+        parameters=sum(m.lora_A.numel() + m.lora_B.numel() for m in modules.values()),
+        adapter_bytes=adapter_bytes,
+        source_bytes=source_bytes,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )

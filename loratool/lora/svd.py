@@ -1,0 +1,119 @@
+"""Low-rank factorisation as pure functions: truncated SVD of a matrix (randomized or exact), SVD of a
+product of factors without forming it, rank choice by retained energy, and the split into LoRA factors.
+
+Peers (mergekit, kohya) run a full SVD per weight, O(mn·min(m, n)), to keep r ≪ min(m, n) singular
+triplets. A randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) gets the top r in
+O(mn·(r + p)) with p oversampling columns and q power iterations. `torch.svd_lowrank` implements it
+with a QR after every product, which keeps the power iterations stable in float32. With p = 10 and
+q = 2 its Frobenius error stayed within 0.4% of the Eckart–Young optimum on every spectrum tried
+(fast and slow power-law decay, low rank plus noise, pure noise); see docs/svd-extract.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+OVERSAMPLE = 10
+POWER_ITERATIONS = 2
+#: When the sketch would span this fraction of min(m, n) or more, a full SVD costs about the same.
+EXACT_FRACTION = 0.5
+#: Energy mode grows the sketch from this rank, doubling until the target energy is reached.
+ENERGY_START_RANK = 32
+SEED = 0
+
+Factorization = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _exact(matrix: torch.Tensor) -> Factorization:
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def _randomized(matrix: torch.Tensor, sketch: int) -> Factorization:
+    """Top `sketch` triplets by randomized SVD, seeded so that the same input gives the same output."""
+    on_cpu = matrix.device.type == "cpu"
+    devices = [] if on_cpu else [matrix.device]
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if on_cpu else matrix.device.type):
+        torch.manual_seed(SEED)
+        U, S, V = torch.svd_lowrank(matrix, q=sketch, niter=POWER_ITERATIONS)
+    return U, S, V.mT
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, exact: bool = False) -> Factorization:
+    """(U, S, Vh) of the best rank-`rank` approximation of a float matrix (rank capped at min(m, n))."""
+    rank = min(rank, *matrix.shape)
+    sketch = rank + OVERSAMPLE
+    if exact or sketch >= EXACT_FRACTION * min(matrix.shape):
+        U, S, Vh = _exact(matrix)
+    else:
+        U, S, Vh = _randomized(matrix, sketch)
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def rank_for_energy(singular_values: torch.Tensor, total_energy: float, energy: float) -> int | None:
+    """The smallest r with Σ_{i≤r} σᵢ² ≥ energy·total_energy, or None when these values fall short."""
+    if total_energy <= 0:
+        return 1
+    captured = torch.cumsum(singular_values.double().square(), 0)
+    reached = torch.nonzero(captured >= energy * total_energy * (1 - 1e-12))
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+def svd_for_energy(matrix: torch.Tensor, energy: float, max_rank: int | None = None,
+                   exact: bool = False) -> Factorization:
+    """The smallest-rank truncated SVD keeping fraction `energy` of ‖matrix‖²_F, capped at `max_rank`.
+
+    The randomized sketch starts at rank 32 and doubles until it holds enough energy, so the cost
+    tracks the rank the matrix needs, not its size.
+    """
+    cap = min(max_rank or min(matrix.shape), *matrix.shape)
+    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
+    trial = min(ENERGY_START_RANK, cap)
+    while True:
+        U, S, Vh = truncated_svd(matrix, trial, exact)
+        needed = rank_for_energy(S, total, energy)
+        if needed is not None or trial >= cap or len(S) >= min(matrix.shape):
+            rank = min(needed or cap, cap)
+            return U[:, :rank], S[:rank], Vh[:rank]
+        exact = exact or 2 * trial + OVERSAMPLE >= EXACT_FRACTION * min(matrix.shape)
+        trial = min(2 * trial, cap)
+
+
+def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Factorization:
+    """SVD of left @ right, (m×k)(k×n), without forming it: O((m+n)·k²).
+
+    left = Q_l R_l and rightᵀ = Q_r R_r, so left @ right = Q_l (R_l R_rᵀ) Q_rᵀ and only the k×k core
+    needs an SVD. Exact up to rounding; computed in float64 because the core is small.
+    """
+    Q_l, R_l = torch.linalg.qr(left.double())
+    Q_r, R_r = torch.linalg.qr(right.double().mT)
+    U, S, Vh = torch.linalg.svd(R_l @ R_r.mT, full_matrices=False)
+    return Q_l @ U, S, Vh @ Q_r.mT
+
+
+def factored_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖left @ right‖_F without forming the product: ‖R_l R_rᵀ‖_F from the two QRs, in float64."""
+    R_l = torch.linalg.qr(left.double(), mode="r").R
+    R_r = torch.linalg.qr(right.double().mT, mode="r").R
+    return float(torch.linalg.matrix_norm(R_l @ R_r.mT))
+
+
+def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U·√S, √S·Vh), so B @ A = U·S·Vh with equal-scale factors and LoRA scale 1 (alpha = r)."""
+    root = S.sqrt()
+    return U * root, root.unsqueeze(1) * Vh
+
+
+def relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖matrix − B@A‖_F / ‖matrix‖_F, summed in float64 (0 for a zero matrix)."""
+    total = torch.linalg.vector_norm(matrix, dtype=torch.float64)
+    if total == 0:
+        return 0.0
+    residual = torch.addmm(matrix, B.to(matrix.dtype), A.to(matrix.dtype), alpha=-1)
+    return float(torch.linalg.vector_norm(residual, dtype=torch.float64) / total)
+
+
+def energy_of(relative_err: float) -> float:
+    """Retained fraction of ‖ΔW‖²_F for a relative Frobenius error: 1 − err²."""
+    return max(0.0, 1.0 - relative_err**2) if math.isfinite(relative_err) else math.nan
