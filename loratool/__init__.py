@@ -1,7 +1,7 @@
-"""loratool: inspect, merge and convert LoRA adapters and model checkpoints."""
+"""loratool: inspect, merge, extract and resize LoRA adapters and model checkpoints."""
 
 __version__ = "0.1.0"
 
-from .api import MergeResult, inspect, merge  # noqa: E402
+from .api import LowRankResult, MergeResult, inspect, merge, resize, svd_extract  # noqa: E402
 
-__all__ = ["MergeResult", "__version__", "inspect", "merge"]
+__all__ = ["LowRankResult", "MergeResult", "__version__", "inspect", "merge", "resize", "svd_extract"]

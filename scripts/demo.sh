@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: inspect and merge on the bundled fixtures (fixtures/make_fixtures.py).
+# The demo behind `make demo`: inspect, merge, svd-extract and resize on the bundled fixtures
+# (fixtures/make_fixtures.py).
 set -euo pipefail
 BIN=${1:-.venv/bin}
 LT="$BIN/loratool"
@@ -21,5 +22,8 @@ restored, base = (load_file(p) for p in sys.argv[1:3])
 worst = max((restored[k] - base[k]).abs().max().item() for k in base)
 print(f"unmerge with --weights -1 gives back the base: max |diff| = {worst:.2e}")
 PY
+step "$LT" svd-extract fixtures/tiny-llama "$OUT/merged" --rank 8 -o "$OUT/extracted"
+step "$LT" --quiet svd-extract fixtures/tiny-llama "$OUT/mixed" --energy 0.9 -o "$OUT/by-energy"
+step "$LT" resize fixtures/lora-llama --rank 4 -o "$OUT/lora-r4"
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"

@@ -292,10 +292,11 @@ class _Extraction:
         try:
             for name in order:
                 before, after = prefetch.get(name)
-                if torch.equal(before, after):
+                if name in self.planned:
+                    if not self._extract(self.planned[name], before, after):
+                        self.unchanged += 1
+                elif torch.equal(before, after):
                     self.unchanged += 1
-                elif name in self.planned:
-                    self._extract(self.planned[name], before, after)
                 else:
                     self.changed_other.append(name)
                 if progress:
@@ -313,9 +314,14 @@ class _Extraction:
         if self._capped:
             self.notes.append(f"rank capped at min(out, in) for {summarize(self._capped)}")
 
-    def _extract(self, target: Target, before: torch.Tensor, after: torch.Tensor) -> None:
-        delta = after.to(self.device, COMPUTE_DTYPE) - before.to(self.device, COMPUTE_DTYPE)
-        if not torch.isfinite(delta).all():
+    def _extract(self, target: Target, before: torch.Tensor, after: torch.Tensor) -> bool:
+        """Factorise one ΔW; False when it is zero."""
+        delta = after.to(self.device, COMPUTE_DTYPE, copy=True).sub_(before.to(self.device))
+        norm = float(torch.linalg.vector_norm(delta))
+        if norm == 0:
+            return False
+        # NaN/Inf anywhere makes the norm non-finite; recheck elementwise only then (it may be an overflow).
+        if not math.isfinite(norm) and not torch.isfinite(delta).all():
             raise NonFiniteError(f"{target.tensor}: the difference FINETUNED − BASE holds NaN/Inf")
         matrix = target.matrix(delta)
         if self.rule.rank is not None and self.rule.rank > min(matrix.shape):
@@ -323,38 +329,36 @@ class _Extraction:
         U, S, Vh = self.rule.factorize(matrix, self.exact)
         dtype = _factor_dtype(self.out_dtype, self.finetuned[target.tensor].torch_dtype)
         B, A = (f.to(dtype) for f in split_factors(U, S, Vh))
-        error = relative_error(matrix, B.to(COMPUTE_DTYPE), A.to(COMPUTE_DTYPE))
+        error = relative_error(matrix, B.to(COMPUTE_DTYPE), A.to(COMPUTE_DTYPE), norm)
         B, A = target.factors(B.cpu(), A.cpu(), tuple(delta.shape))
         rank = A.shape[0]
         self.modules[target.module] = LoraModule(target.module, target.kind, lora_A=A, lora_B=B, alpha=float(rank))
         self.reports.append(ModuleReport(
             name=target.module, kind=target.kind.value, shape=list(delta.shape), rank=rank,
-            energy=energy_of(error), relative_error=error,
-            delta_norm=float(torch.linalg.vector_norm(matrix, dtype=torch.float64)),
+            energy=energy_of(error), relative_error=error, delta_norm=norm,
         ))
+        return True
 
     def _settle_full_tensors(self) -> None:
         """Keep (with --keep-full) or list every changed tensor that is not a low-rank target.
 
-        The bias of a low-ranked module is saved as PEFT's `bias="lora_only"` does (`<module>.base_layer.bias`);
-        any other changed tensor makes its whole module a `modules_to_save` entry.
+        The bias of a low-ranked module is saved as PEFT's `bias="lora_only"` saves it; any other changed
+        tensor makes its whole module a `modules_to_save` entry.
         """
         dropped = []
         for name in sorted(self.changed_other):
             module, _, param = name.rpartition(".")
-            if module in self.modules and param == "bias":
-                reason, key = "bias of a low-rank module", f"{module}.base_layer.bias"
-            elif module and module not in self.modules:
-                reason, key = "not a low-rank target", name
+            if module in self.modules:
+                savable, reason = param == "bias", "bias of a low-rank module"
             else:
-                reason, key = "cannot be saved by PEFT", None
-            kept = self.keep_full and key is not None
-            self.full_reports.append(FullTensorReport(name, kept, reason))
+                savable, reason = bool(module), "not a low-rank target"
+            kept = self.keep_full and savable
+            self.full_reports.append(FullTensorReport(name, kept, reason if savable else "cannot be saved by PEFT"))
             if not kept:
                 dropped.append(name)
-            elif key.endswith(".base_layer.bias"):
+            elif module in self.modules:
                 self._keeps_target_bias = True
-                self.kept[key] = self._lazy(name)
+                self.kept[name] = self._lazy(name)
             else:
                 self._modules_to_save.add(module)
         for module in sorted(self._modules_to_save):

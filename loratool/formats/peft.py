@@ -251,7 +251,7 @@ def scaling_fields(modules: Mapping[str, LoraModule]) -> dict:
 def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor | LazyTensor],
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | LazyTensor]:
     """Tensors under the keys PEFT saves, the factors cast to `dtype` when given; `full_tensors` (which
-    may be lazy) keep their own dtype and are keyed by their model name after the prefix."""
+    may be lazy) keep their own dtype and are named as in the model (`model.norm.weight`)."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state: dict[str, torch.Tensor] = {}
     for name, module in sorted(modules.items()):
@@ -267,7 +267,11 @@ def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[
         if module.magnitude is not None:
             state[f"{key}.lora_magnitude_vector"] = cast(module.magnitude)
     for name, tensor in sorted(full_tensors.items()):
-        state[KEY_PREFIX + name] = tensor
+        module, _, param = name.rpartition(".")
+        # A LoRA-wrapped module keeps its own tensors under `base_layer` (PEFT's bias="lora_only", and the
+        # embedding weights it saves alongside embedding LoRA).
+        key = f"{module}.base_layer.{param}" if module in modules else name
+        state[KEY_PREFIX + key] = tensor
     return {k: v if isinstance(v, LazyTensor) else v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

@@ -65,19 +65,20 @@ def svd_for_energy(matrix: torch.Tensor, energy: float, max_rank: int | None = N
     """The smallest-rank truncated SVD keeping fraction `energy` of ‖matrix‖²_F, capped at `max_rank`.
 
     The randomized sketch starts at rank 32 and doubles until it holds enough energy, so the cost
-    tracks the rank the matrix needs, not its size.
+    tracks the rank the matrix needs, not its size. Its error² is exactly ‖matrix‖² − Σσ̃ᵢ² (the
+    residual splits into orthogonal parts), so the energy kept is at least `energy` by construction.
     """
     cap = min(max_rank or min(matrix.shape), *matrix.shape)
-    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
-    trial = min(ENERGY_START_RANK, cap)
+    total = float(torch.linalg.vector_norm(matrix)) ** 2
+    trial = cap if exact else min(ENERGY_START_RANK, cap)
     while True:
         U, S, Vh = truncated_svd(matrix, trial, exact)
         needed = rank_for_energy(S, total, energy)
         if needed is not None or trial >= cap or len(S) >= min(matrix.shape):
             rank = min(needed or cap, cap)
             return U[:, :rank], S[:rank], Vh[:rank]
-        exact = exact or 2 * trial + OVERSAMPLE >= EXACT_FRACTION * min(matrix.shape)
-        trial = min(2 * trial, cap)
+        exact = 2 * trial + OVERSAMPLE >= EXACT_FRACTION * min(matrix.shape)
+        trial = cap if exact else min(2 * trial, cap)
 
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Factorization:
@@ -105,13 +106,18 @@ def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[t
     return U * root, root.unsqueeze(1) * Vh
 
 
-def relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
-    """‖matrix − B@A‖_F / ‖matrix‖_F, summed in float64 (0 for a zero matrix)."""
-    total = torch.linalg.vector_norm(matrix, dtype=torch.float64)
-    if total == 0:
+def relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor, norm: float | None = None) -> float:
+    """‖matrix − B@A‖_F / ‖matrix‖_F (0 for a zero matrix); `norm` is ‖matrix‖_F when already known.
+
+    The residual is formed explicitly rather than taken as √(‖M‖² − Σσᵢ²), which would lose all
+    precision to cancellation when the approximation is nearly exact and would ignore the rounding of
+    the factors to their stored dtype.
+    """
+    norm = float(torch.linalg.vector_norm(matrix)) if norm is None else norm
+    if norm == 0:
         return 0.0
     residual = torch.addmm(matrix, B.to(matrix.dtype), A.to(matrix.dtype), alpha=-1)
-    return float(torch.linalg.vector_norm(residual, dtype=torch.float64) / total)
+    return float(torch.linalg.vector_norm(residual)) / norm
 
 
 def energy_of(relative_err: float) -> float:
