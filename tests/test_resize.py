@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from helpers import LLAMA_LINEARS, TinyConvNet, make_adapter, tiny_llama
@@ -90,6 +91,9 @@ def test_embedding_conv_and_lora_bias(run_cli, tmp_path):
     resize_cli(run_cli, llama_adapter, tmp_path / "emb2", "-r", "2")
     resized = peft_deltas(tiny_llama(), tmp_path / "emb2")
     assert "model.embed_tokens" in resized
+    # the embedding weight PEFT saves beside embedding LoRA goes back under PEFT's own key
+    written = load_file(str(tmp_path / "emb2" / "adapter_model.safetensors"))
+    assert PREFIX + "model.embed_tokens.base_layer.weight" in written
     assert all(rel(resized[n], truncated(d, 2)) < 1e-5 for n, d in original.items())
 
     def conv_net():

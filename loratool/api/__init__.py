@@ -3,6 +3,7 @@
 from .inspect import inspect
 from .merge import MergeResult, merge
 from .resize import resize
-from .svd_extract import LowRankResult, svd_extract
+from .report import LowRankResult
+from .svd_extract import svd_extract
 
 __all__ = ["LowRankResult", "MergeResult", "inspect", "merge", "resize", "svd_extract"]

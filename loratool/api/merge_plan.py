@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,8 @@ def parse_weights(weights: list[float] | None, count: int) -> list[float]:
         return [1.0] * count
     if len(weights) != count:
         raise UsageError(f"--weights has {len(weights)} values for {count} adapter(s); give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights must be finite numbers, got {weights}")
     return [float(w) for w in weights]
 
 

@@ -16,38 +16,28 @@ import torch
 
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
-from ..errors import AdapterError, UsageError, summarize
+from ..errors import AdapterError, summarize
 from ..formats import load_adapter
 from ..formats.peft import write_peft_adapter
 from ..lora.module import Adapter, LoraModule
-from ..lora.svd import factored_norm, factored_svd, rank_for_energy, split_factors
-from .svd_extract import LowRankResult, ModuleReport, RankRule
+from ..lora.svd import RankRule, factored_norm, truncate_factored
+from .report import LowRankResult, ModuleReport
 
 
 def resize_module(module: LoraModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, float]:
     """The module re-ranked with scale 1 (alpha = new r), and its relative Frobenius error as written."""
-    A2 = module.lora_A.reshape(module.rank, -1).double()
-    B2 = module.lora_B.reshape(module.lora_B.shape[0], module.rank).double() * module.scale
-    U, S, Vh = factored_svd(B2, A2)
-    total = float(S.square().sum())
-    if rule.energy is not None:
-        rank = rank_for_energy(S, total, rule.energy) or len(S)
-        rank = min(rank, rule.max_rank or rank)
-    else:
-        rank = min(rule.rank, rule.max_rank or rule.rank, len(S))
-    rank = max(rank, 1)
-    dtype = dtype or module.lora_A.dtype
-    B, A = (f.to(dtype) for f in split_factors(U[:, :rank], S[:rank], Vh[:rank]))
-    residual = factored_norm(torch.cat([B2, -B.double()], 1), torch.cat([A2, A.double()], 0))
-    error = residual / math.sqrt(total) if total > 0 else 0.0
-    bias = module.bias * module.scale if module.bias is not None else None
+    out_features = module.lora_B.shape[0]
+    B, A, error = truncate_factored(module.lora_B.reshape(out_features, module.rank) * module.scale,
+                                    module.lora_A.reshape(module.rank, -1), rule, dtype or module.lora_A.dtype)
+    rank = A.shape[0]
     resized = LoraModule(
         name=module.name,
         kind=module.kind,
         lora_A=A.reshape(rank, *module.lora_A.shape[1:]).contiguous(),
-        lora_B=B.reshape(module.lora_B.shape[0], rank, *module.lora_B.shape[2:]).contiguous(),
+        lora_B=B.reshape(out_features, rank, *module.lora_B.shape[2:]).contiguous(),
         alpha=float(rank),
-        bias=bias.to(dtype) if bias is not None else None,
+        # the old scale moves into the bias, since the new scale is 1
+        bias=(module.bias * module.scale).to(B.dtype) if module.bias is not None else None,
     )
     return resized, error
 

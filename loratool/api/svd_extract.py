@@ -12,7 +12,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,107 +26,12 @@ from ..errors import MismatchError, NonFiniteError, UsageError, summarize
 from ..formats.peft import task_type_for, write_peft_adapter
 from ..lora.delta import COMPUTE_DTYPE
 from ..lora.module import LayerKind, LoraModule
-from ..lora.svd import energy_of, relative_error, split_factors, svd_for_energy, truncated_svd
+from ..lora.svd import RankRule, energy_of, relative_error, split_factors
 from ..lora.targeting import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, OUTPUT_HEAD_LEAVES, compact_target_modules, leaf
 from .merge import ProgressCallback, resolve_device
+from .report import FullTensorReport, LowRankResult, ModuleReport
 
 WEIGHT_SUFFIX = ".weight"
-
-
-@dataclass
-class ModuleReport:
-    name: str
-    kind: str
-    shape: list[int]
-    rank: int
-    energy: float
-    relative_error: float
-    delta_norm: float
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "shape": self.shape, "rank": self.rank,
-                "energy": round(self.energy, 6), "relative_error": round(self.relative_error, 6)}
-
-
-@dataclass
-class FullTensorReport:
-    name: str
-    kept: bool
-    reason: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "kept": self.kept, "reason": self.reason}
-
-
-@dataclass
-class LowRankResult:
-    """What `svd_extract` and `resize` report: per module rank and error, and the totals."""
-
-    output: Path
-    method: str
-    modules: list[ModuleReport]
-    full_tensors: list[FullTensorReport]
-    unchanged: int
-    parameters: int
-    adapter_bytes: int
-    source_bytes: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def relative_error(self) -> float:
-        """Frobenius error over all modules together: √(Σ errᵢ²‖ΔWᵢ‖²) / √(Σ‖ΔWᵢ‖²)."""
-        total = sum(m.delta_norm**2 for m in self.modules)
-        lost = sum((m.relative_error * m.delta_norm) ** 2 for m in self.modules)
-        return math.sqrt(lost / total) if total else 0.0
-
-    @property
-    def compression(self) -> float:
-        return self.source_bytes / self.adapter_bytes if self.adapter_bytes else math.inf
-
-    def to_json(self) -> dict:
-        return {
-            "output": str(self.output),
-            "method": self.method,
-            "modules": [m.to_json() for m in self.modules],
-            "full_tensors": [t.to_json() for t in self.full_tensors],
-            "unchanged_tensors": self.unchanged,
-            "totals": {
-                "modules": len(self.modules),
-                "parameters": self.parameters,
-                "adapter_bytes": self.adapter_bytes,
-                "source_bytes": self.source_bytes,
-                "compression": round(self.compression, 2),
-                "relative_error": round(self.relative_error, 6),
-                "energy": round(energy_of(self.relative_error), 6),
-            },
-            "seconds": round(self.seconds, 3),
-            "notes": self.notes,
-        }
-
-
-@dataclass(frozen=True)
-class RankRule:
-    """`--rank R` or `--energy E` (capped by `--max-rank`), checked once."""
-
-    rank: int | None = None
-    energy: float | None = None
-    max_rank: int | None = None
-
-    def __post_init__(self):
-        if (self.rank is None) == (self.energy is None):
-            raise UsageError("give exactly one of --rank and --energy")
-        if self.rank is not None and self.rank <= 0:
-            raise UsageError(f"--rank must be a positive integer, got {self.rank}")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise UsageError(f"--energy must be a fraction in (0, 1], got {self.energy}")
-        if self.max_rank is not None and self.max_rank <= 0:
-            raise UsageError(f"--max-rank must be a positive integer, got {self.max_rank}")
-
-    def factorize(self, matrix: torch.Tensor, exact: bool):
-        if self.energy is not None:
-            return svd_for_energy(matrix, self.energy, self.max_rank, exact)
-        return truncated_svd(matrix, min(self.rank, self.max_rank or self.rank), exact)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 
 from ..api import resize, svd_extract
-from ..api.svd_extract import LowRankResult
+from ..api.report import LowRankResult
 from .output import Output, format_bytes
 from .params import allow_pickle_option, device_option, dtype_option, force_option, json_option, output_option
 
@@ -30,7 +30,7 @@ def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> Non
     table = Table(title=f"{verb} ({result.method} SVD)", title_justify="left")
     for column, justify in (("module", "left"), ("kind", "left"), ("ΔW shape", "right"), ("rank", "right"),
                             ("energy kept", "right"), ("rel. error", "right")):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")
     for m in result.modules:
         table.add_row(m.name, m.kind, "×".join(map(str, m.shape)), str(m.rank), f"{m.energy:.2%}",
                       f"{m.relative_error:.2e}")

@@ -12,8 +12,11 @@ q = 2 its Frobenius error stayed within 0.4% of the Eckart–Young optimum on ev
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from ..errors import UsageError
 
 OVERSAMPLE = 10
 POWER_ITERATIONS = 2
@@ -123,3 +126,52 @@ def relative_error(matrix: torch.Tensor, B: torch.Tensor, A: torch.Tensor, norm:
 def energy_of(relative_err: float) -> float:
     """Retained fraction of ‖ΔW‖²_F for a relative Frobenius error: 1 − err²."""
     return max(0.0, 1.0 - relative_err**2) if math.isfinite(relative_err) else math.nan
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How to choose a rank: `rank` R, or the smallest keeping `energy` E; both capped by `max_rank`."""
+
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+
+    def __post_init__(self):
+        if (self.rank is None) == (self.energy is None):
+            raise UsageError("give exactly one of --rank and --energy")
+        if self.rank is not None and self.rank <= 0:
+            raise UsageError(f"--rank must be a positive integer, got {self.rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise UsageError(f"--energy must be a fraction in (0, 1], got {self.energy}")
+        if self.max_rank is not None and self.max_rank <= 0:
+            raise UsageError(f"--max-rank must be a positive integer, got {self.max_rank}")
+
+    def factorize(self, matrix: torch.Tensor, exact: bool = False) -> Factorization:
+        """Truncated SVD of a dense matrix by this rule."""
+        if self.energy is not None:
+            return svd_for_energy(matrix, self.energy, self.max_rank, exact)
+        return truncated_svd(matrix, min(self.rank, self.max_rank or self.rank), exact)
+
+    def pick(self, singular_values: torch.Tensor) -> int:
+        """The rank this rule keeps out of a complete spectrum (at least 1)."""
+        if self.energy is not None:
+            total = float(singular_values.double().square().sum())
+            rank = rank_for_energy(singular_values, total, self.energy) or len(singular_values)
+        else:
+            rank = self.rank
+        return max(1, min(rank, self.max_rank or rank, len(singular_values)))
+
+
+def truncate_factored(left: torch.Tensor, right: torch.Tensor, rule: RankRule,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A, relative error) for the best approximation of left @ right under `rule`, never forming it.
+
+    B = U√S and A = √S·Vh (scale 1), rounded to `dtype`; the error ‖left@right − B@A‖_F / ‖left@right‖_F
+    is computed from factors too, on the rounded B and A, so it reports what is written.
+    """
+    U, S, Vh = factored_svd(left, right)
+    rank = rule.pick(S)
+    B, A = (f.to(dtype) for f in split_factors(U[:, :rank], S[:rank], Vh[:rank]))
+    total = float(S.square().sum().sqrt())
+    residual = factored_norm(torch.cat([left.double(), -B.double()], 1), torch.cat([right.double(), A.double()], 0))
+    return B, A, residual / total if total > 0 else 0.0

@@ -1,0 +1,269 @@
+"""`combine`: several adapters into one PEFT adapter, on the true deltas (see `lora/combine.py`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.output import atomic_output, check_output_path
+from ..dtypes import parse_output_dtype
+from ..errors import AdapterError, MismatchError, UsageError, summarize
+from ..formats import load_adapter
+from ..formats.peft import write_peft_adapter
+from ..lora.combine import METHODS, DenseOptions, MajoritySign, Term, dense_combine, stacked_factors
+from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
+from .merge import resolve_device
+from .merge_plan import parse_weights
+
+#: Config keys that restrict targets in ways a union of adapters cannot keep; their presence makes the
+#: output list full module names instead.
+NARROWING_KEYS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+@dataclass
+class CombinedModule:
+    name: str
+    kind: str
+    ranks_in: list[int]
+    rank: int
+    relative_error: float | None
+
+    def to_json(self) -> dict:
+        error = None if self.relative_error is None else round(self.relative_error, 6)
+        return {"name": self.name, "kind": self.kind, "ranks_in": self.ranks_in, "rank": self.rank,
+                "relative_error": error}
+
+
+@dataclass
+class CombineResult:
+    output: Path
+    method: str
+    adapters: list[str]
+    weights: list[float]
+    modules: list[CombinedModule]
+    parameters: int
+    adapter_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "output": str(self.output),
+            "method": self.method,
+            "adapters": self.adapters,
+            "weights": self.weights,
+            "modules": [m.to_json() for m in self.modules],
+            "parameters": self.parameters,
+            "adapter_bytes": self.adapter_bytes,
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class CombineSpec:
+    """The checked options of one combine run."""
+
+    method: str
+    rank: int | None
+    dense: DenseOptions | None
+
+    @classmethod
+    def parse(cls, method: str, rank: int | None, density: float | None, majority_sign: str,
+              seed: int) -> CombineSpec:
+        if method not in METHODS:
+            raise UsageError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+        if rank is not None and rank <= 0:
+            raise UsageError(f"--rank must be a positive integer, got {rank}")
+        if method == "cat" and rank is not None:
+            raise UsageError("cat is exact (rank Σrᵢ) and takes no --rank; use --method svd for a rank-R result")
+        if majority_sign not in ("total", "frequency"):
+            raise UsageError(f"--majority-sign must be total or frequency, got {majority_sign!r}")
+        if METHODS[method].kind == "dense":
+            if density is None:
+                raise UsageError(f"--method {method} needs --density (the fraction of each ΔW to keep, e.g. 0.5)")
+            if not 0 < density <= 1:
+                raise UsageError(f"--density must be a fraction in (0, 1], got {density}")
+            return cls(method, rank, DenseOptions(density, majority_sign, seed))
+        if density is not None:
+            raise UsageError(f"--density applies to ties, dare_linear, dare_ties and magnitude_prune, not {method}")
+        return cls(method, rank, None)
+
+    @property
+    def exact(self) -> bool:
+        return self.method == "cat" or (self.method == "linear" and self.rank is None)
+
+
+def _check_inputs(adapters: list[Adapter], spec: CombineSpec) -> None:
+    dora = [str(a.path) for a in adapters if a.use_dora]
+    if dora:
+        raise AdapterError(
+            f"cannot combine DoRA adapters ({summarize(dora)}): each one's magnitude vector rescales its own "
+            "W + ΔW, so no single adapter reproduces a mix of them. Merge them into the base in turn instead"
+        )
+    if spec.dense is not None:
+        biased = [str(a.path) for a in adapters if any(m.bias is not None for m in a.modules.values())]
+        if biased:
+            raise AdapterError(f"{spec.method} prunes ΔW entries and has no rule for lora_B biases ({summarize(biased)}); "
+                               "use linear, cat or svd")
+    problems = []
+    for name in sorted({n for a in adapters for n in a.modules}):
+        found = [a.modules[name] for a in adapters if name in a.modules]
+        layouts = {(m.kind, m.lora_B.shape[0], tuple(m.lora_A.shape[1:])) for m in found}
+        if len(layouts) > 1:
+            shapes = " vs ".join(f"{m.kind.value} {list(m.lora_B.shape[:1]) + list(m.lora_A.shape[1:])}" for m in found)
+            problems.append(f"{name}: {shapes}")
+    if problems:
+        raise MismatchError(f"the adapters disagree on module shapes, so they are for different models: {summarize(problems)}")
+
+
+def _full_tensors(adapters: list[Adapter], weights: list[float], notes: list[str]) -> dict[str, torch.Tensor]:
+    """modules_to_save and other whole tensors: one source per key; differing copies are refused."""
+    carried: dict[str, tuple[torch.Tensor, Adapter]] = {}
+    clashes, unscaled = [], []
+    for adapter, weight in zip(adapters, weights):
+        for key, tensor in adapter.full_tensors.items():
+            if key in carried and not torch.equal(carried[key][0], tensor):
+                clashes.append(f"{key} ({carried[key][1].path} vs {adapter.path})")
+                continue
+            carried.setdefault(key, (tensor, adapter))
+            if weight != 1:
+                unscaled.append(key)
+    if clashes:
+        raise AdapterError(
+            f"several adapters replace the same tensor with different values (modules_to_save): {summarize(clashes)}; "
+            "a replacement cannot be mixed, so combine adapters that do not both train it"
+        )
+    if unscaled:
+        notes.append(f"whole tensors are carried over as they are, not weighted: {summarize(unscaled)}")
+    return {key: tensor for key, (tensor, _) in carried.items()}
+
+
+def _output_config(adapters: list[Adapter], module_names: list[str], notes: list[str]) -> dict:
+    configs = [a.config for a in adapters]
+    lists = [c.get("target_modules") for c in configs]
+    if all(isinstance(t, list) for t in lists) and not any(c.get(k) for c in configs for k in NARROWING_KEYS):
+        targets = sorted({t for targets in lists for t in targets})
+    else:
+        targets = sorted(module_names)
+    bases = {c.get("base_model_name_or_path") for c in configs} - {None}
+    if len(bases) > 1:
+        notes.append(f"the adapters name different base models ({summarize(sorted(bases))}); kept the first")
+    first = lambda key: next((c[key] for c in configs if c.get(key) not in (None, "none")), None)  # noqa: E731
+    saved = sorted({m for c in configs for m in (c.get("modules_to_save") or [])})
+    return {
+        "base_model_name_or_path": first("base_model_name_or_path"),
+        "task_type": first("task_type"),
+        "target_modules": targets,
+        "modules_to_save": saved or None,
+        "fan_in_fan_out": any(c.get("fan_in_fan_out") for c in configs),
+        "bias": first("bias") or "none",
+    }
+
+
+def _combine_module(name: str, terms: list[Term], spec: CombineSpec, device: torch.device,
+                    dtype: torch.dtype | None) -> tuple[LoraModule, float | None]:
+    """The combined module (scale 1, PEFT layout) and its compression error (None when exact)."""
+    template = terms[0].module
+    out_dtype = dtype or template.lora_A.dtype
+    error: float | None = None
+    if spec.exact:
+        B, A = (f.to(out_dtype) for f in stacked_factors(terms))
+    elif spec.dense is None:
+        rank = spec.rank or max(t.module.rank for t in terms)
+        left, right = stacked_factors(terms)
+        B, A, error = truncate_factored(left, right, RankRule(rank=rank), out_dtype)
+    else:
+        target = dense_combine(spec.method, [t.delta(device) for t in terms], [t.weight for t in terms], spec.dense,
+                               name)
+        rank = spec.rank or max(t.module.rank for t in terms)
+        U, S, Vh = RankRule(rank=rank).factorize(target)
+        B, A = (f.to(out_dtype) for f in split_factors(U, S, Vh))
+        error = relative_error(target, B.float(), A.float())
+    biases = [t.weight * t.module.scale * t.module.bias.float() for t in terms if t.module.bias is not None]
+    rank = A.shape[0]
+    module = LoraModule(
+        name=name,
+        kind=template.kind,
+        lora_A=A.reshape(rank, *template.lora_A.shape[1:]).cpu().contiguous(),
+        lora_B=B.reshape(B.shape[0], rank, *template.lora_B.shape[2:]).cpu().contiguous(),
+        alpha=float(rank),
+        bias=sum(biases).to(out_dtype) if biases else None,
+    )
+    return module, error
+
+
+def combine(
+    adapters: Sequence[str | os.PathLike | Adapter],
+    output: str | os.PathLike,
+    method: str,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: MajoritySign = "total",
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> CombineResult:
+    """Combine `adapters` with `method` into one PEFT adapter at `output`.
+
+    A module missing from an adapter counts as zero there. Every output module has scale 1
+    (lora_alpha = r), so the weights and each input's own scale are applied exactly once, in B.
+    """
+    started = time.perf_counter()
+    spec = CombineSpec.parse(method, rank, density, majority_sign, seed)
+    output = Path(output)
+    out_dtype = parse_output_dtype(dtype)
+    torch_device = resolve_device(device)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    if len(loaded) < 2:
+        raise UsageError("give at least two adapters to combine")
+    weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
+    check_output_path(output, [a.path for a in loaded], force)
+    _check_inputs(loaded, spec)
+    notes: list[str] = []
+    full = _full_tensors(loaded, weights, notes)
+    modules: dict[str, LoraModule] = {}
+    reports = []
+    for name in sorted({n for a in loaded for n in a.modules}):
+        terms = [Term(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
+        combined, error = _combine_module(name, terms, spec, torch_device, out_dtype)
+        modules[name] = combined
+        ranks_in = [a.modules[name].rank if name in a.modules else 0 for a in loaded]
+        reports.append(CombinedModule(name, combined.kind.value, ranks_in, combined.rank, error))
+    if any(m.bias is not None for m in modules.values()):
+        _fill_missing_biases(modules, notes)
+    config = _output_config(loaded, list(modules), notes)
+    with atomic_output(output, is_folder=True) as temp:
+        files = write_peft_adapter(temp, modules, full, config)
+        adapter_bytes = sum(f.stat().st_size for f in files)
+    return CombineResult(
+        output=output,
+        method=spec.method,
+        adapters=[str(a.path) for a in loaded],
+        weights=weights,
+        modules=reports,
+        parameters=sum(m.lora_A.numel() + m.lora_B.numel() for m in modules.values()),
+        adapter_bytes=adapter_bytes,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+def _fill_missing_biases(modules: dict[str, LoraModule], notes: list[str]) -> None:
+    """PEFT's lora_bias is one flag for all modules: give modules without a bias a zero one."""
+    filled = []
+    for module in modules.values():
+        if module.bias is None and module.kind is not LayerKind.EMBEDDING:
+            module.bias = torch.zeros(module.lora_B.shape[0], dtype=module.lora_B.dtype)
+            filled.append(module.name)
+    if filled:
+        notes.append(f"lora_bias is all-or-nothing in PEFT, so these modules got a zero lora_B bias: {summarize(filled)}")
