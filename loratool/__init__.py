@@ -1,7 +1,10 @@
-"""loratool: inspect, merge, extract and resize LoRA adapters and model checkpoints."""
+"""loratool: inspect, merge, extract, resize and combine LoRA adapters and model checkpoints."""
 
 __version__ = "0.1.0"
 
-from .api import LowRankResult, MergeResult, inspect, merge, resize, svd_extract  # noqa: E402
+from .api import CombineResult, LowRankResult, MergeResult, combine, inspect, merge, resize, svd_extract  # noqa: E402
 
-__all__ = ["LowRankResult", "MergeResult", "__version__", "inspect", "merge", "resize", "svd_extract"]
+__all__ = [
+    "CombineResult", "LowRankResult", "MergeResult", "__version__", "combine", "inspect", "merge", "resize",
+    "svd_extract",
+]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: inspect, merge, svd-extract and resize on the bundled fixtures
+# The demo behind `make demo`: inspect, merge, svd-extract, resize and combine on the bundled fixtures
 # (fixtures/make_fixtures.py).
 set -euo pipefail
 BIN=${1:-.venv/bin}
@@ -25,5 +25,7 @@ PY
 step "$LT" svd-extract fixtures/tiny-llama "$OUT/merged" --rank 8 -o "$OUT/extracted"
 step "$LT" --quiet svd-extract fixtures/tiny-llama "$OUT/mixed" --energy 0.9 -o "$OUT/by-energy"
 step "$LT" resize fixtures/lora-llama --rank 4 -o "$OUT/lora-r4"
+step "$LT" combine fixtures/lora-llama fixtures/lora-llama-qv --method cat --weights 0.7,0.3 -o "$OUT/cat"
+step "$LT" --quiet combine fixtures/lora-llama fixtures/lora-llama-qv --method ties --density 0.5 --rank 8 -o "$OUT/ties"
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"

@@ -21,7 +21,7 @@ _state = {"debug": False}
 @click.version_option(__version__, prog_name="loratool")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
-    """Inspect, merge, extract and resize LoRA adapters and model checkpoints.
+    """Inspect, merge, extract, resize and combine LoRA adapters and model checkpoints.
 
     Every command reads .safetensors files, sharded folders (model.safetensors.index.json) and PEFT
     adapter folders lazily, and writes its output atomically: nothing half-written is ever left.
@@ -31,11 +31,12 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
+    from .combine_cmd import combine_cmd
     from .inspect_cmd import inspect_cmd
     from .lowrank_cmd import resize_cmd, svd_extract_cmd
     from .merge_cmd import merge_cmd
 
-    for command in (inspect_cmd, merge_cmd, svd_extract_cmd, resize_cmd):
+    for command in (inspect_cmd, merge_cmd, svd_extract_cmd, resize_cmd, combine_cmd):
         cli.add_command(command)
 
 

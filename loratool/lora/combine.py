@@ -50,10 +50,14 @@ def stacked_factors(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 0)
 
 
+def module_seed(seed: int, module_name: str) -> int:
+    """DARE's seed for one module: fixed by `--seed` and the module name, not by the order of modules,
+    so a module gets the same masks whatever else is combined."""
+    return seed ^ zlib.crc32(module_name.encode())
+
+
 def module_generator(seed: int, module_name: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """DARE's random source for one module: fixed by the seed and the module name, not by the order of
-    modules, so the same module gets the same masks whatever else is combined."""
-    return torch.Generator(device=device).manual_seed(seed ^ zlib.crc32(module_name.encode()))
+    return torch.Generator(device=device).manual_seed(module_seed(seed, module_name))
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
