@@ -1,10 +1,11 @@
-"""loratool: inspect, merge, extract, resize and combine LoRA adapters and model checkpoints."""
+"""loratool: inspect, merge, convert, extract, resize and combine LoRA adapters and model checkpoints."""
 
 __version__ = "0.1.0"
 
-from .api import CombineResult, LowRankResult, MergeResult, combine, inspect, merge, resize, svd_extract  # noqa: E402
+from .api import (CombineResult, ConvertResult, ExtractResult, LowRankResult, MergeResult, combine,  # noqa: E402
+                  convert, extract, inspect, merge, resize, svd_extract)
 
 __all__ = [
-    "CombineResult", "LowRankResult", "MergeResult", "__version__", "combine", "inspect", "merge", "resize",
-    "svd_extract",
+    "CombineResult", "ConvertResult", "ExtractResult", "LowRankResult", "MergeResult", "__version__", "combine",
+    "convert", "extract", "inspect", "merge", "resize", "svd_extract",
 ]

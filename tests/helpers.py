@@ -94,3 +94,23 @@ def load_folder(path) -> dict[str, torch.Tensor]:
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))
     return state
+
+
+def tiny_unet(seed: int = 0):
+    """A ~50k-parameter Stable-Diffusion-style UNet2DConditionModel built from a config."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+
+
+def lora_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Module name -> ΔW (float64) from the PEFT layers inside `model`: the oracle for any loader."""
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): module.get_delta_weight(adapter_name).double()
+            for name, module in model.named_modules()
+            if hasattr(module, "get_delta_weight") and adapter_name in getattr(module, "lora_A", {})}

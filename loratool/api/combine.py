@@ -13,11 +13,12 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, MismatchError, UsageError, summarize
-from ..formats import load_adapter
+from ..formats import read_for_peft_output
 from ..formats.peft import write_peft_adapter
 from ..lora.combine import METHODS, DenseOptions, MajoritySign, Term, dense_combine, stacked_factors
 from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
+from ..lora.targeting import compact_target_modules
 from .merge import resolve_device
 from .merge_plan import parse_weights
 
@@ -151,7 +152,7 @@ def _output_config(adapters: list[Adapter], module_names: list[str], notes: list
     if all(isinstance(t, list) for t in lists) and not any(c.get(k) for c in configs for k in NARROWING_KEYS):
         targets = sorted({t for targets in lists for t in targets})
     else:
-        targets = sorted(module_names)
+        targets = compact_target_modules(module_names)
     bases = {c.get("base_model_name_or_path") for c in configs} - {None}
     if len(bases) > 1:
         notes.append(f"the adapters name different base models ({summarize(sorted(bases))}); kept the first")
@@ -212,6 +213,9 @@ def combine(
     dtype: str = "auto",
     force: bool = False,
     allow_pickle: bool = False,
+    adapter_format: str | None = None,
+    alpha: float | None = None,
+    base: str | os.PathLike | None = None,
 ) -> CombineResult:
     """Combine `adapters` with `method` into one PEFT adapter at `output`.
 
@@ -223,7 +227,8 @@ def combine(
     output = Path(output)
     out_dtype = parse_output_dtype(dtype)
     torch_device = resolve_device(device)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+    loaded = [a if isinstance(a, Adapter) else read_for_peft_output(a, adapter_format, alpha, base, allow_pickle)
+              for a in adapters]
     if len(loaded) < 2:
         raise UsageError("give at least two adapters to combine")
     weights = parse_weights(list(weights) if weights is not None else None, len(loaded))

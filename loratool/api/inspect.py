@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import TORCH_TO_SAFETENSORS
-from ..formats import detect_format, load_adapter
+from ..formats import EMBEDDED, detect_format, load_adapter
 from ..lora.module import Adapter
 
 SCHEMA_VERSION = 1
@@ -135,7 +135,10 @@ def inspect(path: str | os.PathLike, check: bool = False, tensors: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict:
     """Describe `path`: an adapter when one is recognised there, otherwise a model checkpoint."""
     path = Path(path)
-    if detect_format(path) is not None:
-        return inspect_adapter(load_adapter(path, allow_pickle=allow_pickle), check=check, tensors=tensors)
+    fmt = detect_format(path, allow_pickle)
+    if fmt is not None and fmt not in EMBEDDED:
+        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle), check=check, tensors=tensors)
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
-        return inspect_checkpoint(checkpoint, check=check, tensors=tensors, progress=progress)
+        report = inspect_checkpoint(checkpoint, check=check, tensors=tensors, progress=progress)
+    report["embedded_adapter"] = fmt
+    return report

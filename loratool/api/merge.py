@@ -21,6 +21,7 @@ from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, s
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
+from ..formats.names import modules_of
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, apply_dora_, as_2d, delta_factors
 from ..lora.module import Adapter
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
@@ -159,21 +160,27 @@ def merge(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
+    adapter_format: str | None = None,
+    alpha: float | None = None,
 ) -> MergeResult:
     """Merge `adapters` into `base`, writing `output` (file -> file, folder -> folder) atomically.
 
     W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ per targeted weight, computed in float32 and rounded to the output dtype
-    once. DoRA adapters apply their magnitude on top, as PEFT's merge does.
+    once. DoRA adapters apply their magnitude on top, as PEFT's merge does. Adapters may be in any
+    format loratool reads; kohya names are resolved against BASE.
     """
     started = time.perf_counter()
     output = Path(output)
     out_dtype = parse_output_dtype(dtype)
     torch_device = resolve_device(device)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
-    if not loaded:
+    if not adapters:
         raise UsageError("give at least one adapter to merge")
-    weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
     with open_checkpoint(base, allow_pickle=allow_pickle) as checkpoint:
+        index = {None: modules_of(checkpoint)}
+        loaded = [a if isinstance(a, Adapter) else
+                  load_adapter(a, format=adapter_format, allow_pickle=allow_pickle, base=index, alpha=alpha)
+                  for a in adapters]
+        weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
         check_output_path(output, [Path(base)] + [a.path for a in loaded], force)
         if not checkpoint.is_folder and output.suffix != ".safetensors":
             raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")

@@ -17,10 +17,11 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, summarize
-from ..formats import load_adapter
+from ..formats import read_for_peft_output
 from ..formats.peft import write_peft_adapter
 from ..lora.module import Adapter, LoraModule
 from ..lora.svd import RankRule, factored_norm, truncate_factored
+from ..lora.targeting import compact_target_modules
 from .report import LowRankResult, ModuleReport
 
 
@@ -51,13 +52,17 @@ def resize(
     dtype: str = "auto",
     force: bool = False,
     allow_pickle: bool = False,
+    adapter_format: str | None = None,
+    alpha: float | None = None,
+    base: str | os.PathLike | None = None,
 ) -> LowRankResult:
     """Write `adapter` re-ranked to `rank` (or the smallest rank keeping `energy` per module) as PEFT."""
     started = time.perf_counter()
     rule = RankRule(rank, energy, max_rank)
     output = Path(output)
     out_dtype = parse_output_dtype(dtype)
-    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    loaded = adapter if isinstance(adapter, Adapter) else \
+        read_for_peft_output(adapter, adapter_format, alpha, base, allow_pickle)
     check_output_path(output, [loaded.path], force)
     if loaded.use_dora:
         raise AdapterError(
@@ -81,7 +86,7 @@ def resize(
     if kept_exact:
         notes.append(f"--rank is at or above the current rank of {summarize(kept_exact)}; those are exact")
     config = {k: v for k, v in loaded.config.items() if k not in ("rank_pattern", "alpha_pattern")}
-    config.setdefault("target_modules", sorted(modules))
+    config.setdefault("target_modules", compact_target_modules(modules))
     with atomic_output(output, is_folder=True) as temp:
         files = write_peft_adapter(temp, modules, loaded.full_tensors, config)
         adapter_bytes = sum(f.stat().st_size for f in files)

@@ -8,8 +8,8 @@ from rich.table import Table
 from ..api import combine
 from ..lora.combine import METHODS
 from .output import format_bytes
-from .params import (WeightListType, allow_pickle_option, device_option, dtype_option, force_option, json_option,
-                     output_option)
+from .params import (WeightListType, adapter_format_options, allow_pickle_option, base_option, device_option,
+                     dtype_option, force_option, json_option, output_option)
 
 _METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
 
@@ -33,10 +33,12 @@ _METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
 @dtype_option
 @force_option
 @allow_pickle_option
+@adapter_format_options
+@base_option
 @json_option
 @click.pass_obj
 def combine_cmd(out, adapters, output, method, weights, rank, density, majority_sign, seed, device, dtype, force,
-                allow_pickle, as_json):
+                allow_pickle, adapter_format, alpha, base, as_json):
     """Combine two or more ADAPTERS into one PEFT adapter, on their true deltas ΔWᵢ = sᵢ·Bᵢ·Aᵢ.
 
     Unlike PEFT's add_weighted_adapter and kohya's merge_lora.py, A and B are never mixed separately,
@@ -57,7 +59,7 @@ def combine_cmd(out, adapters, output, method, weights, rank, density, majority_
     """
     result = combine(list(adapters), output, method, weights=weights, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, device=device, dtype=dtype, force=force,
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)
     for note in result.notes:
         out.note(note)
     if as_json:

@@ -31,6 +31,8 @@ def _summary(report: dict) -> Table:
         rows += [("files", f"{len(report['files'])}{' (sharded, index.json)' if report['sharded'] else ''}")]
         if report["model_type"]:
             rows.append(("model type", report["model_type"]))
+        if report.get("embedded_adapter"):
+            rows.append(("LoRA inside", f"{report['embedded_adapter']} (loratool extract pulls it out)"))
     rows += [
         ("tensors", f"{report['tensors']:,}"),
         ("parameters", f"{report['parameters']:,}"),

@@ -8,7 +8,8 @@ from rich.table import Table
 from ..api import resize, svd_extract
 from ..api.report import LowRankResult
 from .output import Output, format_bytes
-from .params import allow_pickle_option, device_option, dtype_option, force_option, json_option, output_option
+from .params import (adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
+                     force_option, json_option, output_option)
 
 
 def _rank_options(f):
@@ -96,9 +97,12 @@ def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, target
 @dtype_option
 @force_option
 @allow_pickle_option
+@adapter_format_options
+@base_option
 @json_option
 @click.pass_obj
-def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow_pickle, as_json):
+def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow_pickle, adapter_format, alpha, base,
+               as_json):
     """Re-rank ADAPTER to --rank R (or by --energy) and write it as a PEFT adapter.
 
     Works on the factors (QR of B and Aᵀ, then an SVD of the small r×r core), never on the full ΔW, so
@@ -112,5 +116,5 @@ def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow
       loratool resize adapter/ --energy 0.95 -o adapter-small/
     """
     result = resize(adapter, output, rank=rank, energy=energy, max_rank=max_rank, dtype=dtype, force=force,
-                    allow_pickle=allow_pickle)
+                    allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)
     _report(out, result, "resize", as_json)

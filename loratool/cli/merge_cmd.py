@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..api import merge
-from .params import (SizeType, WeightListType, allow_pickle_option, device_option, dtype_option, force_option,
-                     json_option, output_option)
+from .params import (SizeType, WeightListType, adapter_format_options, allow_pickle_option, device_option,
+                     dtype_option, force_option, json_option, output_option)
 
 
 @click.command("merge")
@@ -24,10 +24,11 @@ from .params import (SizeType, WeightListType, allow_pickle_option, device_optio
 @force_option
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even when adapters or results hold NaN/Inf.")
 @allow_pickle_option
+@adapter_format_options
 @json_option
 @click.pass_obj
 def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, device, force, allow_nonfinite,
-              allow_pickle, as_json):
+              allow_pickle, adapter_format, alpha, as_json):
     """Fold one or more ADAPTERS into BASE and write a plain model to OUTPUT.
 
     BASE is a .safetensors file, a sharded index.json or a model folder; OUTPUT mirrors it (file ->
@@ -44,7 +45,7 @@ def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, devic
     with out.progress("merging") as advance:
         result = merge(base, list(adapters), output, weights=weights, dtype=dtype, max_shard_bytes=max_shard_size,
                        device=device, force=force, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
-                       progress=advance)
+                       progress=advance, adapter_format=adapter_format, alpha=alpha)
     for note in result.notes:
         out.note(note)
     if as_json:

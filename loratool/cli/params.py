@@ -79,3 +79,19 @@ def device_option(f):
 
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON to stdout.")(f)
+
+
+def adapter_format_options(f):
+    """--format and --alpha for commands that read adapters in any format."""
+    from ..formats import FORMATS
+
+    f = click.option("--alpha", type=float, default=None,
+                     help="lora_alpha for formats that do not store it (loralib, bare PEFT state dicts).")(f)
+    return click.option("--format", "adapter_format", type=click.Choice(FORMATS), default=None,
+                        help="Adapter format; detected from the files when not given.")(f)
+
+
+def base_option(f):
+    return click.option("--base", type=click.Path(), default=None,
+                        help="The base model (checkpoint or diffusers pipeline folder), to map kohya's flattened "
+                             "module names back to real ones.")(f)

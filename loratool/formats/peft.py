@@ -236,7 +236,7 @@ def scaling_fields(modules: Mapping[str, LoraModule]) -> dict:
     """
     flags = {m.use_rslora for m in modules.values()}
     use_rslora = flags == {True}
-    alphas = {name: m.alpha if m.use_rslora == use_rslora else m.scale * m.rank for name, m in modules.items()}
+    alphas = {name: m.alpha if m.use_rslora == use_rslora else m.plain_alpha for name, m in modules.items()}
     r = _most_common([m.rank for m in modules.values()])
     lora_alpha = _most_common(list(alphas.values()))
     return {

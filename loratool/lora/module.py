@@ -47,6 +47,11 @@ class LoraModule:
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
+    @property
+    def plain_alpha(self) -> float:
+        """The alpha giving the same scale without rsLoRA (alpha' = s·r), for formats with no rsLoRA flag."""
+        return self.scale * self.rank if self.use_rslora else self.alpha
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         parts = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude, "lora_B.bias": self.bias}
         return {f"{self.name}.{part}": t for part, t in parts.items() if t is not None}
@@ -62,6 +67,8 @@ class Adapter:
     modules: dict[str, LoraModule]
     full_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    #: True while module names are kohya's flattened ones, before resolution against a base.
+    unresolved_names: bool = False
 
     @property
     def base_model(self) -> str | None:

@@ -5,6 +5,7 @@ Pure logic over names and shapes; the caller supplies the base checkpoint's head
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 from .delta import expected_base_shape
@@ -90,10 +91,33 @@ def leaf(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
-def compact_target_modules(targeted: Iterable[str], candidates: Iterable[str]) -> list[str]:
-    """PEFT `target_modules` for exactly `targeted`: the leaf names (`q_proj`, ...) when they select no
-    other module among `candidates` (every module of the model with a weight), else the full names."""
+#: PEFT condenses a target_modules *list* of this many entries or more into shared suffixes, and the
+#: result can match parent modules (a suffix like `0` matches `down_blocks.0`); a regex is not condensed.
+PEFT_CONDENSE_THRESHOLD = 20
+
+
+def target_suffix(module_name: str) -> str:
+    """The shortest dotted suffix ending in a named component: `q_proj`, but `to_out.0` and `net.2`,
+    since PEFT matches a bare `0` against every container called `….0` too."""
+    parts = module_name.split(".")
+    start = len(parts) - 1
+    while start > 0 and parts[start].isdigit():
+        start -= 1
+    return ".".join(parts[start:])
+
+
+def compact_target_modules(targeted: Iterable[str], candidates: Iterable[str] | None = None) -> list[str] | str:
+    """PEFT `target_modules` selecting exactly `targeted`.
+
+    The short suffixes (`q_proj`, `to_out.0`, ...) when `candidates` (every module of the base with a
+    weight) shows they select nothing else; otherwise the full names, as a list when short and as one anchored regex when
+    PEFT would otherwise condense the list into suffixes that can over-match.
+    """
     targeted = set(targeted)
-    leaves = {leaf(name) for name in targeted}
-    selected = {name for name in candidates if leaf(name) in leaves}
-    return sorted(leaves) if selected == targeted else sorted(targeted)
+    if candidates is not None:
+        suffixes = {target_suffix(name) for name in targeted}
+        if {name for name in candidates if any(name == s or name.endswith("." + s) for s in suffixes)} == targeted:
+            return sorted(suffixes)
+    if len(targeted) < PEFT_CONDENSE_THRESHOLD:
+        return sorted(targeted)
+    return "(?:" + "|".join(re.escape(name) for name in sorted(targeted)) + ")"

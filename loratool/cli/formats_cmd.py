@@ -1,0 +1,94 @@
+"""`loratool convert` and `loratool extract`."""
+
+from __future__ import annotations
+
+import click
+
+from ..api import convert, extract
+from ..formats import EMBEDDED, WRITABLE
+from .params import (adapter_format_options, allow_pickle_option, base_option, dtype_option, force_option,
+                     json_option, output_option)
+
+
+@click.command("convert")
+@click.argument("adapter", type=click.Path())
+@output_option
+@click.option("--to", "to", required=True, type=click.Choice(WRITABLE), help="Format to write.")
+@base_option
+@adapter_format_options
+@click.option("--component", default=None,
+              help="Pipeline component: with --to diffusers, the prefix for modules that have none (default unet); "
+                   "with --to peft, which component of a pipeline adapter to keep.")
+@dtype_option
+@force_option
+@allow_pickle_option
+@json_option
+@click.pass_obj
+def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component, dtype, force, allow_pickle,
+                as_json):
+    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers, losslessly.
+
+    Per-module rank and alpha are kept (rank_pattern/alpha_pattern in PEFT, .alpha tensors in kohya,
+    the lora_adapter_metadata JSON in diffusers); rsLoRA is folded into alpha where the target has no
+    flag, so every scale is unchanged. What a target cannot hold (DoRA or embeddings in kohya, whole
+    tensors in kohya or diffusers) is refused with the reason. Reading kohya needs --base: its module
+    names replace '.' with '_', and only the base's module list maps them back.
+
+    \b
+    Examples:
+      loratool convert adapter/ --to kohya -o lora.safetensors
+      loratool convert lora.safetensors --to peft --base base/ -o adapter/
+      loratool convert adapter/ --to diffusers --component unet -o pytorch_lora_weights.safetensors
+    """
+    result = convert(adapter, output, to, base=base, format=adapter_format, alpha=alpha, component=component,
+                     dtype=dtype, force=force, allow_pickle=allow_pickle)
+    for note in result.notes:
+        out.note(note)
+    if as_json:
+        out.json(result.to_json())
+        return
+    out.print(f"[green]converted[/] {result.modules} modules from {result.source_format} to {result.target_format}: "
+              f"{result.output}")
+
+
+@click.command("extract")
+@click.argument("checkpoint", type=click.Path())
+@output_option
+@click.option("--base-out", type=click.Path(), default=None,
+              help="Also write the clean base model here: LoRA tensors dropped, base_layer names restored, and "
+                   "loralib weights unmerged when ΔW had been merged into them.")
+@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED), default=None,
+              help="Checkpoint dialect; detected when not given.")
+@click.option("--alpha", type=float, default=None, help="lora_alpha (loralib does not store it).")
+@click.option("--already-merged/--not-merged", default=None,
+              help="Whether a loralib checkpoint was saved after eval() merged ΔW into the weights. Default: "
+                   "detect it with --base, else assume not merged (with a warning).")
+@base_option
+@force_option
+@allow_pickle_option
+@json_option
+@click.pass_obj
+def extract_cmd(out, checkpoint, output, base_out, adapter_format, alpha, already_merged, base, force, allow_pickle,
+                as_json):
+    """Pull the LoRA out of a fine-tuned CHECKPOINT that still holds it, into a PEFT adapter.
+
+    CHECKPOINT is a whole model state dict from loralib (microsoft/LoRA: <module>.lora_A/lora_B beside
+    <module>.weight) or from a PEFT-wrapped model (<module>.base_layer.weight, lora_A.default...). r,
+    alpha, targets and patterns are inferred; DoRA magnitudes and modules_to_save come along. Both
+    outputs stream one tensor at a time.
+
+    \b
+    Examples:
+      loratool extract trained.safetensors --alpha 16 -o adapter/ --base-out base/
+      loratool extract peft_state.safetensors -o adapter/
+    """
+    result = extract(checkpoint, output, base_output=base_out, format=adapter_format, alpha=alpha,
+                     already_merged=already_merged, base=base, force=force, allow_pickle=allow_pickle)
+    for note in result.notes:
+        out.note(note)
+    if as_json:
+        out.json(result.to_json())
+        return
+    base_text = f" and the clean base to {result.base_output}" if result.base_output else ""
+    out.print(f"[green]extracted[/] {result.modules} modules (rank {', '.join(map(str, result.ranks))}) from a "
+              f"{result.source_format} checkpoint to {result.output}{base_text}")
