@@ -14,7 +14,7 @@ from helpers import load_folder
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 CHECKPOINT_KEYS = {"schema", "kind", "path", "format", "sharded", "files", "tensors", "parameters", "bytes", "dtypes",
-                   "metadata", "model_type", "architectures"}
+                   "metadata", "model_type", "architectures", "embedded_adapter"}
 ADAPTER_KEYS = {"schema", "kind", "path", "format", "base_model", "peft_version", "task_type", "r", "lora_alpha",
                 "use_rslora", "use_dora", "modules", "targets", "layers", "groups", "rank_pattern", "alpha_pattern",
                 "modules_to_save", "tensors", "parameters", "bytes", "dtypes"}
