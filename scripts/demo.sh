@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: inspect, merge, svd-extract, resize and combine on the bundled fixtures
+# The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert and extract on the
+# bundled fixtures
 # (fixtures/make_fixtures.py).
 set -euo pipefail
 BIN=${1:-.venv/bin}
@@ -27,5 +28,15 @@ step "$LT" --quiet svd-extract fixtures/tiny-llama "$OUT/mixed" --energy 0.9 -o 
 step "$LT" resize fixtures/lora-llama --rank 4 -o "$OUT/lora-r4"
 step "$LT" combine fixtures/lora-llama fixtures/lora-llama-qv --method cat --weights 0.7,0.3 -o "$OUT/cat"
 step "$LT" --quiet combine fixtures/lora-llama fixtures/lora-llama-qv --method ties --density 0.5 --rank 8 -o "$OUT/ties"
+step "$LT" convert fixtures/lora-llama-qv --to kohya -o "$OUT/qv-kohya.safetensors"
+step "$LT" convert "$OUT/qv-kohya.safetensors" --to peft --base fixtures/tiny-llama -o "$OUT/qv-back"
+"$BIN/python" - fixtures/lora-llama-qv "$OUT/qv-back" <<'PY'
+import sys
+from safetensors.torch import load_file
+a, b = (load_file(f"{p}/adapter_model.safetensors") for p in sys.argv[1:3])
+same = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+print(f"peft -> kohya -> peft round trip is bit-exact: {same}")
+PY
+step "$LT" extract fixtures/loralib-tiny/eval.safetensors --alpha 8 --base fixtures/loralib-tiny/pretrained.safetensors -o "$OUT/loralib-adapter" --base-out "$OUT/loralib-base.safetensors"
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"

@@ -114,3 +114,43 @@ def lora_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]
     return {name.removeprefix(prefix): module.get_delta_weight(adapter_name).double()
             for name, module in model.named_modules()
             if hasattr(module, "get_delta_weight") and adapter_name in getattr(module, "lora_A", {})}
+
+
+def save_loralib_checkpoints(folder) -> torch.nn.Module:
+    """Train a small loralib model (Embedding + two Linears, alpha 8) a few steps and save, with
+    safetensors, `train.safetensors` (state_dict() in train mode: W0 and A/B), `eval.safetensors`
+    (after eval(), which merges ΔW into the weights) and `pretrained.safetensors` (W0 alone)."""
+    import loralib
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    class LoralibNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = loralib.Embedding(20, 8, r=2, lora_alpha=8)
+            self.proj = loralib.Linear(8, 12, r=4, lora_alpha=8)
+            self.head = loralib.Linear(12, 5, r=3, lora_alpha=8)
+            self.norm = torch.nn.LayerNorm(8)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.proj(self.norm(self.embed(ids))))).mean(1)
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    net = LoralibNet()
+    pretrained = {k: v.clone() for k, v in net.state_dict().items() if "lora_" not in k}
+    loralib.mark_only_lora_as_trainable(net)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        loss = net(torch.randint(0, 20, (4, 3), generator=generator)).square().mean() + net.proj.lora_B.sum() * 0.01
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.train()
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / "train.safetensors"))
+    net.eval()
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / "eval.safetensors"))
+    save_file({k: v.contiguous() for k, v in pretrained.items()}, str(folder / "pretrained.safetensors"))
+    return net

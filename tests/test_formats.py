@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from helpers import LLAMA_LINEARS, load_folder, lora_deltas, randomize_adapter, tiny_llama, tiny_unet
+from helpers import (LLAMA_LINEARS, load_folder, lora_deltas, randomize_adapter, save_loralib_checkpoints, tiny_llama,
+                     tiny_unet)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
@@ -201,40 +202,24 @@ def test_kohya_file_from_diffusers_own_converter(run_cli, tmp_path, unet_lora):
         assert rel(delta, expected) < 1e-6, name
 
 
+def test_merge_reads_a_diffusers_file_into_the_unet(run_cli, tmp_path, unet_lora):
+    folder, oracle = unet_lora
+    ok(run_cli("merge", folder / "unet", folder / "lora" / "pytorch_lora_weights.safetensors", "-o", tmp_path / "m"))
+    merged, base = load_folder(tmp_path / "m"), load_folder(folder / "unet")
+    for name, delta in oracle.items():
+        key = f"{name}.weight"
+        assert rel(merged[key].double() - base[key].double(), delta) < 1e-5, name
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == len(oracle)
+
+
 # --- loralib ----------------------------------------------------------------------------------------------
-
-
-class LoralibNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = loralib.Embedding(20, 8, r=2, lora_alpha=8)
-        self.proj = loralib.Linear(8, 12, r=4, lora_alpha=8)
-        self.head = loralib.Linear(12, 5, r=3, lora_alpha=8)
-        self.norm = torch.nn.LayerNorm(8)
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.proj(self.norm(self.embed(ids))))).mean(1)
 
 
 @pytest.fixture(scope="module")
 def loralib_checkpoints(tmp_path_factory):
-    """Train a loralib model a few steps; save state_dict() in train mode (unmerged) and eval mode (merged)."""
+    """A loralib model trained a few steps, saved in train mode (unmerged) and in eval mode (merged)."""
     folder = tmp_path_factory.mktemp("loralib")
-    torch.manual_seed(0)
-    net = LoralibNet()
-    pretrained = {k: v.clone() for k, v in net.state_dict().items() if "lora_" not in k}
-    loralib.mark_only_lora_as_trainable(net)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(5):
-        loss = net(torch.randint(0, 20, (4, 3))).square().mean() + net.proj.lora_B.sum() * 0.01
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.train()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "train.safetensors"))
-    net.eval()  # loralib merges ΔW into the weights here
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "eval.safetensors"))
-    save_file({k: v.contiguous() for k, v in pretrained.items()}, str(folder / "pretrained.safetensors"))
+    net = save_loralib_checkpoints(folder)
     return folder, net
 
 
