@@ -316,3 +316,23 @@ def test_combine_and_resize_accept_other_formats(run_cli, tmp_path):
     ok(run_cli("resize", tmp_path / "d.safetensors", "-r", "4", "-o", tmp_path / "r"))
     assert_same_deltas(lora_deltas(PeftModel.from_pretrained(fixture_base(), str(tmp_path / "r"))),
                        lora_deltas(PeftModel.from_pretrained(fixture_base(), str(FIXTURES / "lora-llama-qv"))))
+
+
+def test_more_refusals(run_cli, tmp_path):
+    # LyCORIS LoHa tensors are not LoRA
+    save_file({"lora_unet_a.hada_w1_a": torch.ones(2, 2), "lora_unet_a.lora_down.weight": torch.ones(1, 2),
+               "lora_unet_a.lora_up.weight": torch.ones(2, 1)}, str(tmp_path / "loha.safetensors"))
+    loha = run_cli("inspect", tmp_path / "loha.safetensors")
+    assert loha.code == 2 and "LyCORIS" in loha.stderr
+    # a wrapped state dict holding two adapters
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "two.safetensors"))
+    two = run_cli("extract", tmp_path / "two.safetensors", "--alpha", "2", "-o", tmp_path / "a")
+    assert two.code == 2 and "default, second" in two.stderr
+    # a forced format that does not fit the file
+    forced = run_cli("convert", FIXTURES / "lora-llama", "--format", "kohya", "--to", "peft", "-o", tmp_path / "b")
+    assert forced.code == 2 and "Traceback" not in forced.stderr
+    unknown = run_cli("convert", FIXTURES / "lora-llama", "--format", "lycoris", "--to", "peft", "-o", tmp_path / "b")
+    assert unknown.code == 2 and "lycoris" in unknown.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
