@@ -53,3 +53,13 @@ class Output:
         with Progress(*columns, console=self.stderr, transient=True) as bar:
             task = bar.add_task(description, total=None)
             yield lambda advance, total: bar.update(task, advance=advance, total=total)
+
+    @contextlib.contextmanager
+    def status(self, description: str) -> Iterator:
+        """A spinner on stderr for long steps without a byte count; yields a callback to update its text
+        (a no-op when stderr is not a terminal)."""
+        if not self.progress_enabled:
+            yield lambda text: None
+            return
+        with self.stderr.status(description) as spinner:
+            yield lambda text: spinner.update(f"{description}: {text}")

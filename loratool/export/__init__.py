@@ -1,0 +1,1 @@
+"""ONNX export, validation and latency comparison (the `onnx` extra)."""
