@@ -30,6 +30,7 @@ fixtures: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
 	$(BIN)/python benchmarks/bench_svd_extract.py
+	$(BIN)/python benchmarks/bench_onnx.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert and extract on the
-# bundled fixtures
+# bundled fixtures, then export-onnx and a short bench-onnx
 # (fixtures/make_fixtures.py).
 set -euo pipefail
 BIN=${1:-.venv/bin}
@@ -38,5 +38,7 @@ same = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 print(f"peft -> kohya -> peft round trip is bit-exact: {same}")
 PY
 step "$LT" extract fixtures/loralib-tiny/eval.safetensors --alpha 8 --base fixtures/loralib-tiny/pretrained.safetensors -o "$OUT/loralib-adapter" --base-out "$OUT/loralib-base.safetensors"
+step "$LT" export-onnx fixtures/tiny-llama --adapter fixtures/lora-llama -o "$OUT/onnx"
+step "$LT" bench-onnx fixtures/tiny-llama --adapter fixtures/lora-llama --seq 32 --repeats 30 --provider cpu --work "$OUT/bench"
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"

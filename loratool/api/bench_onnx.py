@@ -1,9 +1,12 @@
 """`bench-onnx`: latency of the base, merged and unmerged-LoRA ONNX graphs, and PyTorch eager, timed
-interleaved in one process so that drift (thermal, other load) hits every variant alike."""
+interleaved in one process so that drift (thermal, other load) hits every variant alike, with the
+order shuffled every round so that no variant always runs in the same position, and onnxruntime's
+worker threads told not to spin between runs."""
 
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -75,7 +78,7 @@ def bench_onnx(model_dir: str | os.PathLike, adapter: str | os.PathLike, batch: 
         vocab = model_config(model_dir).get("vocab_size", 100)
         ids = torch.randint(0, vocab, (batch, sequence), generator=torch.Generator().manual_seed(0))
         feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((batch, sequence), dtype=np.int64)}
-        sessions = {label: session(folder / "model.onnx", provider) for label, (folder, _) in exports.items()}
+        sessions = {label: session(folder / "model.onnx", provider, spinning=False) for label, (folder, _) in exports.items()}
         unmerged_options, loaded_adapter = run_options_with(adapter_file)
         model = load_model(merged_checkpoint, torch.float32)
         runs = {
@@ -87,8 +90,13 @@ def bench_onnx(model_dir: str | os.PathLike, adapter: str | os.PathLike, batch: 
         }
         timings: dict[str, list[float]] = {label: [] for label in runs}
         with torch.inference_mode():
+            order = random.Random(0)
             for round_index in range(warmup + repeats):
-                for label, run in runs.items():
+                # A fresh order each round, so no variant always follows the same one (caches, clocks).
+                labels = list(runs)
+                order.shuffle(labels)
+                for label in labels:
+                    run = runs[label]
                     started = time.perf_counter()
                     run()
                     if round_index >= warmup:

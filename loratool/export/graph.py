@@ -136,12 +136,21 @@ def sample_inputs(model, with_past: bool) -> dict:
 def export_to_folder(model, inputs: dict, folder: Path, opset: int | None) -> list[str]:
     """Export with transformers' OnnxExporter (dynamic axes) and save model.onnx + model.onnx.data."""
     import contextlib
-    import sys
+    import io
+    import logging
+    import warnings
 
     from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
+    from transformers.utils import logging as transformers_logging
 
-    # The exporter reports its stages with print(); stdout is for results (and --json), so send them away.
-    with contextlib.redirect_stdout(sys.stderr):
+    # The exporter narrates its stages with print() and warns about its own experimental status and
+    # about optional torchvision ops; none of it is actionable here, and stdout is for results (--json).
+    # Failures still surface as exceptions.
+    transformers_logging.set_verbosity_error()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         exported = OnnxExporter().export(model, inputs, config=OnnxConfig(dynamic=True, opset_version=opset))
         exported.save_pretrained(str(folder))
     return [value.name for value in exported.program.graph.inputs]

@@ -28,11 +28,16 @@ def providers(choice: str = "cpu") -> tuple[list[str], str | None]:
     return ["CPUExecutionProvider"], None if choice == "auto" and not torch.cuda.is_available() else note
 
 
-def session(path: Path, provider: str = "cpu"):
+def session(path: Path, provider: str = "cpu", spinning: bool = True):
+    """An onnxruntime session. `spinning=False` stops its worker threads from busy-waiting after each
+    run, which would otherwise steal the cores from whatever runs next (benchmarks run several
+    sessions and PyTorch in one process)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers(provider)[0])
 
 
