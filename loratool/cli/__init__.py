@@ -33,13 +33,14 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 def _register() -> None:
     from .combine_cmd import combine_cmd
     from .formats_cmd import convert_cmd, extract_cmd
+    from .hub_cmd import pull_cmd, push_cmd
     from .onnx_cmd import bench_onnx_cmd, export_onnx_cmd
     from .inspect_cmd import inspect_cmd
     from .lowrank_cmd import resize_cmd, svd_extract_cmd
     from .merge_cmd import merge_cmd
 
     for command in (inspect_cmd, merge_cmd, svd_extract_cmd, resize_cmd, combine_cmd, convert_cmd, extract_cmd,
-                    export_onnx_cmd, bench_onnx_cmd):
+                    export_onnx_cmd, bench_onnx_cmd, push_cmd, pull_cmd):
         cli.add_command(command)
 
 

@@ -8,14 +8,14 @@ from rich.table import Table
 from ..api import combine
 from ..lora.combine import METHODS
 from .output import format_bytes
-from .params import (WeightListType, adapter_format_options, allow_pickle_option, base_option, device_option,
+from .params import (LocationType, WeightListType, adapter_format_options, allow_pickle_option, base_option, device_option,
                      dtype_option, force_option, json_option, output_option)
 
 _METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
 
 
 @click.command("combine")
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=LocationType("adapter"))
 @output_option
 @click.option("--method", "-m", required=True, type=click.Choice(list(METHODS)),
               help="How to combine (see below).")

@@ -6,12 +6,12 @@ import click
 
 from ..api import convert, extract
 from ..formats import EMBEDDED, WRITABLE
-from .params import (adapter_format_options, allow_pickle_option, base_option, dtype_option, force_option,
+from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, dtype_option, force_option,
                      json_option, output_option)
 
 
 @click.command("convert")
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=LocationType("adapter"))
 @output_option
 @click.option("--to", "to", required=True, type=click.Choice(WRITABLE), help="Format to write.")
 @base_option

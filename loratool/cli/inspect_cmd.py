@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..api import inspect
 from .output import format_bytes
-from .params import allow_pickle_option, json_option
+from .params import LocationType, allow_pickle_option, json_option
 
 
 def _summary(report: dict) -> Table:
@@ -83,7 +83,7 @@ def _tensors(report: dict) -> Table:
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=LocationType("adapter"))
 @json_option
 @click.option("--tensors", is_flag=True, help="List every tensor with dtype, shape and size.")
 @click.option("--check", is_flag=True, help="Read all tensor data and report NaN/Inf (exit 2 if any).")

@@ -8,7 +8,7 @@ from rich.table import Table
 from ..api import resize, svd_extract
 from ..api.report import LowRankResult
 from .output import Output, format_bytes
-from .params import (adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
+from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
                      force_option, json_option, output_option)
 
 
@@ -50,8 +50,8 @@ def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> Non
 
 
 @click.command("svd-extract")
-@click.argument("base", type=click.Path())
-@click.argument("finetuned", type=click.Path())
+@click.argument("base", type=LocationType("model"))
+@click.argument("finetuned", type=LocationType("model"))
 @output_option
 @_rank_options
 @click.option("--targets", default=None, metavar="REGEX",
@@ -91,7 +91,7 @@ def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, target
 
 
 @click.command("resize")
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=LocationType("adapter"))
 @output_option
 @_rank_options
 @dtype_option

@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from ..api import merge
-from .params import (SizeType, WeightListType, adapter_format_options, allow_pickle_option, device_option,
+from .params import (LocationType, SizeType, WeightListType, adapter_format_options, allow_pickle_option, device_option,
                      dtype_option, force_option, json_option, output_option)
 
 
 @click.command("merge")
-@click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=LocationType("model"))
+@click.argument("adapters", nargs=-1, required=True, type=LocationType("adapter"))
 @output_option
 @click.option("--weights", type=WeightListType(), default=None,
               help="One weight per adapter, comma-separated: W' = W + Σ wᵢ·ΔWᵢ. A negative weight subtracts, "

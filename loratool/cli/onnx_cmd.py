@@ -8,13 +8,13 @@ from rich.table import Table
 from ..api.bench_onnx import bench_onnx
 from ..api.export_onnx import DTYPES, export_onnx
 from ..export.graph import TASKS
-from .params import WeightListType, allow_pickle_option, force_option, json_option, output_option
+from .params import LocationType, WeightListType, allow_pickle_option, force_option, json_option, output_option
 
 
 @click.command("export-onnx")
-@click.argument("model_dir", type=click.Path())
+@click.argument("model_dir", type=LocationType("model"))
 @output_option
-@click.option("--adapter", "adapters", multiple=True, type=click.Path(),
+@click.option("--adapter", "adapters", multiple=True, type=LocationType("adapter"),
               help="Adapter to merge first (any format loratool reads); repeat for several.")
 @click.option("--weights", type=WeightListType(), default=None, help="One weight per --adapter, as in merge.")
 @click.option("--task", type=click.Choice(TASKS), default="causal-lm", show_default=True)

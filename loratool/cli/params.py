@@ -92,6 +92,22 @@ def adapter_format_options(f):
 
 
 def base_option(f):
-    return click.option("--base", type=click.Path(), default=None,
+    return click.option("--base", type=LocationType("model"), default=None,
                         help="The base model (checkpoint or diffusers pipeline folder), to map kohya's flattened "
                              "module names back to real ones.")(f)
+
+
+class LocationType(click.ParamType):
+    """A local path, or `hf://owner/name[@revision]`, downloaded into the HF cache when used."""
+
+    name = "PATH|hf://REPO"
+
+    def __init__(self, kind: str = "adapter"):
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        from ..hub.client import HF_SCHEME, resolve_location
+
+        if not str(value).startswith(HF_SCHEME):
+            return value
+        return str(resolve_location(str(value), self.kind))
