@@ -22,9 +22,9 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..checkpoint.reader import COMPANION_FILES
 from ..errors import LoratoolError, UsageError
-from ..export.graph import (TASKS, attach_lora_slots, export_to_folder, graph_input_name, load_model, model_config,
-                            require_onnx_stack, sample_inputs, sample_lora)
-from ..export.runtime import max_diff_against_torch, session, write_onnx_adapter
+from ..export.graph import (TASKS, attach_lora_slots, export_to_folder, features, graph_input_name, load_model,
+                            model_config, require_onnx_stack, sample_inputs, sample_lora)
+from ..export.runtime import VALIDATION_SHAPES, max_diff_against_torch, session, write_onnx_adapter
 from ..formats import read_for_peft_output
 from ..lora.module import Adapter, LayerKind
 from .merge import merge
@@ -136,8 +136,6 @@ def export_onnx(
             graph_inputs = export_to_folder(model, inputs, temp, opset)
             adapter_files = []
             if adapter_inputs:
-                from ..export.graph import features
-
                 np_dtype = np.float16 if torch_dtype == torch.float16 else np.float32
                 _add_empty_lora_defaults(temp / "model.onnx", {m: features(slots[m]) for m in modules}, np_dtype)
                 for i, adapter in enumerate(loaded):
@@ -150,7 +148,7 @@ def export_onnx(
                 if max(diffs) > atol:
                     raise ValidationError(
                         f"the ONNX graph differs from the PyTorch model by up to {max(diffs):.3g} (shapes "
-                        f"{' and '.join(map(str, _shapes()))}), above --atol {atol:g}; nothing was written. "
+                        f"{' and '.join(map(str, VALIDATION_SHAPES))}), above --atol {atol:g}; nothing was written. "
                         "Try --dtype float32, or raise --atol if the difference is acceptable"
                     )
             elif validate:
@@ -165,12 +163,6 @@ def export_onnx(
             (temp / FACTS_NAME).write_text(json.dumps(facts, indent=2) + "\n")
     return ExportResult(output, config["model_type"], graph_inputs, opset, diffs, [str(a) for a in adapters],
                         adapter_files, time.perf_counter() - started, notes)
-
-
-def _shapes():
-    from ..export.runtime import VALIDATION_SHAPES
-
-    return VALIDATION_SHAPES
 
 
 def _lora_modules(adapters: list[Adapter]) -> list[str]:

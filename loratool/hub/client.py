@@ -55,8 +55,6 @@ def hub_call(what: str, repo_id: str, token: str | None = None) -> Iterator[None
     except hf_errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         raise HubError(_scrub(f"{what}: {_explain(status, repo_id)}", token)) from e
-    except OSError as e:
-        raise HubError(_scrub(f"{what}: cannot reach the Hub at {endpoint} ({e})", token)) from e
     except ValueError as e:
         if "Invalid metadata in README.md" not in str(e):
             raise
