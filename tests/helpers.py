@@ -154,3 +154,12 @@ def save_loralib_checkpoints(folder) -> torch.nn.Module:
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / "eval.safetensors"))
     save_file({k: v.contiguous() for k, v in pretrained.items()}, str(folder / "pretrained.safetensors"))
     return net
+
+
+def tiny_clip_text(seed: int = 0):
+    """A one-layer CLIP text encoder, the Stable Diffusion text tower in miniature."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=50, max_position_embeddings=16)).eval()
