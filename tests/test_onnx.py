@@ -76,6 +76,7 @@ def test_merged_export_matches_peft_merge(run_cli, onnx_root, arch):
     out = _export(run_cli, onnx_root, f"{arch}_merged", base, "--adapter", adapter)
     facts = json.loads((out / "loratool_export.json").read_text())
     assert facts["inputs"][:2] == ["input_ids", "attention_mask"] and max(facts["validation_max_abs_diff"]) < 1e-4
+    assert isinstance(facts["opset"], int) and facts["adapters"] == [str(adapter)]
     assert (out / "config.json").is_file() and (out / "model.onnx.data").is_file()
     model = peft_merged(arch, base, adapter)
     vocab = model.config.vocab_size

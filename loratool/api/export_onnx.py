@@ -156,6 +156,7 @@ def export_onnx(
             for companion in COMPANION_FILES:
                 if (model_dir / companion).is_file() and not (temp / companion).exists():
                     shutil.copy2(model_dir / companion, temp / companion)
+            opset = _opset_of(temp / "model.onnx")
             facts = {"model_type": config["model_type"], "task": task, "opset": opset, "dtype": dtype,
                      "with_past": with_past, "inputs": graph_inputs, "validation_max_abs_diff": diffs,
                      "atol": atol, "adapters": [str(a) for a in adapters], "weights": list(weights or []),
@@ -163,6 +164,14 @@ def export_onnx(
             (temp / FACTS_NAME).write_text(json.dumps(facts, indent=2) + "\n")
     return ExportResult(output, config["model_type"], graph_inputs, opset, diffs, [str(a) for a in adapters],
                         adapter_files, time.perf_counter() - started, notes)
+
+
+def _opset_of(onnx_path: Path) -> int | None:
+    """The default-domain opset the exporter actually used."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
 
 
 def _lora_modules(adapters: list[Adapter]) -> list[str]:
