@@ -39,7 +39,7 @@ print(f"peft -> kohya -> peft round trip is bit-exact: {same}")
 PY
 step "$LT" extract fixtures/loralib-tiny/eval.safetensors --alpha 8 --base fixtures/loralib-tiny/pretrained.safetensors -o "$OUT/loralib-adapter" --base-out "$OUT/loralib-base.safetensors"
 step "$LT" push fixtures/lora-llama-qv me/demo-lora --dry-run --card-overwrite --base-model meta-llama/Llama-3.2-1B
-step "$LT" export-onnx fixtures/tiny-llama --adapter fixtures/lora-llama -o "$OUT/onnx"
-step "$LT" bench-onnx fixtures/tiny-llama --adapter fixtures/lora-llama --seq 32 --repeats 30 --provider cpu --work "$OUT/bench"
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"
+step "$LT" export-onnx fixtures/tiny-llama --adapter fixtures/lora-llama -o "$OUT/onnx"
+step "$LT" bench-onnx fixtures/tiny-llama --adapter fixtures/lora-llama --seq 32 --repeats 30 --provider cpu --work "$OUT/bench"
