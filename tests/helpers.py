@@ -113,7 +113,8 @@ def lora_deltas(model, adapter_name: str = "default") -> dict[str, torch.Tensor]
     prefix = "base_model.model."
     return {name.removeprefix(prefix): module.get_delta_weight(adapter_name).double()
             for name, module in model.named_modules()
-            if hasattr(module, "get_delta_weight") and adapter_name in getattr(module, "lora_A", {})}
+            if hasattr(module, "get_delta_weight")
+            and adapter_name in {**getattr(module, "lora_A", {}), **getattr(module, "lora_embedding_A", {})}}
 
 
 def save_loralib_checkpoints(folder) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from helpers import LLAMA_LINEARS, TinyConvNet, make_adapter, tiny_llama
+from helpers import LLAMA_LINEARS, TinyConvNet, lora_deltas, make_adapter, tiny_llama
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PREFIX = "base_model.model."
@@ -19,9 +19,7 @@ PREFIX = "base_model.model."
 
 def peft_deltas(base_model, adapter) -> dict[str, torch.Tensor]:
     """Module name -> ΔW as PEFT computes it (its own scale, rsLoRA and patterns), in float64."""
-    model = PeftModel.from_pretrained(base_model, str(adapter))
-    return {n.removeprefix(PREFIX): m.get_delta_weight("default").double()
-            for n, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+    return lora_deltas(PeftModel.from_pretrained(base_model, str(adapter)))
 
 
 def truncated(delta: torch.Tensor, rank: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..errors import AdapterError, summarize
 from ..formats import read_for_peft_output
 from ..formats.peft import write_peft_adapter
 from ..lora.module import Adapter, LoraModule
-from ..lora.svd import RankRule, factored_norm, truncate_factored
+from ..lora.svd import RankRule, energy_of, factored_norm, truncate_factored
 from ..lora.targeting import compact_target_modules
 from .report import LowRankResult, ModuleReport
 
@@ -79,7 +79,7 @@ def resize(
         out_features, in_features = module.lora_B.shape[0], math.prod(module.lora_A.shape[1:])
         reports.append(ModuleReport(
             name=name, kind=module.kind.value, shape=[out_features, in_features], rank=resized.rank,
-            energy=max(0.0, 1 - error**2), relative_error=error,
+            energy=energy_of(error), relative_error=error,
             delta_norm=factored_norm(module.lora_B.reshape(out_features, -1) * module.scale,
                                      module.lora_A.reshape(module.rank, -1)),
         ))

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..api import combine
 from ..lora.combine import METHODS
-from .output import format_bytes
+from ..units import format_bytes
 from .params import (LocationType, WeightListType, adapter_format_options, allow_pickle_option, base_option, device_option,
                      dtype_option, force_option, json_option, output_option)
 
@@ -60,10 +60,7 @@ def combine_cmd(out, adapters, output, method, weights, rank, density, majority_
     result = combine(list(adapters), output, method, weights=weights, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, device=device, dtype=dtype, force=force,
                      allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     table = Table(title=f"combine --method {result.method}, weights {result.weights}", title_justify="left")
     table.add_column("module", overflow="fold")

@@ -42,10 +42,7 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
     """
     result = convert(adapter, output, to, base=base, format=adapter_format, alpha=alpha, component=component,
                      dtype=dtype, force=force, allow_pickle=allow_pickle)
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     out.print(f"[green]converted[/] {result.modules} modules from {result.source_format} to {result.target_format}: "
               f"{result.output}")
@@ -84,10 +81,7 @@ def extract_cmd(out, checkpoint, output, base_out, adapter_format, alpha, alread
     """
     result = extract(checkpoint, output, base_output=base_out, format=adapter_format, alpha=alpha,
                      already_merged=already_merged, base=base, force=force, allow_pickle=allow_pickle)
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     base_text = f" and the clean base to {result.base_output}" if result.base_output else ""
     out.print(f"[green]extracted[/] {result.modules} modules (rank {', '.join(map(str, result.ranks))}) from a "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..api.hub import pull, push
-from .output import format_bytes
+from ..units import format_bytes
 from .params import allow_pickle_option, force_option, json_option, output_option
 
 
@@ -45,10 +45,7 @@ def push_cmd(out, adapter, repo_id, private, revision, create_pr, message, token
                   token_env=token_env, dry_run=dry_run, include_merged=include_merged,
                   card_overwrite=card_overwrite, keep_original=keep_original, base_model=base_model,
                   allow_pickle=allow_pickle)
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     for name, size in result.files.items():
         out.print(f"  {name}  {format_bytes(size)}")

@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 
 from ..api import inspect
-from .output import format_bytes
+from ..units import format_bytes
 from .params import LocationType, allow_pickle_option, json_option
 
 

@@ -7,7 +7,8 @@ from rich.table import Table
 
 from ..api import resize, svd_extract
 from ..api.report import LowRankResult
-from .output import Output, format_bytes
+from ..units import format_bytes
+from .output import Output
 from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
                      force_option, json_option, output_option)
 
@@ -23,10 +24,7 @@ def _rank_options(f):
 
 
 def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> None:
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     table = Table(title=f"{verb} ({result.method} SVD)", title_justify="left")
     for column, justify in (("module", "left"), ("kind", "left"), ("ΔW shape", "right"), ("rank", "right"),

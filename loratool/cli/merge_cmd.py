@@ -46,10 +46,7 @@ def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, devic
         result = merge(base, list(adapters), output, weights=weights, dtype=dtype, max_shard_bytes=max_shard_size,
                        device=device, force=force, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
                        progress=advance, adapter_format=adapter_format, alpha=alpha)
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     out.print(
         f"[green]merged[/] {len(result.adapters)} adapter(s) into {result.output}: "

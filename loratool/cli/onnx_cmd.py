@@ -52,8 +52,7 @@ def export_onnx_cmd(out, model_dir, output, adapters, weights, task, opset, dtyp
         result = export_onnx(model_dir, output, adapters=list(adapters), weights=weights, task=task, opset=opset,
                              dtype=dtype, with_past=with_past, validate=validate, atol=atol,
                              adapter_inputs=adapter_inputs, force=force, allow_pickle=allow_pickle)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     check = (f", max |diff| vs PyTorch {max(result.max_diff):.2e}" if result.max_diff is not None else
              " (not validated)")
@@ -83,10 +82,7 @@ def bench_onnx_cmd(out, model_dir, adapter, batch, sequence, provider, repeats, 
     with out.status("benchmarking") as status:
         result = bench_onnx(model_dir, adapter, batch=batch, sequence=sequence, provider=provider, repeats=repeats,
                             work=work, progress=status)
-    for note in result.notes:
-        out.note(note)
-    if as_json:
-        out.json(result.to_json())
+    if out.notes_then_json(result, as_json):
         return
     table = Table(title=f"batch {result.batch}, seq {result.sequence}, {result.provider}, median of {result.repeats}",
                   title_justify="left")

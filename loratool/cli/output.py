@@ -13,15 +13,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from .. import env
 
 
-def format_bytes(nbytes: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as file managers and the Hub show sizes)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
-
-
 class Output:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -37,6 +28,15 @@ class Output:
     def note(self, message: str) -> None:
         if not self.quiet:
             self.stderr.print(f"[yellow]note:[/] {message}", highlight=False)
+
+    def notes_then_json(self, result, as_json: bool) -> bool:
+        """Print a command result's notes to stderr, and with --json its `to_json()` to stdout.
+        Returns True when the JSON was printed, so the caller skips its human-readable output."""
+        for note in result.notes:
+            self.note(note)
+        if as_json:
+            self.json(result.to_json())
+        return as_json
 
     @property
     def progress_enabled(self) -> bool:

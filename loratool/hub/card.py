@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..lora.module import Adapter
+from ..units import format_bytes
 
 #: PEFT task type -> Hub pipeline tag.
 PIPELINE_TAGS = {
@@ -26,14 +27,6 @@ def hub_base_model(adapter: Adapter, override: str | None = None) -> str | None:
     if not candidate or Path(candidate).exists() or not _REPO_ID.match(candidate) or candidate.startswith("."):
         return None
     return candidate
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
-        nbytes /= 1000
-    return ""
 
 
 def adapter_card(adapter: Adapter, repo_id: str, adapter_bytes: int, base_model: str | None = None):
@@ -57,7 +50,7 @@ def adapter_card(adapter: Adapter, repo_id: str, adapter_bytes: int, base_model:
         ("target modules", ", ".join(f"`{t}`" for t in targets)),
         ("adapted modules", str(len(adapter.modules))),
         ("trainable parameters", f"{parameters:,}"),
-        ("size", _size(adapter_bytes)),
+        ("size", format_bytes(adapter_bytes)),
         ("variants", ", ".join(flags) or "plain LoRA"),
     ]
     if adapter.full_tensors:
