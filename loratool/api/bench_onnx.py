@@ -61,24 +61,26 @@ def bench_onnx(model_dir: str | os.PathLike, adapter: str | os.PathLike, batch: 
     with tempfile.TemporaryDirectory(prefix="loratool-bench-") as scratch:
         root = Path(work) if work is not None else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        exports = {
-            "onnx base": (root / "base", {}),
-            "onnx merged": (root / "merged", {"adapters": [adapter]}),
-            "onnx unmerged LoRA": (root / "unmerged", {"adapters": [adapter], "adapter_inputs": True}),
-        }
-        for label, (folder, options) in exports.items():
-            if not (folder / "model.onnx").is_file():
-                if progress:
-                    progress(f"exporting {label}")
-                export_onnx(model_dir, folder, validate=False, force=True, **options)
+        # One merge serves both the merged graph and the PyTorch reference.
         merged_checkpoint = root / "merged-checkpoint"
         if not (merged_checkpoint / "config.json").is_file():
             merge(model_dir, [adapter], merged_checkpoint, force=True)
+        exports = {
+            "onnx base": (model_dir, root / "base", {}),
+            "onnx merged": (merged_checkpoint, root / "merged", {}),
+            "onnx unmerged LoRA": (model_dir, root / "unmerged", {"adapters": [adapter], "adapter_inputs": True}),
+        }
+        for label, (source, folder, options) in exports.items():
+            if not (folder / "model.onnx").is_file():
+                if progress:
+                    progress(f"exporting {label}")
+                export_onnx(source, folder, validate=False, force=True, **options)
         adapter_file = next((root / "unmerged").glob("*.onnx_adapter"))
         vocab = model_config(model_dir).get("vocab_size", 100)
         ids = torch.randint(0, vocab, (batch, sequence), generator=torch.Generator().manual_seed(0))
         feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((batch, sequence), dtype=np.int64)}
-        sessions = {label: session(folder / "model.onnx", provider, spinning=False) for label, (folder, _) in exports.items()}
+        sessions = {label: session(folder / "model.onnx", provider, spinning=False)
+                    for label, (_, folder, _) in exports.items()}
         unmerged_options, loaded_adapter = run_options_with(adapter_file)
         model = load_model(merged_checkpoint, torch.float32)
         runs = {

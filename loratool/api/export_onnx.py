@@ -59,10 +59,7 @@ def _merged_dir(model_dir: Path, adapters: list, weights, work: Path, allow_pick
     if not adapters:
         return model_dir
     merged = work / "merged"
-    merge(model_dir, adapters, merged, weights=weights, allow_pickle=allow_pickle)
-    for companion in COMPANION_FILES:
-        if (model_dir / companion).is_file() and not (merged / companion).exists():
-            shutil.copy2(model_dir / companion, merged / companion)
+    merge(model_dir, adapters, merged, weights=weights, allow_pickle=allow_pickle)  # copies config.json too
     return merged
 
 
