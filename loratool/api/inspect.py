@@ -137,7 +137,8 @@ def inspect(path: str | os.PathLike, check: bool = False, tensors: bool = False,
     path = Path(path)
     fmt = detect_format(path, allow_pickle)
     if fmt is not None and fmt not in EMBEDDED:
-        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle), check=check, tensors=tensors)
+        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle, need_alpha=False), check=check,
+                              tensors=tensors)
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         report = inspect_checkpoint(checkpoint, check=check, tensors=tensors, progress=progress)
     report["embedded_adapter"] = fmt
