@@ -400,6 +400,20 @@ def test_fused_flux_lora_splits_as_diffusers_does(run_cli, tmp_path):
         assert rel(merged[f"{module}.weight"], base[f"{module}.weight"].double() + theirs) < 1e-6, module
     assert torch.equal(merged["x_embedder.weight"], base["x_embedder.weight"])
 
+    # OneTrainer's lora_transformer_ + diffusers names and ComfyUI's dotted BFL names, in one file
+    other = random_lora({"lora_transformer_transformer_blocks_0_attn_to_out_0": ((2, WIDTH), (H, 2)),
+                         "diffusion_model.double_blocks.0.txt_attn.qkv": ((2, WIDTH), (3 * H, 2))}, seed=4)
+    save_file(other, str(tmp_path / "other.safetensors"))
+    ok(run_cli("merge", tmp_path / "transformer.safetensors", tmp_path / "other.safetensors", "-o", tmp_path / "o.safetensors"))
+    merged = load_file(str(tmp_path / "o.safetensors"))
+    out = "transformer_blocks.0.attn.to_out.0.weight"
+    assert rel(merged[out], base[out].double() + kohya_delta(
+        other, "lora_transformer_transformer_blocks_0_attn_to_out_0", (H, WIDTH))) < 1e-6
+    fused = kohya_delta(other, "diffusion_model.double_blocks.0.txt_attn.qkv", (3 * H, WIDTH))
+    for i, part in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+        key = f"transformer_blocks.0.attn.{part}.weight"
+        assert rel(merged[key], base[key].double() + fused[i * H:(i + 1) * H]) < 1e-6, key
+
 
 def test_split_flux_lora_merges_into_fused_bfl_rows(run_cli, tmp_path):
     """A diffusers-named Flux LoRA (separate q/k/v) merges into row slices of a BFL file's fused qkv and
@@ -489,3 +503,30 @@ def test_names_that_match_no_layout_are_one_line_and_nothing_is_written(run_cli,
     missing = run_cli("merge", folder / "unet", tmp_path / "te.safetensors", "-o", tmp_path / "m2")
     assert missing.code == 2 and "no text_encoder" in missing.stderr
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m2").exists()
+
+
+def test_sd2_open_clip_text_encoder_rows(run_cli, tmp_path):
+    """SD2 keeps OpenCLIP ViT-H under cond_stage_model.model.: a kohya lora_te_ LoRA on v_proj lands in
+    rows [2d, 3d) of in_proj_weight, as diffusers' converter splits them."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    prefix = "cond_stage_model.model."
+    model = clip_pair(9, projection=True)
+    reference = hf_state(model)
+    single = to_ldm_unet(hf_state(make_unet("sd1", seed=9)))
+    single.update(to_open_clip(reference, prefix))
+    save_file(single, str(tmp_path / "sd2.safetensors"))
+    name = "lora_te_text_model_encoder_layers_1_self_attn_v_proj"
+    lora = random_lora({name: ((2, 8), (8, 2)), "lora_te_text_model_encoder_layers_0_mlp_fc1": ((2, 8), (16, 2))}, 21)
+    save_file(lora, str(tmp_path / "te.safetensors"))
+    ok(run_cli("merge", tmp_path / "sd2.safetensors", tmp_path / "te.safetensors", "-o", tmp_path / "m.safetensors"))
+    converted = convert_open_clip_checkpoint(model, load_file(str(tmp_path / "m.safetensors")), prefix=prefix)
+    key = "encoder.layers.1.self_attn.v_proj.weight"
+    assert rel(converted[f"text_model.{key}"], reference[key].double() + kohya_delta(lora, name, (8, 8))) < 1e-6
+    fc1 = "encoder.layers.0.mlp.fc1.weight"
+    assert rel(converted[f"text_model.{fc1}"], reference[fc1].double() + kohya_delta(
+        lora, "lora_te_text_model_encoder_layers_0_mlp_fc1", (16, 8))) < 1e-6
+    for untouched in ("encoder.layers.1.self_attn.q_proj.weight", "encoder.layers.1.self_attn.k_proj.weight"):
+        assert torch.equal(converted[f"text_model.{untouched}"], reference[untouched])
+    report = json.loads(ok(run_cli("inspect", tmp_path / "sd2.safetensors", "--json")).stdout)
+    assert (report["family"], report["components"]["text_encoder"]) == ("SD2", "open-clip")

@@ -26,16 +26,22 @@ SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha",
 LYCORIS_SUFFIXES = (".hada_w1_a", ".lokr_w1", ".oft_blocks", ".oft_diag", ".b_norm", ".w_norm", ".diff")
 
 
+#: Dotted (unflattened) prefixes of ComfyUI's own LoRA saver, with kohya's tensor suffixes.
+DOTTED_PREFIXES = ("diffusion_model.", "text_encoders.")
+
+
 def split_kohya_name(name: str) -> tuple[str | None, str]:
-    """('unet', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
+    """('denoiser', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
     for prefix, component in PREFIXES.items():
         if name.startswith(prefix):
             return component, name[len(prefix):]
+    if name.startswith(DOTTED_PREFIXES):
+        return None, name
     raise AdapterError(f"{name!r} does not start with a kohya prefix ({', '.join(PREFIXES)})")
 
 
 def looks_like_kohya(keys: list[str]) -> bool:
-    return bool(keys) and all(k.startswith(tuple(PREFIXES)) for k in keys) and any(
+    return bool(keys) and all(k.startswith(tuple(PREFIXES) + DOTTED_PREFIXES) for k in keys) and any(
         k.endswith(".lora_down.weight") for k in keys)
 
 
@@ -57,7 +63,7 @@ def read_kohya_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
         raise AdapterError(f"{path}: tensors that are not kohya LoRA{hint}: {summarize(unknown)}")
     modules = _build(groups, path)
     return Adapter(path=path, source_format="kohya", modules=modules, config={"kohya_metadata": dict(metadata)},
-                   unresolved_names=True)
+                   unresolved_names=any(not n.startswith(DOTTED_PREFIXES) for n in modules))
 
 
 def _build(groups: dict[str, dict[str, torch.Tensor]], source: Path) -> dict[str, LoraModule]:

@@ -100,7 +100,8 @@ class BaseLayout:
         missing, ambiguous, no_component = [], [], set()
         transforms = self._generic_transforms(names, flat)
         for name in names:
-            hint, path = split_prefix(name, flat)
+            is_flat = flat and name.startswith(tuple(KOHYA_PREFIXES))
+            hint, path = split_prefix(name, is_flat)
             components = self._component_for(hint)
             if not components:
                 no_component.add(hint)
@@ -108,7 +109,7 @@ class BaseLayout:
                 continue
             found: list[tuple[Piece, ...]] = []
             for component in components:
-                found += _lookup(component, path, flat, transforms.get(id(component)))
+                found += _lookup(component, path, is_flat, transforms.get(id(component)))
             distinct = list(dict.fromkeys(found))
             if len(distinct) == 1:
                 resolved[name] = distinct[0]
