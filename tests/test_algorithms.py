@@ -5,17 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("lycoris")
+from lycoris.modules.full import FullModule
+from lycoris.modules.locon import LoConModule
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
+from lycoris.modules.norms import NormModule
 
-from lycoris.modules.full import FullModule  # noqa: E402
-from lycoris.modules.locon import LoConModule  # noqa: E402
-from lycoris.modules.loha import LohaModule  # noqa: E402
-from lycoris.modules.lokr import LokrModule  # noqa: E402
-from lycoris.modules.norms import NormModule  # noqa: E402
-
-from loratool.lora.algorithms import FullDiff, LoCon, LoHa, LoKr, NormDiff, build_module  # noqa: E402
-from loratool.lora.module import LayerKind, LoraModule  # noqa: E402
-from lycoris_oracle import check_module, lycoris_parts, quiet_lycoris, randomize  # noqa: E402
+from loratool.lora.algorithms import FullDiff, LoCon, LoHa, LoKr, NormDiff, build_module
+from loratool.lora.module import LayerKind, LoraModule
+from lycoris_oracle import check_module, lycoris_parts, quiet_lycoris, randomize
 
 quiet_lycoris()
 

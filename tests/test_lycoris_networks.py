@@ -8,13 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-pytest.importorskip("lycoris")
+from lycoris.kohya import LycorisNetworkKohya
 
-from lycoris.kohya import LycorisNetworkKohya  # noqa: E402
-
-from loratool.lora.algorithms import split_key  # noqa: E402
-from loratool.lora.module import LoraModule  # noqa: E402
-from lycoris_oracle import check_module, modules_from_state_dict, quiet_lycoris, randomize  # noqa: E402
+from loratool.lora.algorithms import split_key
+from loratool.lora.module import LoraModule
+from lycoris_oracle import check_module, modules_from_state_dict, quiet_lycoris, randomize
 
 quiet_lycoris()
 

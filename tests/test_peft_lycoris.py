@@ -8,18 +8,16 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("lycoris")
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
+from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model
+from peft.tuners.lokr.layer import factorization as peft_lokr_factorization
 
-from lycoris.modules.loha import LohaModule  # noqa: E402
-from lycoris.modules.lokr import LokrModule  # noqa: E402
-from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.lokr.layer import factorization as peft_lokr_factorization  # noqa: E402
-
-from loratool.errors import AdapterError  # noqa: E402
-from loratool.formats.peft_lycoris import (peft_factorization, peft_type_of, read_peft_lycoris_adapter,  # noqa: E402
+from loratool.errors import AdapterError
+from loratool.formats.peft_lycoris import (peft_factorization, peft_type_of, read_peft_lycoris_adapter,
                                            write_peft_lycoris_adapter)
-from loratool.lora.algorithms import LoHa, LoKr, build_module  # noqa: E402
-from lycoris_oracle import lycoris_parts, quiet_lycoris, randomize  # noqa: E402
+from loratool.lora.algorithms import LoHa, LoKr, build_module
+from lycoris_oracle import lycoris_parts, quiet_lycoris, randomize
 
 quiet_lycoris()
 TARGETS = ["conv", "conv_b", "pw", "fc", "fc2"]
