@@ -83,7 +83,7 @@ def test_fit_to_refuses_a_base_that_does_not_fit():
     loha = build_module("m", LOHA)
     assert loha.fits((8, 6)) and loha.fits((8, 6, 1, 1)) and loha.fits((8, 2, 3, 1))
     assert not loha.fits((8, 5)) and not loha.fits((7, 6)) and not loha.fits((48,))
-    with pytest.raises(MismatchError, match=r"m: a loha update of shape \[8, 6\] does not fit the base weight \[8, 3\]"):
+    with pytest.raises(MismatchError, match=r"m: a loha update of shape \[8, 6\] does not fit the base weight"):
         loha.fit_to((8, 3))
     flat_conv = build_module("m", {**LOHA, "hada_w1_b": t(2, 18), "hada_w2_b": t(2, 18)})
     assert flat_conv.fits((8, 2, 3, 3)) and flat_conv.fits((8, 18))

@@ -18,7 +18,8 @@ quiet_lycoris()
 
 #: Targets like LyCORIS' "full" preset, minus the names its module list already covers (which it
 #: would create twice on a diffusers UNet and then refuse as duplicates).
-PRESET = {"enable_conv": True, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+PRESET = {"enable_conv": True,
+          "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
           "unet_target_name": ["conv_in", "conv_out"], "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
           "text_encoder_target_name": [], "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False,
           "exclude_name": []}

@@ -195,7 +195,8 @@ def test_writer_refusals(tmp_path):
 def test_peft_factorization_is_peft_s():
     for dimension in range(1, 260):
         for factor in (-1, 1, 2, 3, 4, 5, 8, 16, 32):
-            assert peft_factorization(dimension, factor) == peft_lokr_factorization(dimension, factor), (dimension, factor)
+            expected = peft_lokr_factorization(dimension, factor)
+            assert peft_factorization(dimension, factor) == expected, (dimension, factor)
 
 
 def test_reader_refusals(tmp_path):

@@ -18,8 +18,9 @@ def rand(*shape, seed=0):
 
 
 def loha(out=24, inp=20, r=3, **extra):
-    return build_module("m", {"hada_w1_a": rand(out, r), "hada_w1_b": rand(r, inp, seed=1), "hada_w2_a": rand(out, r, seed=2),
-                              "hada_w2_b": rand(r, inp, seed=3), "alpha": torch.tensor(1.5), **extra})
+    return build_module("m", {"hada_w1_a": rand(out, r), "hada_w1_b": rand(r, inp, seed=1),
+                              "hada_w2_a": rand(out, r, seed=2), "hada_w2_b": rand(r, inp, seed=3),
+                              "alpha": torch.tensor(1.5), **extra})
 
 
 def tail_ratio(matrix: torch.Tensor, rank: int) -> float:

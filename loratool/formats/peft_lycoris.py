@@ -33,6 +33,8 @@ from ..lora.module import Adapter
 from ..lora.scaling import pattern_value
 from .peft import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _most_common, _number, _weights_file, find_peft_folder
 
+#: Roles whose first dimension is PEFT's r.
+RANK_ROLES = ("hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b")
 #: PEFT type -> (loratool algorithm, module class, source_format).
 PEFT_TYPES = {"LOHA": ("loha", LoHa, "peft_loha"), "LOKR": ("lokr", LoKr, "peft_lokr")}
 
@@ -100,7 +102,7 @@ def read_peft_lycoris_adapter(path: Path, allow_pickle: bool = False) -> Adapter
         except AdapterError as e:
             problems.append(str(e))
             continue
-        stored = [t.shape[0] for role, t in parts.items() if role in ("hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b")]
+        stored = [t.shape[0] for role, t in parts.items() if role in RANK_ROLES]
         if any(r != rank for r in stored):
             problems.append(f"{name}: rank {stored[0]} in the weights but r={rank} in the config")
             continue
@@ -140,8 +142,8 @@ def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 def _layer_shape(module) -> tuple[int, ...]:
     shape = tuple(module.expected_base_shape())
     if len(shape) not in (2, 4):
-        raise AdapterError(f"{module.name}: PEFT's {module.algorithm} writer handles Linear and Conv2d layers, not a "
-                           f"weight of shape {list(shape)}")
+        raise AdapterError(f"{module.name}: PEFT's {module.algorithm} writer handles Linear and Conv2d layers, "
+                           f"not a weight of shape {list(shape)}")
     return shape
 
 
@@ -164,9 +166,12 @@ def _loha_layout(modules: Mapping[str, LoHa]):
             tensors[name] = m.tensors()
         else:
             tensors[name] = {}
-            for index, (t, a, b) in enumerate(m._halves(), start=1):
-                left, right = (a, b.reshape(r, -1)) if t is None else tucker_to_flat(t.double(), a.double(), b.double())
-                tensors[name][f"hada_w{index}_a"], tensors[name][f"hada_w{index}_b"] = left.to(a.dtype), right.to(a.dtype)
+            for index, (t, a, b) in enumerate(m.halves(), start=1):
+                if t is None:
+                    left, right = a, b.reshape(r, -1)
+                else:
+                    left, right = (f.to(a.dtype) for f in tucker_to_flat(t.double(), a.double(), b.double()))
+                tensors[name].update({f"hada_w{index}_a": left, f"hada_w{index}_b": right})
         ranks[name] = r
     return tensors, ranks, {"use_effective_conv2d": effective}
 
@@ -180,13 +185,15 @@ def _decompose_factor(modules: Mapping[str, LoKr], shapes) -> int:
                 return name
         return None
 
-    candidates = [-1] + sorted({d for name, m in modules.items() for d in (*m.w1_shape, *shapes[name][:2])} - {0})
+    dims = {d for name, m in modules.items() for d in (*m.w1_shape, *shapes[name][:2])}
+    candidates = [-1, *sorted(dims - {0})]
     for factor in candidates:
         if fits(factor) is None:
             return factor
     name = fits(-1)
-    raise AdapterError(f"{name}: no PEFT decompose_factor reproduces its Kronecker split w1 {list(modules[name].w1_shape)} "
-                       f"of a {list(shapes[name])} weight together with the other modules' splits")
+    raise AdapterError(f"{name}: no PEFT decompose_factor reproduces its Kronecker split w1 "
+                       f"{list(modules[name].w1_shape)} of a {list(shapes[name])} weight together with the other "
+                       "modules' splits")
 
 
 def _lokr_layout(modules: Mapping[str, LoKr]):
@@ -212,7 +219,8 @@ def _lokr_layout(modules: Mapping[str, LoKr]):
         peft_factored = r < max(a, c) / 2
         return peft_factored == (m.w1 is None) and (m.w1 is not None or m.w1_b.shape[0] == r)
 
-    decompose_both = all(w1_factored_ok(name, m) for name, m in modules.items()) and any(m.w1 is None for m in modules.values())
+    decompose_both = (any(m.w1 is None for m in modules.values())
+                      and all(w1_factored_ok(name, m) for name, m in modules.items()))
     factored_spatial = [m for name, m in modules.items() if _spatial(shapes[name]) and not plan[name][4]]
     effective = bool(factored_spatial) and all(m.tucker for m in factored_spatial)
     tensors, ranks = {}, {}
@@ -261,7 +269,8 @@ def write_peft_lycoris_adapter(folder: Path, modules: Mapping[str, LoHa | LoKr],
     classes = {type(m) for m in modules.values()}
     if classes not in ({LoHa}, {LoKr}):
         names = sorted({m.algorithm for m in modules.values()})
-        raise AdapterError(f"a PEFT LoHa/LoKr folder holds modules of one algorithm, loha or lokr; got {', '.join(names)}")
+        raise AdapterError("a PEFT LoHa/LoKr folder holds modules of one algorithm, loha or lokr; "
+                           f"got {', '.join(names)}")
     dora = [name for name, m in modules.items() if m.is_dora]
     if dora:
         raise AdapterError(f"{summarize(dora)}: PEFT's LoHa/LoKr have no DoRA (weight decomposition)")

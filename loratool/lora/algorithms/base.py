@@ -49,6 +49,8 @@ class AlgorithmModule:
     #: LyCORIS folds rsLoRA into the stored alpha, so the scale rule never needs the flag.
     use_rslora: ClassVar[bool] = False
     tucker: ClassVar[bool] = False
+    #: LoKr's Kronecker split; None elsewhere.
+    factor: ClassVar[list[int] | None] = None
 
     name: str
     alpha: float | None
@@ -149,9 +151,6 @@ class AlgorithmModule:
         return {"algorithm": self.algorithm, "kind": self.kind.value, "dora": self.is_dora, "rank": self.rank,
                 "alpha": self.alpha, "scale": self.scale, "tucker": self.tucker, "factor": self.factor,
                 "parameters": self.parameter_count, "shape": list(self.expected_base_shape())}
-
-    #: LoKr's Kronecker split; None elsewhere.
-    factor: ClassVar[list[int] | None] = None
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{role}={list(t.shape)}" for role, t in self.tensors().items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..module import LayerKind
 from .base import AlgorithmModule, alpha_or, problem
 from .factors import tucker_rebuild
 
@@ -17,7 +18,6 @@ NAME = "LoCon"
 
 
 class LoCon(AlgorithmModule):
-    algorithm = "locon"
     roles = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
     def __init__(self, name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None,
@@ -33,6 +33,11 @@ class LoCon(AlgorithmModule):
         if not ok:
             shapes = ", ".join(f"{r} {list(t.shape)}" for r, t in self.tensors().items())
             raise problem(name, NAME, f"shapes do not form a product: {shapes}")
+
+    @property
+    def algorithm(self) -> str:
+        """As `LoraModule`: "locon" on a conv, "lora" on a linear layer (a LoRA with input-axis DoRA)."""
+        return "locon" if self.kind is LayerKind.CONV else "lora"
 
     @property
     def tucker(self) -> bool:

@@ -40,12 +40,13 @@ class LoHa(AlgorithmModule):
     def tucker(self) -> bool:
         return self.t1 is not None
 
-    def _halves(self):
+    def halves(self) -> tuple[tuple, tuple]:
+        """(t, w_a, w_b) per Hadamard half; t is None without Tucker."""
         return ((self.t1, self.w1_a, self.w1_b), (self.t2, self.w2_a, self.w2_b))
 
     def _check(self) -> None:
         shapes = []
-        for t, a, b in self._halves():
+        for t, a, b in self.halves():
             if a.dim() != 2 or b.dim() != 2:
                 raise problem(self.name, NAME, f"factors must be matrices, got {list(a.shape)} and {list(b.shape)}")
             if t is None:
@@ -74,7 +75,7 @@ class LoHa(AlgorithmModule):
 
     def half(self, index: int, dtype: torch.dtype, device) -> torch.Tensor:
         """One Hadamard factor, unscaled, in the natural shape."""
-        t, a, b = (x if x is None else x.to(device=device, dtype=dtype) for x in self._halves()[index])
+        t, a, b = (x if x is None else x.to(device=device, dtype=dtype) for x in self.halves()[index])
         return a @ b if t is None else tucker_rebuild(t, a, b)
 
     def unscaled_delta(self, dtype: torch.dtype, device) -> torch.Tensor:
