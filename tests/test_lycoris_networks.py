@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lycoris.kohya import LycorisNetworkKohya
 
@@ -67,7 +68,7 @@ NETWORKS = [
 
 
 @pytest.mark.parametrize("network", NETWORKS, ids=[n[0] for n in NETWORKS])
-def test_network_state_dict_parses_and_matches_forward(models, preset, network):
+def test_network_state_dict_parses_and_matches_forward(models, preset, network, tmp_path):
     _, kwargs, algorithms, roles = network
     unet, text = models
     kwargs = {"lora_dim": 4, "conv_lora_dim": 4, "alpha": 2.0, "conv_alpha": 1.0, **kwargs}
@@ -76,7 +77,9 @@ def test_network_state_dict_parses_and_matches_forward(models, preset, network):
     try:
         net.double()
         randomize(net, 11)
-        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.save_weights(str(tmp_path / "net.safetensors"), torch.float64, {"ss_network_module": "lycoris.kohya"})
+        state = load_file(str(tmp_path / "net.safetensors"))  # the file LyCORIS' trainer integration writes
+        assert state.keys() == net.state_dict().keys()
         assert roles <= {split_key(key)[1] for key in state}
         ours = modules_from_state_dict(state)
         lycoris_modules = {m.lora_name: m for m in net.unet_loras + net.text_encoder_loras}
