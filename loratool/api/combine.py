@@ -14,12 +14,14 @@ from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, MismatchError, UsageError, summarize
 from ..formats import read_for_peft_output
-from ..formats.peft import write_peft_adapter
+from ..formats.peft import fill_missing_biases, write_peft_adapter
 from ..lora.combine import METHODS, DenseOptions, MajoritySign, Term, dense_combine, stacked_factors
+from ..lora.delta import COMPUTE_DTYPE
 from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
 from ..lora.targeting import compact_target_modules
 from .merge import resolve_device
+from .convert import lora_problems
 from .merge_plan import parse_weights
 
 #: Config keys that restrict targets in ways a union of adapters cannot keep; their presence makes the
@@ -113,15 +115,41 @@ def _check_inputs(adapters: list[Adapter], spec: CombineSpec) -> None:
         if biased:
             raise AdapterError(f"{spec.method} prunes ΔW entries and has no rule for lora_B biases ({summarize(biased)}); "
                                "use linear, cat or svd")
+    _check_algorithms(adapters, spec)
     problems = []
     for name in sorted({n for a in adapters for n in a.modules}):
         found = [a.modules[name] for a in adapters if name in a.modules]
-        layouts = {(m.kind, m.lora_B.shape[0], tuple(m.lora_A.shape[1:])) for m in found}
+        layouts = {(m.kind, *_shape(m)) for m in found}
         if len(layouts) > 1:
-            shapes = " vs ".join(f"{m.kind.value} {list(m.lora_B.shape[:1]) + list(m.lora_A.shape[1:])}" for m in found)
+            shapes = " vs ".join(f"{m.kind.value} {[_shape(m)[0], *_shape(m)[1]]}" for m in found)
             problems.append(f"{name}: {shapes}")
     if problems:
         raise MismatchError(f"the adapters disagree on module shapes, so they are for different models: {summarize(problems)}")
+
+
+def _shape(module) -> tuple[int, tuple[int, ...]]:
+    """(out, the rest of the weight's shape) as the combined LoRA will have it."""
+    if isinstance(module, LoraModule):
+        return module.lora_B.shape[0], tuple(module.lora_A.shape[1:])
+    shape = module.expected_base_shape()
+    return shape[0], tuple(shape[1:])
+
+
+def _check_algorithms(adapters: list[Adapter], spec: CombineSpec) -> None:
+    """LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) have no LoRA factors: only the methods
+    defined on the dense ΔW take them, and the output rank must be given (their ΔW's rank is not r)."""
+    lycoris = {f"{m.algorithm} ({a.path})" for a in adapters for m in a.modules.values() if not isinstance(m, LoraModule)}
+    if not lycoris:
+        return
+    held = summarize(sorted(lycoris), 3)
+    if spec.exact:
+        raise AdapterError(f"{spec.method} without --rank stacks LoRA factors, and {held} modules have none: use "
+                           "--method svd --rank R (or linear --rank R), which work on each module's ΔW")
+    if spec.rank is None:
+        raise UsageError(f"combining {held} modules approximates their ΔW as LoRA: give the output --rank R")
+    problems = [p for a in adapters for p in lora_problems(a.modules)]
+    if problems:
+        raise AdapterError(f"cannot combine into LoRA: {summarize(problems)}")
 
 
 def _full_tensors(adapters: list[Adapter], weights: list[float], notes: list[str]) -> dict[str, torch.Tensor]:
@@ -171,6 +199,8 @@ def _output_config(adapters: list[Adapter], module_names: list[str], notes: list
 def _combine_module(name: str, terms: list[Term], spec: CombineSpec, device: torch.device,
                     dtype: torch.dtype | None) -> tuple[LoraModule, float | None]:
     """The combined module (scale 1, PEFT layout) and its compression error (None when exact)."""
+    if any(not isinstance(t.module, LoraModule) for t in terms):
+        return _combine_dense_module(name, terms, spec, device, dtype)
     template = terms[0].module
     out_dtype = dtype or template.lora_A.dtype
     error: float | None = None
@@ -198,6 +228,29 @@ def _combine_module(name: str, terms: list[Term], spec: CombineSpec, device: tor
         bias=sum(biases).to(out_dtype) if biases else None,
     )
     return module, error
+
+
+def _combine_dense_module(name: str, terms: list[Term], spec: CombineSpec, device: torch.device,
+                          dtype: torch.dtype | None) -> tuple[LoraModule, float]:
+    """A module some of whose inputs are LyCORIS modules: the method on the dense ΔWᵢ (a weighted sum for
+    svd and linear), then the best rank-`spec.rank` LoRA of the result (scale 1, PEFT layout)."""
+    deltas = [t.delta(device) for t in terms]
+    if spec.dense is None:
+        target = sum(t.weight * d for t, d in zip(terms, deltas))
+    else:
+        target = dense_combine(spec.method, deltas, [t.weight for t in terms], spec.dense, name)
+    first = terms[0].module
+    out_dtype = dtype or next(iter(first.named_tensors().values())).dtype
+    U, S, Vh = RankRule(rank=spec.rank).factorize(target)
+    B, A = (f.to(out_dtype) for f in split_factors(U, S, Vh))
+    error = relative_error(target, B.float(), A.float())
+    out, rest = _shape(first)
+    rank = A.shape[0]
+    lora_A, lora_B = A.reshape(rank, *rest), B.reshape(out, rank, *[1] * (len(rest) - 1))
+    biases = [t.weight * bias for t in terms if (bias := t.module.bias_delta(COMPUTE_DTYPE)) is not None]
+    kind = LayerKind.CONV if len(rest) > 1 else LayerKind.LINEAR
+    return LoraModule(name=name, kind=kind, lora_A=lora_A.cpu().contiguous(), lora_B=lora_B.cpu().contiguous(),
+                      alpha=float(rank), bias=sum(biases).to(out_dtype) if biases else None), error
 
 
 def combine(
@@ -264,11 +317,6 @@ def combine(
 
 
 def _fill_missing_biases(modules: dict[str, LoraModule], notes: list[str]) -> None:
-    """PEFT's lora_bias is one flag for all modules: give modules without a bias a zero one."""
-    filled = []
-    for module in modules.values():
-        if module.bias is None and module.kind is not LayerKind.EMBEDDING:
-            module.bias = torch.zeros(module.lora_B.shape[0], dtype=module.lora_B.dtype)
-            filled.append(module.name)
+    filled = fill_missing_biases(modules)
     if filled:
         notes.append(f"lora_bias is all-or-nothing in PEFT, so these modules got a zero lora_B bias: {summarize(filled)}")

@@ -1,18 +1,28 @@
-"""`convert`: an adapter from any readable format to peft, kohya or diffusers, losslessly."""
+"""`convert`: an adapter from any readable format to peft, kohya or diffusers, losslessly; or, with
+`--rank`/`--energy`, every module approximated as a plain LoRA (the best rank-R one, `lora/to_lora.py`),
+for targets that hold LoRA only (LoHa, LoKr, Tucker LoCon and full diffs -> PEFT LoRA or diffusers)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
-from ..errors import UsageError
-from ..formats import WRITABLE, base_layout, load_adapter, require_resolved, select_component, write_adapter
+from ..errors import AdapterError, UsageError, summarize
+from ..formats import (WRITABLE, base_layout, fit_to_base, load_adapter, require_resolved, select_component,
+                       write_adapter)
 from ..formats.names import components_of
+from ..formats.peft import fill_missing_biases
 from ..layouts import BaseLayout
-from ..lora.module import Adapter
+from ..lora.algorithms import AdapterModule
+from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.svd import RankRule
+from ..lora.to_lora import to_lora
 from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
 
 
@@ -24,10 +34,17 @@ class ConvertResult:
     modules: int
     files: list[str]
     notes: list[str] = field(default_factory=list)
+    #: With --rank/--energy: module -> relative Frobenius error of its LoRA approximation; else None.
+    errors: dict[str, float] | None = None
+
+    @property
+    def max_error(self) -> float | None:
+        return max(self.errors.values(), default=0.0) if self.errors is not None else None
 
     def to_json(self) -> dict:
         return {"output": str(self.output), "from": self.source_format, "to": self.target_format,
-                "modules": self.modules, "files": self.files, "notes": self.notes}
+                "modules": self.modules, "files": self.files, "notes": self.notes, "errors": self.errors,
+                "max_error": self.max_error}
 
 
 def candidate_modules(layout: BaseLayout | None, component: str | None) -> set[str] | None:
@@ -61,8 +78,15 @@ def convert(
     dtype: str = "auto",
     force: bool = False,
     allow_pickle: bool = False,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
 ) -> ConvertResult:
-    """Read `adapter` (auto-detected or `format`) and write it as `to`; `base` resolves kohya names."""
+    """Read `adapter` (auto-detected or `format`) and write it as `to`; `base` resolves kohya names and
+    gives LyCORIS modules their layer shapes. With `rank` or `energy` (optionally capped by `max_rank`)
+    every module becomes a plain LoRA by truncated SVD of its ΔW, and the result reports each module's
+    relative error."""
+    rule = _rank_rule(rank, energy, max_rank)
     if to not in WRITABLE:
         raise UsageError(f"--to must be one of {', '.join(WRITABLE)}, got {to!r}")
     output = Path(output)
@@ -77,6 +101,12 @@ def convert(
     notes = []
     if to != "kohya" or layout is not None:
         loaded = require_resolved(loaded, layout)
+    loaded = fit_to_base(loaded, base, allow_pickle)
+    errors = None
+    if rule is not None:
+        errors = as_lora(loaded, rule, keep_norms=to == "kohya", dtype=out_dtype, notes=notes)
+        if to != "kohya":
+            fill_missing_biases(loaded.modules)
     chosen = component
     if to == "peft":
         chosen = component or next(iter(components_of(loaded.modules)), None)
@@ -90,16 +120,57 @@ def convert(
     with atomic_output(output, is_folder=to == "peft") as temp:
         files = write_adapter(loaded, temp, to, config=config, dtype=out_dtype, component=component or "unet")
         names = [f.name for f in files] if to == "peft" else [output.name]
-    return ConvertResult(output, loaded.source_format, to, len(loaded.modules), names, notes)
+    return ConvertResult(output, loaded.source_format, to, len(loaded.modules), names, notes, errors)
 
 
-def _model_config(base: str | os.PathLike | None) -> dict | None:
-    if base is None:
+def _rank_rule(rank: int | None, energy: float | None, max_rank: int | None) -> RankRule | None:
+    if rank is None and energy is None:
+        if max_rank is not None:
+            raise UsageError("--max-rank caps --rank or --energy; give one of them")
         return None
-    from ..checkpoint import open_checkpoint
+    return RankRule(rank, energy, max_rank)
 
-    base = Path(base)
-    if (base / "model_index.json").is_file():
-        return None
-    with open_checkpoint(base) as checkpoint:
-        return checkpoint.config()
+
+def lora_problems(modules: Mapping[str, AdapterModule], keep_norms: bool = False) -> list[str]:
+    """Why modules cannot become plain LoRA, one line each: norm diffs (no low-rank form; allowed when
+    the target keeps them as they are) and LoHa/LoKr updates whose layer shape only the base knows (a
+    flat 2-D update may be a flattened Conv2d)."""
+    problems = []
+    for name, module in sorted(modules.items()):
+        if module.kind is LayerKind.NORM and not keep_norms:
+            problems.append(f"{name}: a norm layer's 1-D {module.algorithm} update has no LoRA form "
+                            "(only --to kohya keeps it, as it is)")
+        elif module.shape_ambiguous:
+            problems.append(f"{name}: a {module.algorithm} file stores conv kernels flattened, so only the base tells "
+                            "a Linear from a Conv2d: pass --base")
+    return problems
+
+
+def as_lora(adapter: Adapter, rule: RankRule, keep_norms: bool = False, dtype: torch.dtype | None = None,
+            notes: list[str] | None = None) -> dict[str, float]:
+    """Replace every module of `adapter` by its plain-LoRA approximation under `rule`, in place, and
+    return module -> relative Frobenius error. Every problem is collected and raised as one error before
+    anything changes: `lora_problems`, and DoRA (its magnitude rescales W + ΔW, so no fixed LoRA
+    follows it)."""
+    problems = lora_problems(adapter.modules, keep_norms)
+    problems += [f"{name}: a DoRA {m.algorithm} module's magnitude rescales W + ΔW, which no plain LoRA reproduces "
+                 "(merge it, then svd-extract the merged model)" for name, m in sorted(adapter.modules.items())
+                 if m.is_dora]
+    if problems:
+        raise AdapterError(f"{adapter.path}: cannot convert to LoRA: {summarize(problems)}")
+    errors, kept = {}, []
+    for name, module in sorted(adapter.modules.items()):
+        if module.kind is LayerKind.NORM:
+            kept.append(name)
+            continue
+        adapter.modules[name], errors[name] = module_as_lora(module, rule, dtype)
+    if kept and notes is not None:
+        notes.append(f"norm-layer diffs have no LoRA form and were kept as they are: {summarize(kept)}")
+    return errors
+
+
+def module_as_lora(module: AdapterModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, float]:
+    """`to_lora` computed in float32 (float64 for float64 tensors), written in `dtype` or the module's own."""
+    stored = next(iter(module.named_tensors().values())).dtype
+    return to_lora(module, rule.rank, rule.energy, rule.max_rank, compute_dtype=torch.promote_types(stored, torch.float32),
+                   dtype=dtype or stored)

@@ -17,7 +17,7 @@ from ..dtypes import TORCH_TO_SAFETENSORS
 from ..formats import EMBEDDED, detect_format, load_adapter
 from ..layouts import layout_of, open_base
 from ..layouts.families import adapter_family
-from ..lora.module import Adapter
+from ..lora.module import Adapter, LayerKind
 
 SCHEMA_VERSION = 1
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -81,16 +81,33 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
 
 
 def _groups(adapter: Adapter) -> list[dict]:
+    """One group per (target leaf, kind, rank, alpha, scale, DoRA, algorithm, Tucker, LoKr factor), read
+    off each module's `info()`, so every algorithm is described the same way."""
     groups: dict[tuple, dict] = {}
     for name, module in adapter.modules.items():
         leaf = name.rsplit(".", 1)[-1]
-        key = (leaf, module.kind.value, module.rank, module.alpha, module.scale, module.is_dora)
+        info = module.info()
+        factor = tuple(info["factor"]) if info["factor"] is not None else None
+        key = (leaf, info["kind"], info["rank"], info["alpha"], info["scale"], info["dora"], info["algorithm"],
+               info["tucker"], factor)
         group = groups.setdefault(key, {
-            "target": leaf, "kind": module.kind.value, "rank": module.rank, "alpha": module.alpha,
-            "scale": module.scale, "dora": module.is_dora, "modules": 0,
+            "target": leaf, "kind": info["kind"], "rank": info["rank"], "alpha": info["alpha"],
+            "scale": info["scale"], "dora": info["dora"], "modules": 0, "algorithm": info["algorithm"],
+            "tucker": info["tucker"], "factor": info["factor"], "parameters": 0,
         })
         group["modules"] += 1
-    return sorted(groups.values(), key=lambda g: (g["target"], g["rank"], g["alpha"]))
+        group["parameters"] += info["parameters"]
+    missing_last = lambda value: (value is None, value if value is not None else 0)  # noqa: E731
+    return sorted(groups.values(), key=lambda g: (g["target"], missing_last(g["rank"]), missing_last(g["alpha"]),
+                                                  g["algorithm"], g["tucker"], g["factor"] or []))
+
+
+def _algorithms(adapter: Adapter) -> dict[str, int]:
+    """Algorithm name (lora, locon, loha, lokr, full) -> number of modules."""
+    counts: dict[str, int] = {}
+    for module in adapter.modules.values():
+        counts[module.algorithm] = counts.get(module.algorithm, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False) -> dict:
@@ -98,7 +115,8 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
     layers = sorted({int(m.group(1)) for name in adapter.modules if (m := _LAYER_INDEX.search(f".{name}."))})
     config = adapter.config
     family, family_from = adapter_family(
-        list(adapter.modules), {n: m.lora_A.shape[1] for n, m in adapter.modules.items() if m.lora_A.dim() >= 2},
+        list(adapter.modules), {n: shape[1] for n, m in adapter.modules.items()
+                                if m.kind is not LayerKind.EMBEDDING and len(shape := m.expected_base_shape()) >= 2},
         config.get("kohya_metadata") or config.get("metadata") or {})
     report: dict = {
         "schema": SCHEMA_VERSION,
@@ -116,6 +134,7 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         "use_rslora": adapter.use_rslora,
         "use_dora": adapter.use_dora,
         "modules": len(adapter.modules),
+        "algorithms": _algorithms(adapter),
         "targets": sorted({name.rsplit(".", 1)[-1] for name in adapter.modules}),
         "layers": layers,
         "groups": _groups(adapter),

@@ -1,5 +1,9 @@
 """`resize`: re-rank an adapter through QR of its factors, never forming ΔW.
 
+LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) have no LoRA factors to re-rank: they become
+plain rank-R LoRAs by a truncated SVD of their ΔW (`lora/to_lora.py`), so resize always writes plain
+LoRA, whatever algorithm it read.
+
 For ΔW = s·B@A (out×in, rank r): B = Q_b R_b and Aᵀ = Q_a R_a, so ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ and the
 SVD of the r×r core gives ΔW's exact singular triplets in O((out + in)·r²). Truncating them is the best
 rank-R approximation (Eckart–Young), and R ≥ r reproduces ΔW exactly.
@@ -18,11 +22,19 @@ from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, summarize
 from ..formats import read_for_peft_output
-from ..formats.peft import write_peft_adapter
+from ..formats.peft import fill_missing_biases, write_peft_adapter
 from ..lora.module import Adapter, LoraModule
 from ..lora.svd import RankRule, energy_of, factored_norm, truncate_factored
 from ..lora.targeting import compact_target_modules
+from .convert import lora_problems, module_as_lora
 from .report import LowRankResult, ModuleReport
+
+
+def _lycoris_report(name: str, module, lora: LoraModule, error: float) -> ModuleReport:
+    shape = module.expected_base_shape()
+    return ModuleReport(name=name, kind=lora.kind.value, shape=[shape[0], math.prod(shape[1:])], rank=lora.rank,
+                        energy=energy_of(error), relative_error=error,
+                        delta_norm=float(torch.linalg.vector_norm(module.delta(torch.float64))))
 
 
 def resize_module(module: LoraModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, float]:
@@ -69,9 +81,16 @@ def resize(
             f"{loaded.path} is a DoRA adapter: its magnitude vector rescales W + ΔW row by row, so a re-ranked ΔW "
             "would no longer match it. Merge it (loratool merge) and svd-extract the merged model instead"
         )
+    problems = lora_problems(loaded.modules)
+    if problems:
+        raise AdapterError(f"{loaded.path}: cannot resize to LoRA: {summarize(problems)}")
     modules, reports, notes = {}, [], []
     kept_exact = []
     for name, module in sorted(loaded.modules.items()):
+        if not isinstance(module, LoraModule):
+            modules[name], error = module_as_lora(module, rule, out_dtype)
+            reports.append(_lycoris_report(name, module, modules[name], error))
+            continue
         resized, error = resize_module(module, rule, out_dtype)
         modules[name] = resized
         if rule.rank is not None and rule.rank >= module.rank:
@@ -83,6 +102,11 @@ def resize(
             delta_norm=factored_norm(module.lora_B.reshape(out_features, -1) * module.scale,
                                      module.lora_A.reshape(module.rank, -1)),
         ))
+    converted = sorted({m.algorithm for m in loaded.modules.values() if not isinstance(m, LoraModule)})
+    if converted:
+        notes.append(f"{', '.join(converted)} modules have no LoRA factors: each became a plain LoRA by truncated SVD "
+                     "of its ΔW")
+        fill_missing_biases(modules)
     if kept_exact:
         notes.append(f"--rank is at or above the current rank of {summarize(kept_exact)}; those are exact")
     config = {k: v for k, v in loaded.config.items() if k not in ("rank_pattern", "alpha_pattern")}

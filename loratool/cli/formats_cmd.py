@@ -7,7 +7,11 @@ import click
 from ..api import convert, extract
 from ..formats import EMBEDDED, WRITABLE
 from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, dtype_option, force_option,
-                     json_option, output_option)
+                     json_option, output_option, rank_options)
+
+
+#: How many of the largest per-module errors `convert --rank` prints (all of them are in --json).
+WORST_SHOWN = 3
 
 
 @click.command("convert")
@@ -19,13 +23,14 @@ from .params import (LocationType, adapter_format_options, allow_pickle_option, 
 @click.option("--component", default=None,
               help="Pipeline component: with --to diffusers, the prefix for modules that have none (default unet); "
                    "with --to peft, which component of a pipeline adapter to keep.")
+@rank_options
 @dtype_option
 @force_option
 @allow_pickle_option
 @json_option
 @click.pass_obj
-def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component, dtype, force, allow_pickle,
-                as_json):
+def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component, rank, energy, max_rank, dtype, force,
+                allow_pickle, as_json):
     """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers, losslessly.
 
     Per-module rank and alpha are kept (rank_pattern/alpha_pattern in PEFT, .alpha tensors in kohya,
@@ -34,16 +39,28 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
     tensors in kohya or diffusers) is refused with the reason. Reading kohya needs --base: its module
     names replace '.' with '_', and only the base's module list maps them back.
 
+    LyCORIS modules (LoHa, LoKr, LoCon, full diffs) convert as they are to kohya, and all-LoHa or
+    all-LoKr adapters to a PEFT LoHa/LoKr folder. --rank R (or --energy E) turns every module into a
+    plain LoRA by truncated SVD of its ΔW instead, for targets that hold LoRA only, and reports each
+    module's relative error. See docs/lycoris.md.
+
     \b
     Examples:
       loratool convert adapter/ --to kohya -o lora.safetensors
       loratool convert lora.safetensors --to peft --base base/ -o adapter/
       loratool convert adapter/ --to diffusers --component unet -o pytorch_lora_weights.safetensors
+      loratool convert loha.safetensors --to peft --base sd15/ -o loha-peft/
+      loratool convert loha.safetensors --to diffusers --rank 16 --base sd15/ -o lora.safetensors
     """
     result = convert(adapter, output, to, base=base, format=adapter_format, alpha=alpha, component=component,
-                     dtype=dtype, force=force, allow_pickle=allow_pickle)
+                     dtype=dtype, force=force, allow_pickle=allow_pickle, rank=rank, energy=energy,
+                     max_rank=max_rank)
     if out.notes_then_json(result, as_json):
         return
+    if result.errors is not None:
+        worst = sorted(result.errors.items(), key=lambda item: -item[1])[:WORST_SHOWN]
+        out.print(f"as plain LoRA: max relative error {result.max_error:.2e}; worst: "
+                  + ", ".join(f"{name} {error:.2e}" for name, error in worst))
     out.print(f"[green]converted[/] {result.modules} modules from {result.source_format} to {result.target_format}: "
               f"{result.output}")
 

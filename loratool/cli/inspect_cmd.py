@@ -20,6 +20,7 @@ def _summary(report: dict) -> Table:
             ("base model", report["base_model"] or "(not recorded)"),
             *([("family", f"{report['family']} (from {report['family_from']})")] if report["family"] else []),
             ("modules", str(report["modules"])),
+            ("algorithms", ", ".join(f"{name} ({count})" for name, count in report["algorithms"].items())),
             ("targets", ", ".join(report["targets"])),
             ("layers", _ranges(report["layers"]) or "-"),
             ("r / alpha", f"{report['r']} / {report['lora_alpha'] if report['lora_alpha_known'] else 'unknown (pass --alpha)'}"),
@@ -70,12 +71,25 @@ def _dtypes(report: dict) -> Table:
 
 def _groups(report: dict) -> Table:
     table = Table(title="modules by target", title_justify="left")
-    for column in ("target", "kind", "modules", "rank", "alpha", "scale", "DoRA"):
-        table.add_column(column, justify="left" if column in ("target", "kind") else "right")
+    lycoris = any(g["algorithm"] not in ("lora", "locon") or g["tucker"] for g in report["groups"])
+    columns = ["target", "algorithm", "kind", "modules", "rank", "alpha", "scale", "DoRA"]
+    if lycoris:
+        columns += ["Tucker", "factor", "params"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("target", "algorithm", "kind") else "right")
     for g in report["groups"]:
-        table.add_row(g["target"], g["kind"], str(g["modules"]), str(g["rank"]), f"{g['alpha']:g}",
-                      f"{g['scale']:.4g}", "yes" if g["dora"] else "")
+        row = [g["target"], g["algorithm"], g["kind"], str(g["modules"]), _or_dash(g["rank"]),
+               _or_dash(g["alpha"], "g"), f"{g['scale']:.4g}", "yes" if g["dora"] else ""]
+        if lycoris:
+            row += ["yes" if g["tucker"] else "", "×".join(map(str, g["factor"])) if g["factor"] else "",
+                    f"{g['parameters']:,}"]
+        table.add_row(*row)
     return table
+
+
+def _or_dash(value, spec: str = "") -> str:
+    """A number, or "-" where the algorithm has none (a full diff's rank and alpha)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _tensors(report: dict) -> Table:

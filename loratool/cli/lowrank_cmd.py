@@ -10,17 +10,7 @@ from ..api.report import LowRankResult
 from ..units import format_bytes
 from .output import Output
 from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
-                     force_option, json_option, output_option)
-
-
-def _rank_options(f):
-    f = click.option("--max-rank", type=int, default=None,
-                     help="Upper bound on any module's rank (with --energy, or to cap --rank).")(f)
-    f = click.option("--energy", type=float, default=None,
-                     help="Per module, the smallest rank keeping this fraction of ‖ΔW‖²_F (e.g. 0.9). "
-                          "Ranks then differ per module and are written as rank_pattern/alpha_pattern.")(f)
-    return click.option("--rank", "-r", type=int, default=None,
-                        help="Rank of every module (capped at min(out, in)).")(f)
+                     force_option, json_option, output_option, rank_options)
 
 
 def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> None:
@@ -51,7 +41,7 @@ def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> Non
 @click.argument("base", type=LocationType("model"))
 @click.argument("finetuned", type=LocationType("model"))
 @output_option
-@_rank_options
+@rank_options
 @click.option("--targets", default=None, metavar="REGEX",
               help="Low-rank only modules whose name this regex finds (re.search), embeddings and lm_head "
                    "included when it names them. Default: every 2-D linear weight and Conv2d kernel.")
@@ -91,7 +81,7 @@ def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, target
 @click.command("resize")
 @click.argument("adapter", type=LocationType("adapter"))
 @output_option
-@_rank_options
+@rank_options
 @dtype_option
 @force_option
 @allow_pickle_option

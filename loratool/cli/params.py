@@ -111,3 +111,14 @@ class LocationType(click.ParamType):
         if not str(value).startswith(HF_SCHEME):
             return value
         return str(resolve_location(str(value), self.kind))
+
+
+def rank_options(f):
+    """--rank / --energy / --max-rank: how to pick each module's rank when factorising a ΔW."""
+    f = click.option("--max-rank", type=int, default=None,
+                     help="Upper bound on any module's rank (with --energy, or to cap --rank).")(f)
+    f = click.option("--energy", type=float, default=None,
+                     help="Per module, the smallest rank keeping this fraction of ‖ΔW‖²_F (e.g. 0.9). "
+                          "Ranks then differ per module and are written as rank_pattern/alpha_pattern.")(f)
+    return click.option("--rank", "-r", type=int, default=None,
+                        help="Rank of every module (capped at min(out, in)).")(f)

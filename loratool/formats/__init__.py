@@ -21,6 +21,7 @@ import torch
 from ..checkpoint import open_checkpoint
 from ..errors import AdapterError, LoratoolError, summarize
 from ..layouts import BaseLayout, open_base
+from ..lora.algorithms import LoHa, LoKr
 from ..lora.module import Adapter, LoraModule
 from ..lora.pieces import restrict
 from .diffusers import looks_like_diffusers, read_diffusers_adapter, write_diffusers_adapter
@@ -156,20 +157,80 @@ def select_component(adapter: Adapter, component: str | None) -> Adapter:
     return adapter
 
 
+def fit_to_base(adapter: Adapter, base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
+    """Give every non-LoRA module its base weight's shape (`fit_to`), so a LoHa/LoKr conv that the file
+    stored flattened comes out as a Conv2d. Names must already be the base's (after `require_resolved`);
+    modules on fused tensors are left as they are. Headers only: no tensor data is read."""
+    pending = {n: m for n, m in adapter.modules.items() if not isinstance(m, LoraModule)}
+    if base is None or not pending:
+        return adapter
+    layout, checkpoints = open_base(base, allow_pickle=allow_pickle)
+    try:
+        resolved = layout.resolve(pending, flat=adapter.unresolved_names, source=adapter.path)
+        for name, pieces in resolved.items():
+            if len(pieces) != 1 or pieces[0].lora_rows is not None or pieces[0].target.rows is not None:
+                continue
+            target = pieces[0].target
+            shape = tuple(checkpoints[target.source][target.weight].shape)
+            module = pending[name]
+            if target.transposed or (target.transposed is None and not module.fits(shape)
+                                     and module.fits(shape[::-1])):
+                shape = shape[::-1]
+            module.fit_to(shape)
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+    return adapter
+
+
 def read_for_peft_output(path: str | os.PathLike, format: str | None, alpha: float | None,
                          base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter whose result will be written as PEFT: real module names, one model."""
     adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, alpha=alpha)
-    return select_component(require_resolved(adapter, base_layout(base, allow_pickle)), None)
+    resolved = fit_to_base(require_resolved(adapter, base_layout(base, allow_pickle)), base, allow_pickle)
+    return select_component(resolved, None)
+
+
+def lora_only_refusal(modules: Mapping[str, object], target: str) -> AdapterError | None:
+    """The one error for LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) written to a target that
+    holds plain LoRA only, naming each algorithm and the way out (`--rank`); None when all are LoRA."""
+    found: dict[str, list[str]] = {}
+    for name, module in sorted(modules.items()):
+        if not isinstance(module, LoraModule):
+            label = f"{module.algorithm} (Tucker)" if module.algorithm == "locon" and module.tucker else module.algorithm
+            found.setdefault(label, []).append(name)
+    if not found:
+        return None
+    held = ", ".join(f"{label} on {summarize(names, 3)}" for label, names in found.items())
+    return AdapterError(f"{target} holds plain LoRA only, and this adapter has {held}; convert with --rank R "
+                        "(or --energy E) to approximate every module as a LoRA")
 
 
 def write_adapter(adapter: Adapter, output: Path, format: str, config: dict | None = None,
                   dtype: torch.dtype | None = None, component: str = "unet") -> list[Path]:
-    """Write `adapter` as `format` into `output` (a folder for peft, a .safetensors file otherwise)."""
+    """Write `adapter` as `format` into `output` (a folder for peft, a .safetensors file otherwise).
+
+    PEFT holds one `peft_type` per adapter: plain LoRA goes to a LoRA folder, all-LoHa or all-LoKr
+    modules to a PEFT LoHa/LoKr folder; other mixes are refused (`--rank` makes them all LoRA)."""
     if format == "peft":
+        classes = {type(m) for m in adapter.modules.values()}
+        if classes in ({LoHa}, {LoKr}):
+            ambiguous = [n for n, m in adapter.modules.items() if m.shape_ambiguous]
+            # PEFT's LoKr layout depends on the layer type, and so does LoHa's once any conv is Tucker
+            if ambiguous and (classes == {LoKr} or any(m.tucker for m in adapter.modules.values())):
+                raise AdapterError(f"{summarize(sorted(ambiguous))}: PEFT's layout depends on whether the layer is a "
+                                   "Linear or a Conv2d, and the file stores conv kernels flattened: pass --base")
+            lycoris_config = {k: v for k, v in (config or {}).items() if k != "fan_in_fan_out"}
+            return write_peft_lycoris_adapter(output, adapter.modules, adapter.full_tensors, lycoris_config, dtype)
+        refusal = lora_only_refusal(adapter.modules, "a PEFT adapter (one peft_type: LORA, or all LOHA, or all LOKR)")
+        if refusal is not None:
+            raise refusal
         return write_peft_adapter(output, adapter.modules, adapter.full_tensors, config or {}, dtype)
     if format == "kohya":
         return write_kohya_adapter(output, adapter, dtype)
     if format == "diffusers":
+        refusal = lora_only_refusal(adapter.modules, "a diffusers LoRA file")
+        if refusal is not None:
+            raise refusal
         return write_diffusers_adapter(output, adapter, component, dtype)
     raise AdapterError(f"cannot write {format!r}; writable formats: {', '.join(WRITABLE)}")

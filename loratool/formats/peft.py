@@ -351,3 +351,16 @@ def write_peft_adapter(folder: Path, modules: Mapping[str, LoraModule],
     config_path = folder / CONFIG_NAME
     config_path.write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
     return [config_path, weights]
+
+
+def fill_missing_biases(modules: Mapping[str, LoraModule]) -> list[str]:
+    """PEFT's `lora_bias` is one flag for all modules: when any module carries a lora_B bias, give the
+    other (non-embedding) modules a zero one. Returns the names filled."""
+    if not any(getattr(m, "bias", None) is not None for m in modules.values()):
+        return []
+    filled = []
+    for module in modules.values():
+        if isinstance(module, LoraModule) and module.bias is None and module.kind is not LayerKind.EMBEDDING:
+            module.bias = torch.zeros(module.lora_B.shape[0], dtype=module.lora_B.dtype)
+            filled.append(module.name)
+    return filled

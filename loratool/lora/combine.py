@@ -28,6 +28,9 @@ MajoritySign = Literal["total", "frequency"]
 
 @dataclass(frozen=True)
 class Term:
+    """One adapter's weighted update of a module. `factors()` needs a `LoraModule`; `delta()` takes any
+    adapter module (LoHa, LoKr, … through their own ΔW)."""
+
     weight: float
     module: LoraModule
 
@@ -38,8 +41,12 @@ class Term:
         return left, m.lora_A.reshape(m.rank, -1).to(COMPUTE_DTYPE)
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """s·B@A in PEFT's (out × in) view, float32, without the weight."""
+        """s·B@A in PEFT's (out × in) view, float32, without the weight. A LyCORIS module (LoHa, LoKr,
+        full diff) has no such factors: its own ΔW, with conv kernels flattened into columns."""
         m = self.module
+        if not isinstance(m, LoraModule):
+            delta = m.delta(COMPUTE_DTYPE, device)
+            return delta.reshape(delta.shape[0], -1)
         B = m.lora_B.reshape(m.lora_B.shape[0], m.rank).to(device, COMPUTE_DTYPE)
         return (B @ m.lora_A.reshape(m.rank, -1).to(device, COMPUTE_DTYPE)) * m.scale
 

@@ -61,6 +61,8 @@ class LoraModule:
     # The members below give LoraModule the interface of the LyCORIS classes in `lora/algorithms/`,
     # so code that handles "any adapter module" needs no isinstance checks.
     tucker = False
+    #: A LoRA's factors always give its layer's shape (conv A keeps the kernel dims).
+    shape_ambiguous = False
 
     @property
     def algorithm(self) -> str:

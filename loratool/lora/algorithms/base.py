@@ -51,6 +51,9 @@ class AlgorithmModule:
     tucker: ClassVar[bool] = False
     #: LoKr's Kronecker split; None elsewhere.
     factor: ClassVar[list[int] | None] = None
+    #: True for algorithms whose files store a k×k conv's factors over the flattened kernel (LoHa and
+    #: LoKr without Tucker), so that a 2-D update may be a Linear or a flattened Conv2d.
+    stores_convs_flat: ClassVar[bool] = False
 
     name: str
     alpha: float | None
@@ -106,6 +109,12 @@ class AlgorithmModule:
 
     def fits(self, shape) -> bool:
         return shapes_fit(self.natural_shape(), shape)
+
+    @property
+    def shape_ambiguous(self) -> bool:
+        """True while the tensors alone cannot tell a Linear from a flattened Conv2d (a 2-D LoHa/LoKr
+        update not yet `fit_to` a base weight); writers that need the layer's shape must refuse then."""
+        return self.stores_convs_flat and self.base_shape is None and len(self.natural_shape()) == 2
 
     def fit_to(self, shape) -> None:
         """Adopt the base weight's shape (e.g. a conv kernel the file stored flattened)."""

@@ -17,6 +17,7 @@ NAME = "LoHa"
 
 class LoHa(AlgorithmModule):
     algorithm = "loha"
+    stores_convs_flat = True
     roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     def __init__(self, name: str, w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,

@@ -22,6 +22,7 @@ NAME = "LoKr"
 
 class LoKr(AlgorithmModule):
     algorithm = "lokr"
+    stores_convs_flat = True
     roles = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
     def __init__(self, name: str, w1: torch.Tensor | None = None, w1_a: torch.Tensor | None = None,
