@@ -22,7 +22,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import AdapterError, LoratoolError, summarize
 from ..layouts import BaseLayout, open_base
 from ..lora.module import Adapter, LoraModule
-from ..lora.pieces import restrict
+from ..lora.pieces import renamed, restrict
 from .diffusers import looks_like_diffusers, read_diffusers_adapter, write_diffusers_adapter
 from .kohya import looks_like_kohya, read_kohya_adapter, write_kohya_adapter
 from .loralib import looks_like_loralib, read_loralib_adapter
