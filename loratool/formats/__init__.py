@@ -97,6 +97,8 @@ def canonicalize(adapter: Adapter, layout: BaseLayout) -> Adapter:
     for name, module in adapter.modules.items():
         for piece in resolved[name]:
             part = restrict(module, piece.module, piece.lora_rows, piece.swap_lora)
+            if not isinstance(part, LoraModule) and piece.target.module_shape is not None:
+                part.fit_to(piece.target.module_shape)  # LoHa/LoKr files store conv kernels flattened
             if part.name in modules:
                 clashes.append(f"{part.name} (from {name} and another module)")
             modules[part.name] = part
