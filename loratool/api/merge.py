@@ -23,7 +23,9 @@ from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
 from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, apply_dora_, as_2d, delta_factors
-from ..lora.module import Adapter
+from ..lora.algorithms import lycoris_dora_factor
+from ..lora.module import Adapter, LoraModule
+from ..lora.pieces import swap_halves
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,16 +98,33 @@ def fits_dtype(low: float, high: float, dtype: torch.dtype) -> bool:
     return math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit
 
 
+def _is_dense(op) -> bool:
+    """A LyCORIS update (LoHa, LoKr, LoCon with a mid, diffs): ΔW is formed, not a product of factors."""
+    return not isinstance(op.module, LoraModule)
+
+
+def _rows_of(tensor: torch.Tensor, op: DeltaOp | BiasOp) -> torch.Tensor:
+    if op.lora_rows is not None:
+        tensor = tensor[op.lora_rows[0]:op.lora_rows[1]]
+    return swap_halves(tensor) if op.swap else tensor
+
+
 def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """A plain LoRA op as alpha·left@right on the 2-D view of its tensor, from row `offset` on; a bias
-    is a rank-1 column."""
-    alpha = op.weight * op.module.scale
+    update is a rank-1 column."""
     offset = op.rows[0] if op.rows else 0
     if isinstance(op, BiasOp):
-        bias = op.module.bias.to(device=device, dtype=COMPUTE_DTYPE)
-        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), alpha, offset
+        bias = _rows_of(op.module.bias_delta(COMPUTE_DTYPE, device), op)
+        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), op.weight, offset
     left, right = delta_factors(op.module, op.transposed, device)
-    return left, right, alpha, offset
+    return left, right, op.weight * op.module.scale, offset
+
+
+def _dense_delta(op: DeltaOp, device: torch.device) -> torch.Tensor:
+    """weight·ΔW of a LyCORIS op as the 2-D block it adds to (its rows, oriented like the base)."""
+    delta = _rows_of(op.module.delta(COMPUTE_DTYPE, device), op)
+    delta = as_2d(delta)
+    return (delta.T if op.transposed else delta) * op.weight
 
 
 def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.device,
@@ -121,8 +140,8 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
                 f"weight {first.weight}; merge that adapter with weight 1"
             )
         weight = first.tensor.to(device)
-    if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops):
-        return _merged_with_dora(weight, ops, out_dtype)
+    if any(isinstance(op, DeltaOp) and (op.module.is_dora or _is_dense(op)) for op in ops):
+        return _merged_whole(weight, ops, out_dtype)
     terms = [_term(op, device) for op in ops]
     in_place = weight is original and weight.dtype == out_dtype
     out = weight if in_place else torch.empty(weight.shape, dtype=out_dtype, device=device)
@@ -130,12 +149,22 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
     return out, fits_dtype(low, high, out_dtype)
 
 
-def _merged_with_dora(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """DoRA rescales whole rows by norms of the full update, so it works on the full float32 weight."""
+def _merged_whole(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """DoRA rescales whole rows (or columns) by norms of the full update, and LyCORIS updates are formed
+    as dense ΔW, so these work on the full float32 weight. Every DoRA norm is taken over the unmerged
+    weight plus that adapter's own ΔW, as PEFT and LyCORIS compute it."""
     acc = weight.to(COMPUTE_DTYPE, copy=True)
-    unmerged = acc.clone()
+    unmerged = acc.clone() if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops) else acc
     for op in ops:
-        if isinstance(op, DeltaOp) and op.module.is_dora:
+        if isinstance(op, DeltaOp) and _is_dense(op):
+            delta = _dense_delta(op, acc.device)
+            if op.module.is_dora:
+                delta = delta.reshape(acc.shape)
+                acc.add_(delta).mul_(lycoris_dora_factor(unmerged, delta, op.module.magnitude))
+                continue
+            start = op.rows[0] if op.rows else 0
+            as_2d(acc)[start:start + delta.shape[0]].add_(delta)
+        elif isinstance(op, DeltaOp) and op.module.is_dora:
             apply_dora_(acc, unmerged, op.module, op.transposed)
         else:
             left, right, alpha, offset = _term(op, acc.device)

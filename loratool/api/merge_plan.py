@@ -12,6 +12,7 @@ from ..checkpoint import Checkpoint
 from ..dtypes import MERGEABLE_FLOATS
 from ..errors import MismatchError, NonFiniteError, UsageError, summarize
 from ..lora.delta import expected_base_shape
+from ..lora.algorithms import AdapterModule
 from ..lora.module import Adapter, LoraModule
 from ..layouts import BaseLayout, Piece
 from ..lora.pieces import restrict
@@ -22,19 +23,26 @@ TIED_HEAD_NAMES = ("lm_head",)
 
 @dataclass
 class DeltaOp:
-    """Add weight·ΔW of `module` to a base tensor; `rows` places it in a row range of a fused tensor."""
+    """Add weight·ΔW of `module` to a base tensor; `rows` places it in a row range of a fused tensor.
 
-    module: LoraModule
+    A LyCORIS module (dense ΔW) on a fused module keeps its own rows `lora_rows` of ΔW for this piece,
+    with its halves swapped when `swap`; a LoRA arrives already restricted (`lora/pieces.py`)."""
+
+    module: AdapterModule
     weight: float
     transposed: bool
     rows: tuple[int, int] | None = None
+    lora_rows: tuple[int, int] | None = None
+    swap: bool = False
 
 
 @dataclass
 class BiasOp:
-    module: LoraModule
+    module: AdapterModule
     weight: float
     rows: tuple[int, int] | None = None
+    lora_rows: tuple[int, int] | None = None
+    swap: bool = False
 
 
 @dataclass
@@ -148,30 +156,51 @@ def _plan_full_tensors(plans: dict, layout: BaseLayout, checkpoints: Mapping[str
         plans[source].add(base_name, ReplaceOp(tensor=tensor, source=str(adapter.path), weight=weight))
 
 
+def _dense_options(module, shape: tuple[int, ...], lora_rows, transposed: bool | None) -> list[bool]:
+    """The orientations in which a LyCORIS module's ΔW (its `lora_rows` when given) adds to `shape`."""
+    natural = tuple(module.natural_shape())
+    rows = lora_rows[1] - lora_rows[0] if lora_rows else natural[0]
+    options = [False, True] if transposed is None else [transposed]
+    fitting = []
+    for option in options:
+        if option and (len(shape) != 2 or len(natural) != 2):
+            continue
+        oriented = tuple(reversed(shape)) if option else tuple(shape)
+        if oriented[0] == rows and module.fits((natural[0], *oriented[1:])):
+            fitting.append(option)
+    return fitting
+
+
 def _plan_modules(plans: dict, checkpoints: Mapping[str | None, Checkpoint], adapter: Adapter, weight: float,
                   resolved: dict[str, tuple[Piece, ...]]) -> None:
     candidates: dict[str, list[bool]] = {}
-    pieces: dict[str, tuple[LoraModule, Piece]] = {}
+    pieces: dict[str, tuple] = {}
     clashes: list[str] = []
     for name, module in adapter.modules.items():
         for piece in resolved[name]:
-            part = restrict(module, name if len(resolved[name]) == 1 else piece.module, piece.lora_rows,
-                            piece.swap_lora != piece.target.swap_halves)
             target = piece.target
             base_shape = checkpoints[target.source][target.weight].shape
             if target.rows is not None:
                 base_shape = (target.rows[1] - target.rows[0], *base_shape[1:])
-            options = fits(part, base_shape)
-            if target.transposed is not None:
-                options = [t for t in options if t == target.transposed]
+            swap = piece.swap_lora != target.swap_halves
+            if isinstance(module, LoraModule):
+                part = restrict(module, name if len(resolved[name]) == 1 else piece.module, piece.lora_rows, swap)
+                options = fits(part, base_shape)
+                if target.transposed is not None:
+                    options = [t for t in options if t == target.transposed]
+                expected = expected_base_shape(part, bool(target.transposed))
+            else:
+                part = module
+                options = _dense_options(module, base_shape, piece.lora_rows, target.transposed)
+                expected = module.natural_shape()
             if not options:
-                clashes.append(f"{part.name}: base {target.weight} is {list(base_shape)} but the adapter fits "
-                               f"{list(expected_base_shape(part, bool(target.transposed)))}")
+                clashes.append(f"{part.name}: base {target.weight} is {list(base_shape)} but the {module.algorithm} "
+                               f"update fits {list(expected)}")
             if module.is_dora and (target.rows is not None or piece.lora_rows is not None):
                 clashes.append(f"{name}: DoRA on a fused tensor ({target.weight}) is not supported")
             key = f"{name}\0{piece.module}"
             candidates[key] = options
-            pieces[key] = (part, piece)
+            pieces[key] = (part, piece, swap, base_shape)
     if clashes:
         raise MismatchError(f"{adapter.path} does not fit the base: {summarize(clashes)}")
     model_type = None
@@ -179,15 +208,20 @@ def _plan_modules(plans: dict, checkpoints: Mapping[str | None, Checkpoint], ada
         config = checkpoints[None].config()
         model_type = config.get("model_type") if config else None
     orientation, note = choose_orientation(candidates, model_type, adapter.fan_in_fan_out)
-    for key, (part, piece) in pieces.items():
+    for key, (part, piece, swap, base_shape) in pieces.items():
         target, plan = piece.target, plans[piece.target.source]
         if note and not plan.notes:
             plan.notes.append(f"{adapter.path}: {note}")
-        plan.add(target.weight, DeltaOp(module=part, weight=weight, transposed=orientation[key], rows=target.rows))
+        transposed = orientation[key]
+        dense = {} if isinstance(part, LoraModule) else {"lora_rows": piece.lora_rows, "swap": swap}
+        if dense:
+            oriented = tuple(reversed(base_shape)) if transposed else tuple(base_shape)
+            part.fit_to((part.natural_shape()[0], *oriented[1:]))
+        plan.add(target.weight, DeltaOp(module=part, weight=weight, transposed=transposed, rows=target.rows, **dense))
         if part.bias is not None:
             if target.bias is None:
-                raise MismatchError(f"{adapter.path}: {part.name} has a lora_B.bias but the base module has no bias")
-            plan.add(target.bias, BiasOp(module=part, weight=weight, rows=target.rows))
+                raise MismatchError(f"{adapter.path}: {part.name} has a bias update but the base module has no bias")
+            plan.add(target.bias, BiasOp(module=part, weight=weight, rows=target.rows, **dense))
 
 
 def _check_plan(plan: MergePlan, base: Checkpoint, out_dtype: torch.dtype | None) -> None:

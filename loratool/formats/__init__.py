@@ -23,7 +23,7 @@ from ..errors import AdapterError, LoratoolError, summarize
 from ..layouts import BaseLayout, open_base
 from ..lora.algorithms import LoHa, LoKr
 from ..lora.module import Adapter, LoraModule
-from ..lora.pieces import restrict
+from ..lora.pieces import renamed, restrict
 from .diffusers import looks_like_diffusers, read_diffusers_adapter, write_diffusers_adapter
 from .kohya import looks_like_kohya, read_kohya_adapter, write_kohya_adapter
 from .loralib import looks_like_loralib, read_loralib_adapter
@@ -98,6 +98,8 @@ def canonicalize(adapter: Adapter, layout: BaseLayout) -> Adapter:
     for name, module in adapter.modules.items():
         for piece in resolved[name]:
             part = restrict(module, piece.module, piece.lora_rows, piece.swap_lora)
+            if not isinstance(part, LoraModule) and piece.target.module_shape is not None:
+                part.fit_to(piece.target.module_shape)  # LoHa/LoKr files store conv kernels flattened
             if part.name in modules:
                 clashes.append(f"{part.name} (from {name} and another module)")
             modules[part.name] = part

@@ -21,7 +21,8 @@ def _modules(shapes: Shapes) -> list[str]:
 
 def _target(shapes: Shapes, module: str, prefix: str, source: str | None, **extra) -> Target:
     bias = f"{module}.bias" if f"{module}.bias" in shapes else None
-    return Target(source=source, weight=f"{prefix}{module}{WEIGHT}", bias=f"{prefix}{bias}" if bias else None, **extra)
+    return Target(source=source, weight=f"{prefix}{module}{WEIGHT}", bias=f"{prefix}{bias}" if bias else None,
+                  shape=tuple(shapes[f"{module}{WEIGHT}"]), **extra)
 
 
 def transformers_model(shapes: Shapes, source: str | None = None, name: str | None = None) -> Component:
@@ -81,13 +82,14 @@ def open_clip(shapes: Shapes, name: str, prefix: str, source: str | None = None)
         native = clip.open_clip_module(key)
         bias = prefix + bias_key if bias_key else None
         if len(modules) == 1:
-            component.add(modules[0], Target(source, prefix + key, bias, transposed=transposed), native,
+            component.add(modules[0], Target(source, prefix + key, bias, transposed=transposed, shape=tuple(shape)), native,
                           clip.with_text_model(modules[0]))
             continue
         size = shape[0] // len(modules)
         for i, module in enumerate(modules):
             rows = (i * size, (i + 1) * size)
-            component.add(module, Target(source, prefix + key, bias, rows=rows), clip.with_text_model(module))
+            component.add(module, Target(source, prefix + key, bias, rows=rows, shape=tuple(shape)),
+                          clip.with_text_model(module))
         fused[native] = modules
     for native, modules in fused.items():
         size = component.targets[modules[0]].rows[1]
@@ -116,18 +118,18 @@ def flux_bfl(shapes: Shapes, prefix: str = "", source: str | None = None) -> Com
         bias_key = f"{module}.bias" if f"{module}.bias" in shapes else None
         bias = prefix + bias_key if bias_key else None
         if parts is None:
-            component.add(module, Target(source, prefix + key, bias))
+            component.add(module, Target(source, prefix + key, bias, shape=tuple(shape)))
             continue
         if len(parts) == 1:
             swapped = module in flux.SWAPPED_HALVES
-            component.add(parts[0], Target(source, prefix + key, bias, swap_halves=swapped))
+            component.add(parts[0], Target(source, prefix + key, bias, swap_halves=swapped, shape=tuple(shape)))
             component.add_group(module, ((parts[0], None, swapped),))
             continue
         sizes = flux.fused_row_sizes(module, shape[0], shape[1], len(parts))
         group, start = [], 0
         for part, size in zip(parts, sizes):
             rows = (start, start + size)
-            component.add(part, Target(source, prefix + key, bias, rows=rows))
+            component.add(part, Target(source, prefix + key, bias, rows=rows, shape=tuple(shape)))
             group.append((part, rows, False))
             start += size
         component.add_group(module, tuple(group))

@@ -25,6 +25,16 @@ class Target:
     rows: Rows | None = None
     transposed: bool | None = False
     swap_halves: bool = False
+    #: The whole base tensor's shape (before `rows`), from the header.
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def module_shape(self) -> tuple[int, ...] | None:
+        """The shape of this module's part: its rows of a fused tensor, transposed back when stored so."""
+        if self.shape is None:
+            return None
+        shape = self.shape if self.rows is None else (self.rows[1] - self.rows[0], *self.shape[1:])
+        return tuple(reversed(shape)) if self.transposed and len(shape) == 2 else tuple(shape)
 
 
 @dataclass(frozen=True)

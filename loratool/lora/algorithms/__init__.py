@@ -2,7 +2,7 @@
 diffs, DoRA on top). One class per algorithm, one role table, one builder; see docs/lycoris.md."""
 
 from .base import AlgorithmModule, shapes_fit
-from .dora import apply_lycoris_dora, dora_axis
+from .dora import apply_lycoris_dora, dora_axis, lycoris_dora_factor
 from .factors import kron, tucker_rebuild, tucker_to_flat
 from .full import FullDiff, NormDiff
 from .locon import LoCon
@@ -13,4 +13,5 @@ from .registry import (ALGORITHMS, KNOWN_ROLES, KNOWN_SUFFIXES, REFUSED_ROLES, R
 
 __all__ = ["ALGORITHMS", "KNOWN_ROLES", "KNOWN_SUFFIXES", "REFUSED_ROLES", "ROLE_OWNERS", "SHARED_ROLES",
            "AdapterModule", "AlgorithmModule", "FullDiff", "LoCon", "LoHa", "LoKr", "NormDiff", "apply_lycoris_dora",
+           "lycoris_dora_factor",
            "build_module", "dora_axis", "kron", "shapes_fit", "split_key", "tucker_rebuild", "tucker_to_flat"]

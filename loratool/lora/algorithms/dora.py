@@ -27,8 +27,8 @@ def dora_axis(dora_scale: torch.Tensor, weight_shape) -> str:
                         f"input channel of a weight {list(weight_shape)}")
 
 
-def apply_lycoris_dora(base: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
-    """W' = V · dora_scale / ‖V‖ with V = base + delta, the norm along LyCORIS' axis (see module doc).
+def lycoris_dora_factor(base: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """dora_scale / ‖base + delta‖ along LyCORIS' axis, shaped to broadcast over `base` (see module doc).
 
     Computed in float32 or the widest input dtype; `delta` may be in a flattened layout of base's shape.
     LyCORIS adds the dtype's epsilon to ‖V‖; that is below float32 rounding for any non-degenerate
@@ -40,6 +40,12 @@ def apply_lycoris_dora(base: torch.Tensor, delta: torch.Tensor, dora_scale: torc
     ones = [1] * (V.dim() - 1)
     if dora_axis(dora_scale, base.shape) == OUT:
         norm = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1)
-        return V * (magnitude / norm).reshape(-1, *ones)
+        return (magnitude / norm).reshape(-1, *ones)
     norm = torch.linalg.vector_norm(V.transpose(0, 1).reshape(V.shape[1], -1), dim=1)
-    return V * (magnitude / norm).reshape(1, -1, *ones[1:])
+    return (magnitude / norm).reshape(1, -1, *ones[1:])
+
+
+def apply_lycoris_dora(base: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """W' = V · dora_scale / ‖V‖ with V = base + delta, the norm along LyCORIS' axis."""
+    factor = lycoris_dora_factor(base, delta, dora_scale)
+    return (base.to(factor.dtype) + delta.to(device=base.device, dtype=factor.dtype).reshape(base.shape)) * factor
