@@ -16,8 +16,10 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 CHECKPOINT_KEYS = {"schema", "kind", "path", "format", "sharded", "files", "tensors", "parameters", "bytes", "dtypes",
                    "metadata", "model_type", "architectures", "embedded_adapter", "layout", "family", "components"}
 ADAPTER_KEYS = {"schema", "kind", "path", "format", "base_model", "peft_version", "task_type", "r", "lora_alpha",
-                "lora_alpha_known", "family", "family_from", "use_rslora", "use_dora", "modules", "targets", "layers", "groups", "rank_pattern", "alpha_pattern",
+                "lora_alpha_known", "family", "family_from", "use_rslora", "use_dora", "modules", "algorithms", "targets", "layers", "groups", "rank_pattern", "alpha_pattern",
                 "modules_to_save", "tensors", "parameters", "bytes", "dtypes"}
+
+GROUP_KEYS = {"target", "kind", "rank", "alpha", "scale", "dora", "modules", "algorithm", "tucker", "factor", "parameters"}
 
 
 def test_checkpoint_json(run_cli):
@@ -43,7 +45,12 @@ def test_adapter_json(run_cli):
     assert report["base_model"] == "fixtures/tiny-llama"
     assert report["targets"] == ["q_proj", "v_proj"] and report["layers"] == [0, 1]
     groups = {g["target"]: g for g in report["groups"]}
+    assert set(groups["q_proj"]) == GROUP_KEYS
+    assert report["algorithms"] == {"lora": report["modules"]}
     assert groups["v_proj"]["rank"] == 2 and groups["q_proj"]["rank"] == 4
+    assert (groups["q_proj"]["algorithm"], groups["q_proj"]["tucker"], groups["q_proj"]["factor"]) == ("lora", False, None)
+    state = load_file(FIXTURES / "lora-llama-qv" / "adapter_model.safetensors")
+    assert sum(g["parameters"] for g in report["groups"]) == sum(t.numel() for t in state.values())
     assert groups["q_proj"]["scale"] == 8 / 2.0  # rsLoRA: alpha / sqrt(r)
     assert report["use_rslora"] is True and report["use_dora"] is False
 

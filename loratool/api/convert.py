@@ -101,7 +101,7 @@ def convert(
     notes = []
     if to != "kohya" or layout is not None:
         loaded = require_resolved(loaded, layout)
-    loaded = fit_to_base(loaded, base, allow_pickle)
+    loaded = fit_to_base(loaded, layout)
     errors = None
     if rule is not None:
         errors = as_lora(loaded, rule, keep_norms=to == "kohya", dtype=out_dtype, notes=notes)
@@ -174,3 +174,15 @@ def module_as_lora(module: AdapterModule, rule: RankRule, dtype: torch.dtype | N
     stored = next(iter(module.named_tensors().values())).dtype
     return to_lora(module, rule.rank, rule.energy, rule.max_rank, compute_dtype=torch.promote_types(stored, torch.float32),
                    dtype=dtype or stored)
+
+
+def _model_config(base: str | os.PathLike | None) -> dict | None:
+    if base is None:
+        return None
+    from ..checkpoint import open_checkpoint
+
+    base = Path(base)
+    if (base / "model_index.json").is_file():
+        return None
+    with open_checkpoint(base) as checkpoint:
+        return checkpoint.config()

@@ -127,7 +127,7 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         "peft_version": config.get("peft_version"),
         "task_type": config.get("task_type"),
         "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"),
+        "lora_alpha": config.get("lora_alpha", config.get("alpha")),  # PEFT LoHa/LoKr configs call it alpha
         "lora_alpha_known": not config.get("alpha_unknown", False),
         "family": family,
         "family_from": family_from,

@@ -23,6 +23,7 @@ from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, summarize
 from ..formats import read_for_peft_output
 from ..formats.peft import fill_missing_biases, write_peft_adapter
+from ..formats.peft_lycoris import as_lora_config
 from ..lora.module import Adapter, LoraModule
 from ..lora.svd import RankRule, energy_of, factored_norm, truncate_factored
 from ..lora.targeting import compact_target_modules
@@ -109,7 +110,8 @@ def resize(
         fill_missing_biases(modules)
     if kept_exact:
         notes.append(f"--rank is at or above the current rank of {summarize(kept_exact)}; those are exact")
-    config = {k: v for k, v in loaded.config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    config = {k: v for k, v in as_lora_config(loaded.config, loaded.source_format).items()
+              if k not in ("rank_pattern", "alpha_pattern")}
     config.setdefault("target_modules", compact_target_modules(modules))
     with atomic_output(output, is_folder=True) as temp:
         files = write_peft_adapter(temp, modules, loaded.full_tensors, config)

@@ -72,18 +72,17 @@ def _dtypes(report: dict) -> Table:
 def _groups(report: dict) -> Table:
     table = Table(title="modules by target", title_justify="left")
     lycoris = any(g["algorithm"] not in ("lora", "locon") or g["tucker"] for g in report["groups"])
-    columns = ["target", "algorithm", "kind", "modules", "rank", "alpha", "scale", "DoRA"]
-    if lycoris:
-        columns += ["Tucker", "factor", "params"]
+    columns = ["target", "algorithm", "kind", "modules", "rank", "alpha", "scale", "DoRA"] + (["params"] if lycoris else [])
     for column in columns:
-        table.add_column(column, justify="left" if column in ("target", "algorithm", "kind") else "right")
+        table.add_column(column, justify="left" if column in ("target", "algorithm", "kind") else "right",
+                         overflow="fold")
     for g in report["groups"]:
-        row = [g["target"], g["algorithm"], g["kind"], str(g["modules"]), _or_dash(g["rank"]),
-               _or_dash(g["alpha"], "g"), f"{g['scale']:.4g}", "yes" if g["dora"] else ""]
-        if lycoris:
-            row += ["yes" if g["tucker"] else "", "×".join(map(str, g["factor"])) if g["factor"] else "",
-                    f"{g['parameters']:,}"]
-        table.add_row(*row)
+        algorithm = g["algorithm"] + (" Tucker" if g["tucker"] else "")
+        if g["factor"]:
+            algorithm += " " + "×".join(map(str, g["factor"]))
+        row = [g["target"], algorithm, g["kind"], str(g["modules"]), _or_dash(g["rank"]), _or_dash(g["alpha"], "g"),
+               f"{g['scale']:.4g}", "yes" if g["dora"] else ""]
+        table.add_row(*row, *([f"{g['parameters']:,}"] if lycoris else []))
     return table
 
 

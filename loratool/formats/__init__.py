@@ -159,29 +159,22 @@ def select_component(adapter: Adapter, component: str | None) -> Adapter:
     return adapter
 
 
-def fit_to_base(adapter: Adapter, base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
-    """Give every non-LoRA module its base weight's shape (`fit_to`), so a LoHa/LoKr conv that the file
-    stored flattened comes out as a Conv2d. Names must already be the base's (after `require_resolved`);
-    modules on fused tensors are left as they are. Headers only: no tensor data is read."""
-    pending = {n: m for n, m in adapter.modules.items() if not isinstance(m, LoraModule)}
-    if base is None or not pending:
+def fit_to_base(adapter: Adapter, layout: BaseLayout | None) -> Adapter:
+    """Give every LyCORIS module not yet fitted its base weight's shape (`fit_to`), for adapters whose
+    names `require_resolved` keeps (plain models), so a LoHa/LoKr update stored flat is known to be a
+    Linear (or a Conv2d). `canonicalize` already does this for the names it maps. Headers only."""
+    pending = {n: m for n, m in adapter.modules.items() if m.shape_ambiguous}
+    if layout is None or not pending:
         return adapter
-    layout, checkpoints = open_base(base, allow_pickle=allow_pickle)
-    try:
-        resolved = layout.resolve(pending, flat=adapter.unresolved_names, source=adapter.path)
-        for name, pieces in resolved.items():
-            if len(pieces) != 1 or pieces[0].lora_rows is not None or pieces[0].target.rows is not None:
-                continue
-            target = pieces[0].target
-            shape = tuple(checkpoints[target.source][target.weight].shape)
-            module = pending[name]
-            if target.transposed or (target.transposed is None and not module.fits(shape)
-                                     and module.fits(shape[::-1])):
-                shape = shape[::-1]
-            module.fit_to(shape)
-    finally:
-        for checkpoint in checkpoints.values():
-            checkpoint.close()
+    resolved = layout.resolve(pending, flat=adapter.unresolved_names, source=adapter.path)
+    for name, pieces in resolved.items():
+        shape = pieces[0].target.module_shape if len(pieces) == 1 else None
+        if shape is None:
+            continue
+        module = pending[name]
+        if pieces[0].target.transposed is None and not module.fits(shape) and module.fits(shape[::-1]):
+            shape = shape[::-1]  # HF Conv1D stores (in, out)
+        module.fit_to(shape)
     return adapter
 
 
@@ -189,8 +182,8 @@ def read_for_peft_output(path: str | os.PathLike, format: str | None, alpha: flo
                          base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter whose result will be written as PEFT: real module names, one model."""
     adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, alpha=alpha)
-    resolved = fit_to_base(require_resolved(adapter, base_layout(base, allow_pickle)), base, allow_pickle)
-    return select_component(resolved, None)
+    layout = base_layout(base, allow_pickle)
+    return select_component(fit_to_base(require_resolved(adapter, layout), layout), None)
 
 
 def lora_only_refusal(modules: Mapping[str, object], target: str) -> AdapterError | None:

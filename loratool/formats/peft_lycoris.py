@@ -39,6 +39,19 @@ RANK_ROLES = ("hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b")
 PEFT_TYPES = {"LOHA": ("loha", LoHa, "peft_loha"), "LOKR": ("lokr", LoKr, "peft_lokr")}
 
 
+#: Fields of a PEFT LoHa/LoKr config that mean the same in a LoRA config (the rest are LoHa/LoKr's own).
+SHARED_CONFIG_FIELDS = ("base_model_name_or_path", "task_type", "target_modules", "modules_to_save", "revision",
+                        "layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def as_lora_config(config: dict, source_format: str) -> dict:
+    """The part of a source adapter's config a PEFT LoRA written from it may keep: all of a LoRA's,
+    only the shared fields of a LoHa/LoKr's (never its peft_type, r, alpha or layout fields)."""
+    if source_format not in {entry[2] for entry in PEFT_TYPES.values()}:
+        return dict(config)
+    return {key: config[key] for key in SHARED_CONFIG_FIELDS if key in config}
+
+
 def peft_type_of(folder: Path) -> str | None:
     """LOHA/LOKR when `folder`'s adapter_config.json names one, else None (not this reader's)."""
     try:
