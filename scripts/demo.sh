@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert and extract on the
-# bundled fixtures, then export-onnx and a short bench-onnx
-# (fixtures/make_fixtures.py).
+# bundled fixtures (fixtures/make_fixtures.py), a LyCORIS LoHa file (scripts/lycoris_demo_file.py)
+# inspected and converted, then export-onnx and a short bench-onnx.
 set -euo pipefail
 BIN=${1:-.venv/bin}
 LT="$BIN/loratool"
@@ -43,6 +43,10 @@ step "$LT" inspect "$OUT/tiny-sd1.safetensors"
 step "$LT" inspect "$OUT/style-lora.safetensors"
 printf '\n\033[1m$ %s\033[0m   (single-file SD checkpoint + kohya LoRA in LDM names; no -o: named after both)\n' "cd $OUT && $LT merge tiny-sd1.safetensors style-lora.safetensors"
 (cd "$OUT" && "$LT" merge tiny-sd1.safetensors style-lora.safetensors)
+"$BIN/python" scripts/lycoris_demo_file.py "$OUT"
+step "$LT" inspect "$OUT/style-loha.safetensors"
+step "$LT" convert "$OUT/style-loha.safetensors" --to peft --base "$OUT/tiny-unet" -o "$OUT/loha-peft"
+step "$LT" convert "$OUT/style-loha.safetensors" --to diffusers --rank 8 --base "$OUT/tiny-unet" -o "$OUT/loha-as-lora.safetensors"
 step "$LT" push fixtures/lora-llama-qv me/demo-lora --dry-run --card-overwrite --base-model meta-llama/Llama-3.2-1B
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"
