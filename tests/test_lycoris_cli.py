@@ -35,6 +35,8 @@ NETWORKS = {
     "lokr-factor-4": dict(network_module="lokr", factor=4),
     "locon-tucker": dict(network_module="locon", use_tucker=True),
     "lora-train-norm": dict(network_module="lora", train_norm=True),
+    "loha-dora": dict(network_module="loha", weight_decompose=True),
+    "loha-lokr-mix": dict(network_module="loha", preset={"module_algo_map": {"ResnetBlock2D": {"algo": "lokr"}}}),
 }
 
 
@@ -61,9 +63,10 @@ def sd(tmp_path_factory):
     unet_model().save_pretrained(folder / "unet", safe_serialization=True)
     files, outputs = {}, {}
     saved = {attr: getattr(LycorisNetworkKohya, attr) for attr in PRESET_ATTRS}
-    LycorisNetworkKohya.apply_preset(UNET_ONLY)
     try:
         for index, (name, kwargs) in enumerate(NETWORKS.items()):
+            kwargs = dict(kwargs)
+            LycorisNetworkKohya.apply_preset({**UNET_ONLY, **kwargs.pop("preset", {})})
             unet, text = unet_model(), tiny_clip_text().double()
             kwargs = {"lora_dim": 4, "conv_lora_dim": 4, "alpha": 2.0, "conv_alpha": 1.0, **kwargs}
             net = LycorisNetworkKohya(text, unet, multiplier=1.0, **kwargs)
@@ -134,6 +137,16 @@ def test_inspect_names_algorithm_rank_factor_tucker_and_parameters(run_cli, sd, 
     assert ("Tucker" in human.stdout) == bool(tucker_file)
 
 
+def test_inspect_peft_loha_folder(run_cli, tmp_path):
+    folder, _ = peft_folder(tmp_path, LoHaConfig(r=3, alpha=6, target_modules=["conv", "fc"], rank_pattern={"fc": 2}))
+    report = json.loads(run_cli("inspect", folder, "--json").stdout)
+    assert (report["format"], report["r"], report["lora_alpha"], report["algorithms"]) == ("peft_loha", 3, 6, {"loha": 2})
+    groups = {g["target"]: g for g in report["groups"]}
+    assert (groups["fc"]["rank"], groups["fc"]["scale"], groups["conv"]["rank"]) == (2, 3.0, 3)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    assert groups["fc"]["parameters"] == sum(t.numel() for k, t in state.items() if ".fc." in k)
+
+
 # -- convert: LyCORIS files -> PEFT LoHa/LoKr folders ------------------------------------------------------
 
 
@@ -156,8 +169,19 @@ def test_kohya_lycoris_to_peft_folder_loads_and_merges_to_lycoris_forward(run_cl
 def test_peft_folder_holds_one_algorithm(run_cli, sd, tmp_path):
     base, files, _ = sd
     out = tmp_path / "out"
+    mixed = load_adapter(files["loha-lokr-mix"])
+    assert {m.algorithm for m in mixed.modules.values()} == {"loha", "lokr"}  # LyCORIS' module_algo_map
+    refused(run_cli("convert", files["loha-lokr-mix"], "--to", "peft", "--base", base, "-o", out),
+            out, "a PEFT adapter has one peft_type", "loha on", "lokr on", "--rank R")
     refused(run_cli("convert", files["locon-tucker"], "--to", "peft", "--base", base, "-o", out),
-            out, "plain LoRA only", "locon (Tucker)", "--rank")
+            out, "one peft_type", "locon (Tucker) on", "lora on", "--rank")
+    refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--base", base, "-o", out),
+            out, "PEFT's LoHa/LoKr have no DoRA")
+    refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--rank", 4, "--base", base, "-o", out),
+            out, "cannot convert to LoRA", "DoRA loha module's magnitude rescales W + ΔW")
+    converted = run_cli("convert", files["loha-lokr-mix"], "--to", "peft", "--rank", 4, "--base", base,
+                        "-o", tmp_path / "as-lora")
+    assert converted.code == 0, converted
     # LyCORIS splits 4 channels as 1×4 with factor 4, PEFT as 4×1 under every decompose_factor
     refused(run_cli("convert", files["lokr-factor-4"], "--to", "peft", "--base", base, "-o", out), out,
             "no PEFT decompose_factor reproduces its Kronecker split")

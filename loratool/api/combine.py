@@ -33,7 +33,7 @@ NARROWING_KEYS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 class CombinedModule:
     name: str
     kind: str
-    ranks_in: list[int]
+    ranks_in: list[int | None]
     rank: int
     relative_error: float | None
 

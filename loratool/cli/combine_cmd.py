@@ -45,7 +45,9 @@ def combine_cmd(out, adapters, output, method, weights, rank, density, majority_
     so there are no cross terms Bᵢ·Aⱼ. cat and linear (without --rank) are exact; svd and
     linear --rank compress through QR of the stacked factors; the pruning methods build each
     module's full ΔW, prune, then compress it by randomized SVD. A module missing from an adapter
-    counts as zero there. The output has scale 1 (lora_alpha = r) per module.
+    counts as zero there. The output has scale 1 (lora_alpha = r) per module. LyCORIS modules (LoHa,
+    LoKr, full diffs) have no LoRA factors: svd, linear --rank and the pruning methods take them on
+    their dense ΔW (--rank required), cat and exact linear refuse them.
 
     \b
     Methods:
@@ -70,7 +72,7 @@ def combine_cmd(out, adapters, output, method, weights, rank, density, majority_
     table.add_column("rel. error", justify="right")
     for m in result.modules:
         error = "exact" if m.relative_error is None else f"{m.relative_error:.2e}"
-        table.add_row(m.name, m.kind, "+".join(map(str, m.ranks_in)), str(m.rank), error)
+        table.add_row(m.name, m.kind, "+".join("-" if r is None else str(r) for r in m.ranks_in), str(m.rank), error)
     out.print(table)
     out.print(f"[green]wrote[/] {result.output}: {len(result.modules)} modules, {result.parameters:,} parameters, "
               f"{format_bytes(result.adapter_bytes)}, {result.seconds:.2f}s")

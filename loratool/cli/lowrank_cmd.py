@@ -96,7 +96,8 @@ def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow
     Works on the factors (QR of B and Aᵀ, then an SVD of the small r×r core), never on the full ΔW, so
     it takes milliseconds per module. Truncation is the best rank-R approximation of each module's ΔW;
     R at or above the current rank is exact. Output scale is 1 (lora_alpha = r, no rsLoRA). DoRA
-    adapters are refused.
+    adapters are refused. LyCORIS modules (LoHa, LoKr, full diffs) become plain LoRA by a truncated
+    SVD of their ΔW, so the output is always plain LoRA (LoHa/LoKr convs need --base).
 
     \b
     Examples:

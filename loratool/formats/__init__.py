@@ -186,19 +186,21 @@ def read_for_peft_output(path: str | os.PathLike, format: str | None, alpha: flo
     return select_component(fit_to_base(require_resolved(adapter, layout), layout), None)
 
 
-def lora_only_refusal(modules: Mapping[str, object], target: str) -> AdapterError | None:
-    """The one error for LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) written to a target that
-    holds plain LoRA only, naming each algorithm and the way out (`--rank`); None when all are LoRA."""
+def lora_only_refusal(modules: Mapping[str, object], why: str) -> AdapterError | None:
+    """The one error for an adapter with LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) written
+    where only plain LoRA fits (`why` says where), naming every algorithm it holds and the way out
+    (`--rank`); None when every module is a plain LoRA."""
+    if all(isinstance(m, LoraModule) for m in modules.values()):
+        return None
     found: dict[str, list[str]] = {}
     for name, module in sorted(modules.items()):
-        if not isinstance(module, LoraModule):
-            label = f"{module.algorithm} (Tucker)" if module.algorithm == "locon" and module.tucker else module.algorithm
-            found.setdefault(label, []).append(name)
-    if not found:
-        return None
-    held = ", ".join(f"{label} on {summarize(names, 3)}" for label, names in found.items())
-    return AdapterError(f"{target} holds plain LoRA only, and this adapter has {held}; convert with --rank R "
-                        "(or --energy E) to approximate every module as a LoRA")
+        label = module.algorithm
+        if not isinstance(module, LoraModule) and module.algorithm in ("lora", "locon"):
+            label += " (Tucker)" if module.tucker else " (DoRA on the input axis)"
+        found.setdefault(label, []).append(name)
+    held = ", ".join(f"{label} on {summarize(names, 2)}" for label, names in sorted(found.items()))
+    return AdapterError(f"{why}, and this adapter has {held}; convert with --rank R (or --energy E) to "
+                        "approximate every module as a LoRA")
 
 
 def write_adapter(adapter: Adapter, output: Path, format: str, config: dict | None = None,
@@ -217,14 +219,15 @@ def write_adapter(adapter: Adapter, output: Path, format: str, config: dict | No
                                    "Linear or a Conv2d, and the file stores conv kernels flattened: pass --base")
             lycoris_config = {k: v for k, v in (config or {}).items() if k != "fan_in_fan_out"}
             return write_peft_lycoris_adapter(output, adapter.modules, adapter.full_tensors, lycoris_config, dtype)
-        refusal = lora_only_refusal(adapter.modules, "a PEFT adapter (one peft_type: LORA, or all LOHA, or all LOKR)")
+        refusal = lora_only_refusal(adapter.modules, "a PEFT adapter has one peft_type: plain LoRA, or every module "
+                                                     "LoHa, or every module LoKr")
         if refusal is not None:
             raise refusal
         return write_peft_adapter(output, adapter.modules, adapter.full_tensors, config or {}, dtype)
     if format == "kohya":
         return write_kohya_adapter(output, adapter, dtype)
     if format == "diffusers":
-        refusal = lora_only_refusal(adapter.modules, "a diffusers LoRA file")
+        refusal = lora_only_refusal(adapter.modules, "a diffusers LoRA file holds plain LoRA only")
         if refusal is not None:
             raise refusal
         return write_diffusers_adapter(output, adapter, component, dtype)
