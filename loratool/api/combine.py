@@ -20,8 +20,8 @@ from ..lora.delta import COMPUTE_DTYPE
 from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
 from ..lora.targeting import compact_target_modules
-from .merge import resolve_device
 from .convert import lora_problems
+from .merge import resolve_device
 from .merge_plan import parse_weights
 
 #: Config keys that restrict targets in ways a union of adapters cannot keep; their presence makes the
