@@ -68,7 +68,7 @@ def convert_to_gguf(
                                     name=_adapter_name(loaded.path), base_model=loaded.base_model)
     if report.fallbacks:
         notes.append(f"q8_0 needs rows of a multiple of 32 values; {len(report.fallbacks)} tensor(s) written as f16 "
-                     f"instead: {summarize(report.fallbacks, 3)}")
+                     f"instead: {summarize(sorted(report.fallbacks), 3)}")
     types: dict[str, int] = {}
     for ggml_type in report.types.values():
         types[ggml_type] = types.get(ggml_type, 0) + 1
