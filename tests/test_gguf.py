@@ -288,6 +288,20 @@ def test_dtypes_round_trip_within_their_precision(run_cli, root, bases, llama_al
     assert worst > 1e-7  # really rounded
 
 
+def test_auto_keeps_a_bf16_adapter_bf16(run_cli, root, bases, qwen2_patterns, tmp_path):
+    """--dtype auto (the default, which crashes llama.cpp's converter) keeps each tensor's own type; the
+    modules that need no rescaling keep their exact bits."""
+    ok(run_cli("convert", qwen2_patterns, "--to", "peft", "--dtype", "bfloat16", "-o", tmp_path / "bf16"))
+    ok(run_cli("convert", tmp_path / "bf16", "--to", "gguf", "--base", bases["qwen2"], "-o", tmp_path / "bf16.gguf"))
+    _, pairs = read_pairs(tmp_path / "bf16.gguf")
+    assert {t for p in pairs.values() for t in p[2:]} == {"BF16"}
+    source = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    assert torch.equal(torch.from_numpy(pairs["blk.0.attn_q.weight"][0]), source[key.format("A")].double())
+    assert torch.equal(torch.from_numpy(pairs["blk.0.attn_q.weight"][1]), source[key.format("B")].double())
+    assert_matches_peft(tmp_path / "bf16.gguf", bases["qwen2"], tmp_path / "bf16", heads=None, tolerance=TOLERANCE["BF16"])
+
+
 # --- inspect ----------------------------------------------------------------------------------------------
 
 
@@ -308,6 +322,25 @@ def test_inspect_reads_gguf_adapters(run_cli, root, bases, qwen2_patterns):
     assert listed["blk.0.attn_v.weight.lora_b"]["shape"] == list(pairs["blk.0.attn_v.weight"][1].shape)
     table = ok(run_cli("inspect", out)).stdout
     assert "qwen2" in table and "attn_v" in table
+
+
+def test_inspect_reads_gguf_models_too(run_cli, tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((96, 32), dtype=np.float16))
+    writer.add_tensor("output_norm.weight", np.full(32, np.inf, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("inspect", tmp_path / "model.gguf", "--json", "--check")
+    assert result.code == 2  # --check found the Inf
+    report = json.loads(result.stdout)
+    assert report["kind"] == "checkpoint" and report["architecture"] == "llama" and report["tensors"] == 2
+    assert report["dtypes"]["F16"] == {"tensors": 1, "parameters": 96 * 32, "bytes": 96 * 32 * 2}
+    assert report["nonfinite"] == {"output_norm.weight": {"nan": 0, "inf": 32}}
+    assert "llama" in ok(run_cli("inspect", tmp_path / "model.gguf")).stdout
 
 
 # --- refusals ---------------------------------------------------------------------------------------------

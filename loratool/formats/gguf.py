@@ -237,9 +237,10 @@ class GgufWriteReport:
     """Tensors written as F16 because q8_0 needs rows of a multiple of 32 values."""
 
 
-def gguf_type_for(tensor: torch.Tensor, dtype: str | None) -> str:
-    """The GGML type `--dtype` asks for (`None`: the tensor's own float type, F32 for any other)."""
-    return GGUF_DTYPES[dtype] if dtype else _TORCH_TO_GGML.get(tensor.dtype, "F32")
+def gguf_type_for(source: torch.Tensor, dtype: str | None) -> str:
+    """The GGML type `--dtype` asks for; `None` (auto) keeps the adapter tensor's own float type
+    (F32 for any other), also where lora_b was rescaled."""
+    return GGUF_DTYPES[dtype] if dtype else _TORCH_TO_GGML.get(source.dtype, "F32")
 
 
 def write_gguf_adapter(path: Path, pairs: list[GgufPair], alpha: float, base: GgufBase, dtype: str | None,
@@ -260,10 +261,12 @@ def write_gguf_adapter(path: Path, pairs: list[GgufPair], alpha: float, base: Gg
             if _HUB_ID.match(base_model) and not Path(base_model).exists():
                 writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
         for pair in pairs:
-            for suffix, value in zip((LORA_A, LORA_B), pair.factors(alpha)):
+            sources = (pair.module.lora_A, pair.module.lora_B)
+            for suffix, value, source in zip((LORA_A, LORA_B), pair.factors(alpha), sources):
                 tensor_name = pair.name + suffix
-                data, ggml_type = _encode(value, gguf_type_for(value, dtype), gguf)
-                if ggml_type != gguf_type_for(value, dtype):
+                wanted = gguf_type_for(source, dtype)
+                data, ggml_type = _encode(value, wanted, gguf)
+                if ggml_type != wanted:
                     report.fallbacks.append(f"{tensor_name} ({value.shape[-1]} per row)")
                 writer.add_tensor(tensor_name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, ggml_type))
                 report.types[tensor_name] = ggml_type
