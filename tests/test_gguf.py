@@ -226,8 +226,8 @@ def test_one_global_alpha_alone_would_be_wrong(root, bases, qwen2_patterns):
 
 @pytest.mark.parametrize("arch, gguf_arch, heads", [("mistral", "llama", (4, 1)), ("qwen3", "qwen3", None)])
 def test_mistral_and_qwen3(run_cli, root, bases, arch, gguf_arch, heads):
-    path = adapter(root, f"{arch}-qk", arch, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"],
-                                                        init_lora_weights=False))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], init_lora_weights=False)
+    path = adapter(root, f"{arch}-qk", arch, config)
     out = root / f"{arch}.gguf"
     ok(run_cli("convert", path, "--to", "gguf", "--base", bases[arch], "-o", out))
     assert field_value(GGUFReader(str(out)), "general.architecture") == gguf_arch
@@ -235,9 +235,8 @@ def test_mistral_and_qwen3(run_cli, root, bases, arch, gguf_arch, heads):
 
 
 def test_embedding_and_untied_lm_head(run_cli, root, bases):
-    path = adapter(root, "llama-embed", "llama", LoraConfig(r=4, lora_alpha=12, target_modules=["embed_tokens", "lm_head",
-                                                                                                 "q_proj"],
-                                                           init_lora_weights=False))
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["embed_tokens", "lm_head", "q_proj"], init_lora_weights=False)
+    path = adapter(root, "llama-embed", "llama", config)
     out = root / "embed.gguf"
     result = ok(run_cli("convert", path, "--to", "gguf", "--base", bases["llama"], "-o", out))
     _, pairs = read_pairs(out)
@@ -246,8 +245,8 @@ def test_embedding_and_untied_lm_head(run_cli, root, bases):
     assert pairs["output.weight"][0].shape == (4, 32) and pairs["output.weight"][1].shape == (96, 4)
     assert_matches_peft(out, bases["llama"], path, heads=(4, 2))
     saved = load_file(str(path / "adapter_model.safetensors"))
-    if any(".base_layer." in k for k in saved):  # PEFT saved the (unchanged) embedding beside the LoRA
-        assert "changes nothing" in result.stderr
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # PEFT's save_embedding_layers
+    assert "changes nothing" in result.stderr and "model.embed_tokens.weight" in result.stderr
 
 
 def test_config_only_base_gives_the_same_file(run_cli, root, bases, llama_all, tmp_path):
@@ -262,7 +261,8 @@ def test_config_only_base_gives_the_same_file(run_cli, root, bases, llama_all, t
 
 def test_kohya_input_takes_the_same_path(run_cli, root, bases, qwen2_patterns, tmp_path):
     ok(run_cli("convert", qwen2_patterns, "--to", "kohya", "-o", tmp_path / "k.safetensors"))
-    ok(run_cli("convert", tmp_path / "k.safetensors", "--to", "gguf", "--base", bases["qwen2"], "-o", tmp_path / "k.gguf"))
+    ok(run_cli("convert", tmp_path / "k.safetensors", "--to", "gguf", "--base", bases["qwen2"],
+               "-o", tmp_path / "k.gguf"))
     assert_matches_peft(tmp_path / "k.gguf", bases["qwen2"], qwen2_patterns, heads=None)
 
 
@@ -279,7 +279,8 @@ def test_dtypes_round_trip_within_their_precision(run_cli, root, bases, llama_al
         # except down_proj's, whose rank_pattern gives r = 32.
         assert pairs["blk.0.attn_q.weight"][2] == "Q8_0" and pairs["blk.0.attn_q.weight"][3] == "F16"
         assert pairs["blk.0.ffn_down.weight"][3] == "Q8_0"
-        fallen = sorted(f"{stem}.lora_{half}" for stem, p in pairs.items() for half, t in zip("ab", p[2:]) if t == "F16")
+        fallen = sorted(f"{stem}.lora_{half}" for stem, p in pairs.items()
+                        for half, t in zip("ab", p[2:]) if t == "F16")
         assert len(fallen) == 12 and all(name.endswith(".lora_b") for name in fallen)
         assert f"{len(fallen)} tensor(s) written as f16" in result.stderr and fallen[0] in result.stderr
     else:
@@ -299,7 +300,8 @@ def test_auto_keeps_a_bf16_adapter_bf16(run_cli, root, bases, qwen2_patterns, tm
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
     assert torch.equal(torch.from_numpy(pairs["blk.0.attn_q.weight"][0]), source[key.format("A")].double())
     assert torch.equal(torch.from_numpy(pairs["blk.0.attn_q.weight"][1]), source[key.format("B")].double())
-    assert_matches_peft(tmp_path / "bf16.gguf", bases["qwen2"], tmp_path / "bf16", heads=None, tolerance=TOLERANCE["BF16"])
+    assert_matches_peft(tmp_path / "bf16.gguf", bases["qwen2"], tmp_path / "bf16", heads=None,
+                        tolerance=TOLERANCE["BF16"])
 
 
 # --- inspect ----------------------------------------------------------------------------------------------
@@ -322,6 +324,8 @@ def test_inspect_reads_gguf_adapters(run_cli, root, bases, qwen2_patterns):
     assert listed["blk.0.attn_v.weight.lora_b"]["shape"] == list(pairs["blk.0.attn_v.weight"][1].shape)
     table = ok(run_cli("inspect", out)).stdout
     assert "qwen2" in table and "attn_v" in table
+    (root / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 7)
+    assert_refused(run_cli("inspect", root / "junk.gguf"), root / "nothing-written", "junk.gguf", "GGUF")
 
 
 def test_inspect_reads_gguf_models_too(run_cli, tmp_path):

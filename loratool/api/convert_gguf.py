@@ -4,6 +4,7 @@ exactly PEFT's delta (per-module scales folded into lora_b, llama-arch q/k rows 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,11 +70,9 @@ def convert_to_gguf(
     if report.fallbacks:
         notes.append(f"q8_0 needs rows of a multiple of 32 values; {len(report.fallbacks)} tensor(s) written as f16 "
                      f"instead: {summarize(sorted(report.fallbacks), 3)}")
-    types: dict[str, int] = {}
-    for ggml_type in report.types.values():
-        types[ggml_type] = types.get(ggml_type, 0) + 1
+    types = dict(sorted(Counter(report.types.values()).items()))
     return GgufConvertResult(output, loaded.source_format, "gguf", len(pairs), [output.name], notes,
-                             architecture=gguf_base.arch_name, alpha=file_alpha, tensor_types=dict(sorted(types.items())))
+                             architecture=gguf_base.arch_name, alpha=file_alpha, tensor_types=types)
 
 
 def _adapter_name(path: Path) -> str:

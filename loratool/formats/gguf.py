@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, InvalidCheckpointError, MismatchError, UsageError, summarize
-from ..lora.llamacpp import folded_factors, interleave_rope_rows, llamacpp_scale
+from ..lora.llamacpp import folded_factors, interleave_rope_rows
 from ..lora.module import Adapter, LayerKind, LoraModule
 
 GGUF_SUFFIX = ".gguf"
@@ -322,7 +322,7 @@ def read_gguf(path: str | os.PathLike) -> GgufFile:
     path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - a malformed file fails inside the reader in many ways; all mean "bad file"
         raise InvalidCheckpointError(f"{path}: not a readable GGUF file ({e})") from e
     metadata = {name: _field_value(f, gguf) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     tensors = {}
