@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import LLAMA_LINEARS, make_adapter, tiny_llama
+from helpers import LLAMA_LINEARS, make_adapter, tiny_llama, tiny_qwen2
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -37,11 +37,12 @@ def interleave(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
     return rows.reshape(n_heads, 2, rows.shape[0] // n_heads // 2, -1).transpose(1, 2).reshape(rows.shape)
 
 
-def write_base_gguf(base_dir: Path, out: Path) -> None:
+def write_base_gguf(base_dir: Path, out: Path, arch: str) -> None:
+    """`arch` is llama.cpp's: `llama` (q/k rows interleaved) or `qwen2` (HF order, q/k/v biases)."""
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = model.config
     state = load_file(str(base_dir / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -69,11 +70,11 @@ def write_base_gguf(base_dir: Path, out: Path) -> None:
             target = "output_norm.weight"
         else:
             _, _, layer, rest = name.split(".", 3)
-            module = rest.removesuffix(".weight")
-            target = f"blk.{layer}.{LAYER_NAMES[module]}.weight"
-            if module == "self_attn.q_proj":
+            module, kind = rest.rsplit(".", 1)
+            target = f"blk.{layer}.{LAYER_NAMES[module]}.{kind}"
+            if arch == "llama" and module == "self_attn.q_proj":
                 value = interleave(value, config.num_attention_heads)
-            if module == "self_attn.k_proj":
+            if arch == "llama" and module == "self_attn.k_proj":
                 value = interleave(value, config.num_key_value_heads)
         writer.add_tensor(target, value.numpy())
     writer.write_header_to_file()
@@ -103,18 +104,23 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llamacpp")
-    tiny_llama().save_pretrained(root / "base")
-    write_base_gguf(root / "base", root / "base.gguf")
-    return root
+BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def setup(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"llamacpp-{arch}")
+    BUILDERS[arch]().save_pretrained(root / "base")
+    write_base_gguf(root / "base", root / "base.gguf", arch)
+    return root, arch
 
 
 def test_base_gguf_matches_transformers(setup):
     """The check of this file's own base writer: without an adapter, llama.cpp equals transformers."""
-    base = AutoModelForCausalLM.from_pretrained(setup / "base")
-    assert rel(llamacpp_logits(setup / "base.gguf", None), torch_logits(base)) < 1e-4
+    root, _ = setup
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    assert rel(llamacpp_logits(root / "base.gguf", None), torch_logits(base)) < 1e-4
 
 
 @pytest.mark.parametrize("name, config", [
@@ -125,13 +131,14 @@ def test_base_gguf_matches_transformers(setup):
                                      init_lora_weights=False)),
 ])
 def test_llamacpp_with_our_adapter_matches_peft(run_cli, setup, name, config):
-    adapter = setup / name
-    make_adapter(tiny_llama(), config, adapter)
-    out = setup / f"{name}.gguf"
-    assert run_cli("convert", adapter, "--to", "gguf", "--base", setup / "base", "-o", out).code == 0
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup / "base"), str(adapter)).eval()
+    root, arch = setup
+    adapter = root / name
+    make_adapter(BUILDERS[arch](), config, adapter)
+    out = root / f"{name}.gguf"
+    assert run_cli("convert", adapter, "--to", "gguf", "--base", root / "base", "-o", out).code == 0
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), str(adapter)).eval()
     expected = torch_logits(peft)
-    base_only = torch_logits(AutoModelForCausalLM.from_pretrained(setup / "base"))
-    got = llamacpp_logits(setup / "base.gguf", out)
+    base_only = torch_logits(AutoModelForCausalLM.from_pretrained(root / "base"))
+    got = llamacpp_logits(root / "base.gguf", out)
     assert rel(base_only, expected) > 1e-2  # the adapter really changes the output
     assert rel(got, expected) < 1e-4
