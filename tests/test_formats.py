@@ -100,7 +100,7 @@ def test_kohya_needs_a_base_and_reports_unresolvable_and_ambiguous_names(run_cli
                         "-o", tmp_path / "p")
     assert ambiguous.code == 2 and "a.b_c or a_b.c" in ambiguous.stderr
     missing = run_cli("merge", tmp_path / "odd.safetensors", tmp_path / "k.safetensors", "-o", tmp_path / "m.safetensors")
-    assert missing.code == 2 and "no module in the base" in missing.stderr
+    assert missing.code == 2 and "does not have" in missing.stderr and "lora_unet_model_layers" in missing.stderr
     assert not (tmp_path / "p").exists() and not (tmp_path / "m.safetensors").exists()
 
 

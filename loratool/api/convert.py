@@ -10,8 +10,9 @@ from pathlib import Path
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import OUTPUT_DTYPE_CHOICES, parse_output_dtype
 from ..errors import UsageError
-from ..formats import WRITABLE, load_adapter, require_resolved, select_component, write_adapter
-from ..formats.names import base_modules
+from ..formats import WRITABLE, base_layout, load_adapter, require_resolved, select_component, write_adapter
+from ..formats.names import components_of
+from ..layouts import BaseLayout
 from ..lora.module import Adapter
 from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
 
@@ -33,12 +34,21 @@ class ConvertResult:
                 "modules": self.modules, "files": self.files, "notes": self.notes}
 
 
-def peft_config_for(adapter: Adapter, base_index: dict | None = None, model_config: dict | None = None) -> dict:
+def candidate_modules(layout: BaseLayout | None, component: str | None) -> set[str] | None:
+    """Every module of the base component a PEFT adapter will be loaded into (for short target_modules)."""
+    if layout is None:
+        return None
+    found = layout.components.get(component)
+    if found is None and len(layout.components) == 1:
+        found = next(iter(layout.components.values()))
+    return set(found.targets) if found is not None else None
+
+
+def peft_config_for(adapter: Adapter, candidates: set[str] | None = None, model_config: dict | None = None) -> dict:
     """The non-scaling fields of adapter_config.json for an adapter that did not come from PEFT."""
     if adapter.source_format in ("peft", "peft-state") and adapter.config.get("target_modules") is not None:
         kept = {k: v for k, v in adapter.config.items() if k not in ("rank_pattern", "alpha_pattern")}
         return kept
-    candidates = (base_index or {}).get(None)
     targets = compact_target_modules(adapter.modules, candidates)
     model_type = (model_config or {}).get("model_type")
     return {"target_modules": targets, "fan_in_fan_out": model_type in CONV1D_MODEL_TYPES}
@@ -75,20 +85,22 @@ def convert(
     if to == "peft" and output.suffix == ".safetensors":
         raise UsageError(f"PEFT adapters are folders (adapter_config.json + adapter_model.safetensors), got {output}")
     out_dtype = parse_output_dtype(dtype)
-    index = base_modules(base, allow_pickle) if base is not None else None
-    loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, base=index, alpha=alpha)
+    layout = base_layout(base, allow_pickle)
+    loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, alpha=alpha)
     check_output_path(output, [Path(adapter)] + ([Path(base)] if base is not None else []), force)
     notes = []
-    if to != "kohya":
-        loaded = require_resolved(loaded, index)
+    if to != "kohya" or layout is not None:
+        loaded = require_resolved(loaded, layout)
+    chosen = component
     if to == "peft":
+        chosen = component or next(iter(components_of(loaded.modules)), None)
         loaded = select_component(loaded, component)
     if any(m.use_rslora for m in loaded.modules.values()) and to == "kohya":
         notes.append("kohya has no rsLoRA flag: alpha was rewritten as s·r, so every scale is unchanged")
     config = None
     if to == "peft":
         model_config = _model_config(base)
-        config = peft_config_for(loaded, index, model_config)
+        config = peft_config_for(loaded, candidate_modules(layout, chosen), model_config)
     with atomic_output(output, is_folder=to == "peft") as temp:
         files = write_adapter(loaded, temp, to, config=config, dtype=out_dtype, component=component or "unet")
         names = [f.name for f in files] if to == "peft" else [output.name]

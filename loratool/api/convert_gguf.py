@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..checkpoint.output import atomic_output, check_output_path
 from ..errors import UsageError, summarize
-from ..formats import load_adapter, require_resolved, select_component
+from ..formats import base_layout, load_adapter, require_resolved, select_component
 from ..formats.gguf import GGUF_DTYPES, GGUF_SUFFIX, plan_gguf, read_gguf_base, write_gguf_adapter
 from ..lora.llamacpp import scale_ratio, shared_alpha
 from .convert import ConvertResult
@@ -48,10 +48,8 @@ def convert_to_gguf(
         raise UsageError(f"--dtype for gguf must be auto or one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     gguf_base = read_gguf_base(base)
     loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, alpha=alpha)
-    if loaded.unresolved_names:
-        from ..formats.names import base_modules
-
-        loaded = require_resolved(loaded, base_modules(base, allow_pickle))
+    if loaded.unresolved_names:  # kohya: names resolve against the base's weights (a config-only base has none)
+        loaded = require_resolved(loaded, base_layout(base, allow_pickle))
     loaded = select_component(loaded, None)
     pairs, notes = plan_gguf(loaded, gguf_base)
     check_output_path(output, [Path(adapter), Path(base)], force)

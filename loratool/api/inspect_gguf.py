@@ -48,7 +48,8 @@ def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, s
         report.update(_adapter_keys(gguf_file))
     else:
         report.update({"sharded": False, "files": [gguf_file.path.name], "model_type": None,
-                       "architectures": None, "embedded_adapter": None})
+                       "architectures": None, "embedded_adapter": None, "layout": "gguf",
+                       "family": report["architecture"], "components": {}})
     report.update({
         "tensors": len(infos),
         "parameters": sum(i.numel for i in infos),
@@ -93,6 +94,9 @@ def _adapter_keys(gguf_file: GgufFile) -> dict:
         "task_type": None,
         "r": ranks.most_common(1)[0][0] if ranks else None,
         "lora_alpha": alpha,
+        "lora_alpha_known": True,
+        "family": None,
+        "family_from": None,
         "use_rslora": False,
         "use_dora": False,
         "modules": len(pairs),

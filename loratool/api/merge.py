@@ -21,7 +21,7 @@ from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, s
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
-from ..formats.names import modules_of
+from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, apply_dora_, as_2d, delta_factors
 from ..lora.module import Adapter
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
@@ -42,6 +42,7 @@ class MergeResult:
     adapters: list[str]
     weights: list[float]
     notes: list[str] = field(default_factory=list)
+    layout: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +55,7 @@ class MergeResult:
             "adapters": self.adapters,
             "weights": self.weights,
             "notes": self.notes,
+            "layout": self.layout,
         }
 
 
@@ -94,14 +96,16 @@ def fits_dtype(low: float, high: float, dtype: torch.dtype) -> bool:
     return math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit
 
 
-def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """A plain LoRA op as alpha·left@right on the 2-D view of its tensor; a bias is a rank-1 column."""
+def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """A plain LoRA op as alpha·left@right on the 2-D view of its tensor, from row `offset` on; a bias
+    is a rank-1 column."""
     alpha = op.weight * op.module.scale
+    offset = op.rows[0] if op.rows else 0
     if isinstance(op, BiasOp):
         bias = op.module.bias.to(device=device, dtype=COMPUTE_DTYPE)
-        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), alpha
+        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), alpha, offset
     left, right = delta_factors(op.module, op.transposed, device)
-    return left, right, alpha
+    return left, right, alpha, offset
 
 
 def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.device,
@@ -134,8 +138,8 @@ def _merged_with_dora(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -
         if isinstance(op, DeltaOp) and op.module.is_dora:
             apply_dora_(acc, unmerged, op.module, op.transposed)
         else:
-            left, right, alpha = _term(op, acc.device)
-            as_2d(acc).addmm_(left, right, alpha=alpha)
+            left, right, alpha, offset = _term(op, acc.device)
+            as_2d(acc)[offset:offset + left.shape[0]].addmm_(left, right, alpha=alpha)
     low, high = (v.item() for v in torch.aminmax(acc))
     return acc.to(out_dtype), fits_dtype(low, high, out_dtype)
 
@@ -148,10 +152,26 @@ def _update_config(path: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def default_output(base: Path, adapters: Sequence[Path], folder: Path | None = None) -> Path:
+    """`<base>+<adapter>[+…]` in `folder` (the current directory), with the base's suffix, and a
+    numbered suffix where that name is taken: merging never overwrites anything by default."""
+    folder = folder or Path.cwd()
+    stem = lambda p: p.name[: -len(p.suffix)] if p.is_file() and p.suffix else p.name  # noqa: E731
+    names = [stem(base)] + [stem(a) for a in adapters]
+    suffix = base.suffix if base.is_file() else ""
+    name = "+".join(names)
+    if len(name) > 120:
+        name = f"{names[0]}+{len(adapters)}-adapters"
+    candidate, number = folder / f"{name}{suffix}", 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate, number = folder / f"{name}-{number}{suffix}", number + 1
+    return candidate
+
+
 def merge(
     base: str | os.PathLike,
     adapters: Sequence[str | os.PathLike | Adapter],
-    output: str | os.PathLike,
+    output: str | os.PathLike | None = None,
     weights: Sequence[float] | None = None,
     dtype: str = "auto",
     max_shard_bytes: int | None = None,
@@ -167,40 +187,88 @@ def merge(
 
     W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ per targeted weight, computed in float32 and rounded to the output dtype
     once. DoRA adapters apply their magnitude on top, as PEFT's merge does. Adapters may be in any
-    format loratool reads; kohya names are resolved against BASE.
+    format loratool reads, named in any dialect the base's layout knows (LDM or diffusers UNet names,
+    BFL or diffusers Flux names, CLIP with or without `text_model.`). A diffusers pipeline folder merges
+    into a folder of the same layout. Without `output`, the result goes to the current directory
+    under a name made of the base's and the adapters' names.
     """
     started = time.perf_counter()
-    output = Path(output)
     out_dtype = parse_output_dtype(dtype)
     torch_device = resolve_device(device)
     if not adapters:
         raise UsageError("give at least one adapter to merge")
-    with open_checkpoint(base, allow_pickle=allow_pickle) as checkpoint:
-        index = {None: modules_of(checkpoint)}
+    base = Path(base)
+    layout, checkpoints = open_base(base, allow_pickle=allow_pickle)
+    try:
         loaded = [a if isinstance(a, Adapter) else
-                  load_adapter(a, format=adapter_format, allow_pickle=allow_pickle, base=index, alpha=alpha)
+                  load_adapter(a, format=adapter_format, allow_pickle=allow_pickle, alpha=alpha)
                   for a in adapters]
         weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
-        check_output_path(output, [Path(base)] + [a.path for a in loaded], force)
-        if not checkpoint.is_folder and output.suffix != ".safetensors":
+        output = Path(output) if output is not None else default_output(base, [a.path for a in loaded])
+        check_output_path(output, [base] + [a.path for a in loaded], force)
+        single_file = None in checkpoints and not checkpoints[None].is_folder
+        if single_file and output.suffix != ".safetensors":
             raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")
-        plan = plan_merge(checkpoint, loaded, weights, out_dtype, allow_nonfinite)
-        layout = _layout(checkpoint, out_dtype, max_shard_bytes)
-        with atomic_output(output, checkpoint.is_folder) as temp:
-            written = _write(checkpoint, plan, layout, temp, torch_device, allow_nonfinite, progress)
-            if checkpoint.is_folder:
-                _finish_folder(checkpoint, layout, temp, out_dtype)
+        plans = plan_merge(layout, checkpoints, loaded, weights, out_dtype, allow_nonfinite)
+        layouts = {source: _layout(checkpoint, out_dtype, max_shard_bytes) for source, checkpoint in checkpoints.items()}
+        total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
+        report = _progress_over(progress, total)
+        with atomic_output(output, not single_file) as temp:
+            if None not in checkpoints:
+                _copy_pipeline_files(base, temp, set(checkpoints))
+            written = 0
+            for source, checkpoint in checkpoints.items():
+                target = temp if source is None else temp / source
+                if source is not None:
+                    target.mkdir()
+                written += _write(checkpoint, plans[source], layouts[source], target, torch_device, allow_nonfinite,
+                                  report)
+                if checkpoint.is_folder:
+                    _finish_folder(checkpoint, layouts[source], target, out_dtype)
+                if source is not None:
+                    _copy_component_extras(base / source, target)
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+    files = [f"{source}/{f}" if source else f for source, layout_ in layouts.items() for f in layout_ if f]
     return MergeResult(
         output=output,
-        files=[f for f in layout if f] or [output.name],
-        tensors=len(checkpoint),
-        tensors_changed=len(plan.ops),
+        files=files or [output.name],
+        tensors=sum(len(c) for c in checkpoints.values()),
+        tensors_changed=sum(len(p.ops) for p in plans.values()),
         bytes_written=written,
         seconds=time.perf_counter() - started,
         adapters=[str(a.path) for a in loaded],
         weights=weights,
-        notes=plan.notes,
+        notes=[note for plan in plans.values() for note in plan.notes],
+        layout=layout.describe(),
     )
+
+
+def _progress_over(progress: ProgressCallback | None, total: int) -> ProgressCallback | None:
+    """One progress bar over every component of a pipeline."""
+    if progress is None:
+        return None
+    return lambda done, _component_total: progress(done, total)
+
+
+def _copy_component_extras(folder: Path, target: Path) -> None:
+    """A merged component's other files (configs and the like) that the writer did not produce."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and not entry.name.endswith((".safetensors", ".index.json")) and \
+                not (target / entry.name).exists():
+            shutil.copy2(entry, target / entry.name)
+
+
+def _copy_pipeline_files(base: Path, temp: Path, merged: set[str | None]) -> None:
+    """Everything of a pipeline folder except the components being merged, as it is."""
+    for entry in sorted(base.iterdir()):
+        if entry.name in merged:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, temp / entry.name, symlinks=False)
+        else:
+            shutil.copy2(entry, temp / entry.name)
 
 
 def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,

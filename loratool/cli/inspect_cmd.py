@@ -20,10 +20,11 @@ def _summary(report: dict) -> Table:
     if report["kind"] == "adapter":
         rows += [
             ("base model", report["base_model"] or "(not recorded)"),
+            *([("family", f"{report['family']} (from {report['family_from']})")] if report["family"] else []),
             ("modules", str(report["modules"])),
             ("targets", ", ".join(report["targets"])),
             ("layers", _ranges(report["layers"]) or "-"),
-            ("r / alpha", f"{report['r']} / {report['lora_alpha']}"),
+            ("r / alpha", f"{report['r']} / {report['lora_alpha'] if report['lora_alpha_known'] else 'unknown (pass --alpha)'}"),
             ("rsLoRA", "yes" if report["use_rslora"] else "no"),
             ("DoRA", "yes" if report["use_dora"] else "no"),
         ]
@@ -31,6 +32,10 @@ def _summary(report: dict) -> Table:
             rows.append(("full tensors", ", ".join(report["modules_to_save"])))
     else:
         rows += [("files", f"{len(report['files'])}{' (sharded, index.json)' if report['sharded'] else ''}")]
+        rows.append(("layout", f"{report['layout']}{' ' + report['family'] if report['family'] else ''}"))
+        components = {name: kind for name, kind in report["components"].items() if name != "model"}
+        if components:
+            rows.append(("components", ", ".join(f"{name} ({kind})" for name, kind in components.items())))
         if report["model_type"]:
             rows.append(("model type", report["model_type"]))
         if report.get("embedded_adapter"):

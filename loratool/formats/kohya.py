@@ -1,14 +1,14 @@
 """kohya / sd-scripts LoRA files: `lora_unet_<flat>.lora_down.weight` (= A), `.lora_up.weight` (= B),
 `.alpha` (a scalar; missing means alpha = r) and LyCORIS' optional `.dora_scale`.
 
-Module paths are flattened (`.` → `_`), which loses information, so names are resolved against the
-base's real module list (`names.resolve_flat_names`). Without a base the adapter keeps the flat names:
-enough to inspect it or to write it back as kohya, not to merge or convert it.
+Module paths are flattened (`.` → `_`), which loses information, so the reader keeps the flat names
+and `layouts.BaseLayout.resolve` maps them through the base's real module list, in any dialect the
+base's layout knows (diffusers or LDM UNet names, BFL or diffusers Flux names, CLIP with or without
+`text_model.`). Without a base the names are enough to inspect the file or write it back as kohya.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,31 +17,35 @@ from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
 from ..lora.module import Adapter, LayerKind, LoraModule
-from .names import base_modules, flatten, resolve_flat_names, split_component
-
-#: Name prefix -> the pipeline component it names. `lora_unet_` is also the main network of
-#: non-pipeline models (kohya's musubi-tuner uses it for DiTs too).
-PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-            "lora_te3_": "text_encoder_3", "lora_te_": "text_encoder", "lora_transformer_": "transformer"}
+from ..layouts import KOHYA_PREFIXES as PREFIXES
+from ..layouts import flatten
+from ..layouts.clip import with_text_model
+from .names import split_component
 SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha", ".dora_scale": "magnitude"}
 #: LyCORIS tensor suffixes of other algorithms, named in the refusal.
 LYCORIS_SUFFIXES = (".hada_w1_a", ".lokr_w1", ".oft_blocks", ".oft_diag", ".b_norm", ".w_norm", ".diff")
 
 
+#: Dotted (unflattened) prefixes of ComfyUI's own LoRA saver, with kohya's tensor suffixes.
+DOTTED_PREFIXES = ("diffusion_model.", "text_encoders.")
+
+
 def split_kohya_name(name: str) -> tuple[str | None, str]:
-    """('unet', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
+    """('denoiser', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
     for prefix, component in PREFIXES.items():
         if name.startswith(prefix):
             return component, name[len(prefix):]
+    if name.startswith(DOTTED_PREFIXES):
+        return None, name
     raise AdapterError(f"{name!r} does not start with a kohya prefix ({', '.join(PREFIXES)})")
 
 
 def looks_like_kohya(keys: list[str]) -> bool:
-    return bool(keys) and all(k.startswith(tuple(PREFIXES)) for k in keys) and any(
+    return bool(keys) and all(k.startswith(tuple(PREFIXES) + DOTTED_PREFIXES) for k in keys) and any(
         k.endswith(".lora_down.weight") for k in keys)
 
 
-def read_kohya_adapter(path: Path, base: str | Path | None = None, allow_pickle: bool = False) -> Adapter:
+def read_kohya_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         state = {name: checkpoint.read(name) for name in checkpoint}
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
@@ -58,9 +62,8 @@ def read_kohya_adapter(path: Path, base: str | Path | None = None, allow_pickle:
         hint = " (LyCORIS LoHa/LoKr/OFT tensors: not LoRA)" if lycoris else ""
         raise AdapterError(f"{path}: tensors that are not kohya LoRA{hint}: {summarize(unknown)}")
     modules = _build(groups, path)
-    adapter = Adapter(path=path, source_format="kohya", modules=modules,
-                      config={"kohya_metadata": dict(metadata)}, unresolved_names=True)
-    return resolve_kohya_names(adapter, base, allow_pickle) if base is not None else adapter
+    return Adapter(path=path, source_format="kohya", modules=modules, config={"kohya_metadata": dict(metadata)},
+                   unresolved_names=any(not n.startswith(DOTTED_PREFIXES) for n in modules))
 
 
 def _build(groups: dict[str, dict[str, torch.Tensor]], source: Path) -> dict[str, LoraModule]:
@@ -92,21 +95,6 @@ def _build(groups: dict[str, dict[str, torch.Tensor]], source: Path) -> dict[str
     return modules
 
 
-def resolve_kohya_names(adapter: Adapter, base: str | Path | Mapping, allow_pickle: bool = False) -> Adapter:
-    """The adapter with real module names, resolved against `base` (a path, or component -> modules)."""
-    if not adapter.unresolved_names:
-        return adapter
-    index = base if isinstance(base, Mapping) else base_modules(base, allow_pickle)
-    mapping = resolve_flat_names({name: split_kohya_name(name) for name in adapter.modules}, index, adapter.path)
-    modules = {}
-    for flat, module in adapter.modules.items():
-        module.name = mapping[flat]
-        modules[module.name] = module
-    adapter.modules = modules
-    adapter.unresolved_names = False
-    return adapter
-
-
 def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
     """The kohya name for a real module name (with its component prefix, if any)."""
     if module_name.startswith("lora_") and "." not in module_name:
@@ -115,6 +103,7 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
     if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         prefix = {"text_encoder": "lora_te1_" if has_second_text_encoder else "lora_te_",
                   "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
+        rest = with_text_model(rest)  # the CLIP names A1111, ComfyUI and sd-scripts read (transformers 4's)
     else:
         prefix, rest = "lora_unet_", rest if component in ("unet", "transformer") else module_name
     return prefix + flatten(rest)

@@ -67,11 +67,12 @@ def apply_dora_(acc: torch.Tensor, base: torch.Tensor, module: LoraModule, trans
 
 
 def add_deltas_blockwise(
-    weight: torch.Tensor, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+    weight: torch.Tensor, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float, int]],
     block_elements: int = 1 << 20,
 ) -> tuple[float, float]:
     """out = round(weight + Σ alpha·left@right), a block of rows at a time; returns (min, max) of the
-    float32 result (NaN if any NaN), so callers check finiteness without another pass.
+    float32 result (NaN if any NaN), so callers check finiteness without another pass. Each term's
+    `left` covers the rows from its offset on (a q/k/v piece of a fused tensor covers a third).
 
     Working in blocks keeps the float32 copy in cache instead of materialising the whole weight in
     float32, which halves memory traffic on large matrices. `out` may be `weight` itself.
@@ -82,8 +83,11 @@ def add_deltas_blockwise(
     for start in range(0, w2.shape[0], rows):
         stop = min(start + rows, w2.shape[0])
         acc = w2[start:stop].to(COMPUTE_DTYPE, copy=True)
-        for left, right, alpha in terms:
-            acc.addmm_(left[start:stop], right, alpha=alpha)
+        for left, right, alpha, offset in terms:
+            low_row, high_row = max(start, offset), min(stop, offset + left.shape[0])
+            if low_row < high_row:
+                acc[low_row - start:high_row - start].addmm_(left[low_row - offset:high_row - offset], right,
+                                                             alpha=alpha)
         o2[start:stop].copy_(acc)
         block_low, block_high = (v.item() for v in torch.aminmax(acc))
         saw_nan = saw_nan or math.isnan(block_low) or math.isnan(block_high)
