@@ -319,11 +319,11 @@ def test_combine_and_resize_accept_other_formats(run_cli, tmp_path):
 
 
 def test_more_refusals(run_cli, tmp_path):
-    # LyCORIS LoHa tensors are not LoRA
+    # one module with the tensors of two algorithms
     save_file({"lora_unet_a.hada_w1_a": torch.ones(2, 2), "lora_unet_a.lora_down.weight": torch.ones(1, 2),
                "lora_unet_a.lora_up.weight": torch.ones(2, 1)}, str(tmp_path / "loha.safetensors"))
     loha = run_cli("inspect", tmp_path / "loha.safetensors")
-    assert loha.code == 2 and "LyCORIS" in loha.stderr
+    assert loha.code == 2 and "lora_unet_a: mixes tensors of locon and loha" in loha.stderr
     # a wrapped state dict holding two adapters
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))

@@ -369,6 +369,16 @@ def test_refused_adapter_features(run_cli, root, bases, tmp_path, name, config, 
     assert_refused(run_cli("convert", path, "--to", "gguf", "--base", bases["llama"], "-o", out), out, *needles)
 
 
+def test_refused_lycoris_algorithms(run_cli, bases, tmp_path):
+    from peft import LoHaConfig
+
+    peft_model = get_peft_model(tiny_llama(), LoHaConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "loha"))
+    out = tmp_path / "out.gguf"
+    result = run_cli("convert", tmp_path / "loha", "--to", "gguf", "--base", bases["llama"], "-o", out)
+    assert_refused(result, out, "loha", "q_proj")
+
+
 def test_refused_modules_to_save(run_cli, bases, tmp_path):
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
                                                          init_lora_weights=False))

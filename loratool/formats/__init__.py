@@ -30,6 +30,7 @@ from .loralib import looks_like_loralib, read_loralib_adapter
 from .names import components_of, split_component
 from .peft import (WEIGHT_NAMES, find_peft_folder, looks_like_bare_peft, read_bare_peft_adapter, read_peft_adapter,
                    write_peft_adapter)
+from .peft_lycoris import peft_type_of, read_peft_lycoris_adapter, write_peft_lycoris_adapter
 from .peft_state import looks_like_peft_state, read_peft_state_adapter
 
 FORMATS = ("peft", "kohya", "diffusers", "loralib", "peft-state")
@@ -72,8 +73,11 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickl
     if format is None:
         raise AdapterError(f"{path}: not a recognised adapter (known formats: {', '.join(FORMATS)})")
     if format == "peft":
-        if find_peft_folder(path) is None:
+        folder = find_peft_folder(path)
+        if folder is None:
             return read_bare_peft_adapter(path, alpha=alpha, allow_pickle=allow_pickle, need_alpha=need_alpha)
+        if peft_type_of(folder) is not None:
+            return read_peft_lycoris_adapter(path, allow_pickle=allow_pickle)
         return read_peft_adapter(path, allow_pickle=allow_pickle)
     if format == "kohya":
         return read_kohya_adapter(path, allow_pickle=allow_pickle)

@@ -167,6 +167,9 @@ def plan_gguf(adapter: Adapter, base: GgufBase) -> tuple[list[GgufPair], list[st
 
     pairs: list[GgufPair] = []
     for name, module in sorted(adapter.modules.items()):
+        if not isinstance(module, LoraModule):
+            refuse(f"LyCORIS {module.algorithm} modules (llama.cpp applies only lora_a/lora_b pairs)", name)
+            continue
         if module.is_dora:
             refuse("DoRA (llama.cpp applies s·B·A and has no magnitude vector)", name)
         if module.bias is not None:
