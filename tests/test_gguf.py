@@ -427,6 +427,17 @@ def test_python_api_and_lazy_import(root, bases, llama_all, tmp_path):
 
     result = loratool.convert(llama_all, tmp_path / "api.gguf", to="gguf", base=bases["llama"], dtype="float16")
     assert result.to_json()["tensor_types"] == {"F16": 28}
+    hub = tmp_path / "hub-named"
+    shutil.copytree(llama_all, hub)
+    config = json.loads((hub / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+    (hub / "adapter_config.json").write_text(json.dumps(config))
+    loratool.convert(hub, tmp_path / "hub.gguf", to="gguf", base=bases["llama"])
+    reader = GGUFReader(str(tmp_path / "hub.gguf"))
+    assert field_value(reader, "general.name") == "hub-named"
+    assert field_value(reader, "general.base_model.0.name") == "Llama-3.2-1B"
+    assert field_value(reader, "general.base_model.0.organization") == "meta-llama"
+    assert field_value(reader, "general.base_model.0.repo_url") == "https://huggingface.co/meta-llama/Llama-3.2-1B"
     code = ("import sys; from loratool.cli import main; main(['--help']); main(['convert', '--help']); "
             "print('GGUF-LOADED' if 'gguf' in sys.modules else 'GGUF-NOT-LOADED')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -262,6 +262,7 @@ def write_gguf_adapter(path: Path, pairs: list[GgufPair], alpha: float, base: Gg
             writer.add_base_model_count(1)
             writer.add_base_model_name(0, base_model.rstrip("/").rsplit("/", 1)[-1])
             if _HUB_ID.match(base_model) and not Path(base_model).exists():
+                writer.add_base_model_organization(0, base_model.split("/")[0])
                 writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
         for pair in pairs:
             sources = (pair.module.lora_A, pair.module.lora_B)
