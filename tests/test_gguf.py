@@ -235,7 +235,8 @@ def test_mistral_and_qwen3(run_cli, root, bases, arch, gguf_arch, heads):
 
 
 def test_embedding_and_untied_lm_head(run_cli, root, bases):
-    config = LoraConfig(r=4, lora_alpha=12, target_modules=["embed_tokens", "lm_head", "q_proj"], init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["embed_tokens", "lm_head", "q_proj"],
+                        init_lora_weights=False)
     path = adapter(root, "llama-embed", "llama", config)
     out = root / "embed.gguf"
     result = ok(run_cli("convert", path, "--to", "gguf", "--base", bases["llama"], "-o", out))
