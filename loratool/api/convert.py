@@ -1,4 +1,5 @@
-"""`convert`: an adapter from any readable format to peft, kohya or diffusers, losslessly."""
+"""`convert`: an adapter from any readable format to peft, kohya or diffusers, losslessly, or to
+llama.cpp's GGUF (`convert_gguf.py`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.output import atomic_output, check_output_path
-from ..dtypes import parse_output_dtype
+from ..dtypes import OUTPUT_DTYPE_CHOICES, parse_output_dtype
 from ..errors import UsageError
 from ..formats import WRITABLE, base_layout, load_adapter, require_resolved, select_component, write_adapter
 from ..formats.names import components_of
 from ..layouts import BaseLayout
 from ..lora.module import Adapter
 from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
+
+#: Every `--to`: the adapter formats, and llama.cpp's GGUF, which needs the base to write.
+CONVERT_TARGETS = (*WRITABLE, "gguf")
 
 
 @dataclass
@@ -62,9 +66,19 @@ def convert(
     force: bool = False,
     allow_pickle: bool = False,
 ) -> ConvertResult:
-    """Read `adapter` (auto-detected or `format`) and write it as `to`; `base` resolves kohya names."""
-    if to not in WRITABLE:
-        raise UsageError(f"--to must be one of {', '.join(WRITABLE)}, got {to!r}")
+    """Read `adapter` (auto-detected or `format`) and write it as `to`; `base` resolves kohya names
+    (and, for gguf, is the HF model folder whose architecture and head counts llama.cpp needs)."""
+    if to not in CONVERT_TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, got {to!r}")
+    if to == "gguf":
+        if component is not None:
+            raise UsageError("--component does not apply to --to gguf (a GGUF adapter holds one model)")
+        from .convert_gguf import convert_to_gguf
+
+        return convert_to_gguf(adapter, output, base, format=format, alpha=alpha, dtype=dtype, force=force,
+                               allow_pickle=allow_pickle)
+    if dtype not in OUTPUT_DTYPE_CHOICES:
+        raise UsageError(f"--dtype {dtype} is for --to gguf only; {to} takes {', '.join(OUTPUT_DTYPE_CHOICES)}")
     output = Path(output)
     if to != "peft" and output.suffix != ".safetensors":
         raise UsageError(f"{to} adapters are single files: OUT must end in .safetensors, got {output}")
