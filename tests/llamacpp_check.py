@@ -3,7 +3,8 @@ model, our adapter loaded with `lora_path`, logits compared with PEFT's unmerged
 
 This is the check no reading of llama.cpp's source can replace: the file loads, the names, the
 transposed embedding, the q/k row order and the scale are what llama.cpp really uses. llama-cpp-python
-compiles llama.cpp on install, so it is not a test extra; without it these tests are skipped.
+compiles llama.cpp on install, so it is not a test extra and this file is not collected by `make test`:
+run it with `python -m pytest tests/llamacpp_check.py` after `pip install llama-cpp-python`.
 The base GGUF is written here with the gguf package, in llama.cpp's own layout for the `llama` arch
 (q/k rows interleaved per head), by this file's own code.
 """
