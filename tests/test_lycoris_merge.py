@@ -141,3 +141,40 @@ def test_lycoris_file_merges_into_an_ldm_single_file_with_weights(run_cli, tmp_p
     finally:
         for module in net.unet_loras + net.text_encoder_loras:
             module.restore()
+
+
+def test_lycoris_and_lora_merge_together_with_weights(run_cli, tmp_path, pipeline, preset):
+    """A LoHa file at weight 0.5 and a plain kohya LoRA at weight 1 on the same layers: W + 0.5·ΔW_LoHa +
+    ΔW_LoRA, with ΔW_LoHa from LyCORIS' own forward (its output minus the base layer's, at multiplier 1)."""
+    from loratool.layouts.index import flatten
+
+    folder, _ = pipeline
+    path, net = lycoris_file(tmp_path, NETWORKS["loha-tucker"])
+    try:
+        linear = [m for m in net.unet_loras if m.module_type == "linear"][:3]
+        generator = torch.Generator().manual_seed(5)
+        lora = {}
+        for module in linear:
+            layer = module.org_module[0]
+            lora[f"{module.lora_name}.lora_down.weight"] = torch.randn(2, layer.in_features, generator=generator)
+            lora[f"{module.lora_name}.lora_up.weight"] = torch.randn(layer.out_features, 2, generator=generator)
+            lora[f"{module.lora_name}.alpha"] = torch.tensor(1.0)
+        save_file(lora, str(tmp_path / "lora.safetensors"))
+        result = run_cli("merge", folder / "pipeline", path, tmp_path / "lora.safetensors", "--weights", "0.5,1",
+                         "-o", tmp_path / "both")
+        assert result.code == 0, result
+        merged = load_folder(tmp_path / "both" / "unet")
+        paths = {"lora_unet_" + flatten(k.rsplit(".", 1)[0]): k.rsplit(".", 1)[0] for k in merged}
+        for module in linear:
+            weight, _ = base_tensors(module)
+            eye = torch.eye(weight.shape[1], dtype=torch.float64)
+            with torch.no_grad():
+                loha = (module(eye) - module.org_forward(eye)).T  # ΔW as the layer applies it
+            name = module.lora_name
+            lora_delta = lora[f"{name}.lora_up.weight"].double() @ lora[f"{name}.lora_down.weight"].double() / 2
+            expected = weight.double() + 0.5 * loha + lora_delta
+            got = merged[f"{paths[name]}.weight"].double()
+            assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max()), name
+    finally:
+        for module in net.unet_loras + net.text_encoder_loras:
+            module.restore()
