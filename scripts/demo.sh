@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert and extract on the
-# bundled fixtures (fixtures/make_fixtures.py), a LyCORIS LoHa file (scripts/lycoris_demo_file.py)
+# The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert (also to GGUF) and extract on
+# the bundled fixtures (fixtures/make_fixtures.py), a LyCORIS LoHa file (scripts/lycoris_demo_file.py)
 # inspected and converted, then export-onnx and a short bench-onnx.
 set -euo pipefail
 BIN=${1:-.venv/bin}
@@ -37,6 +37,8 @@ a, b = (load_file(f"{p}/adapter_model.safetensors") for p in sys.argv[1:3])
 same = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 print(f"peft -> kohya -> peft round trip is bit-exact: {same}")
 PY
+step "$LT" convert fixtures/lora-llama-qv --to gguf --base fixtures/tiny-llama -o "$OUT/qv.gguf" --dtype float16
+step "$LT" inspect "$OUT/qv.gguf"
 step "$LT" extract fixtures/loralib-tiny/eval.safetensors --alpha 8 --base fixtures/loralib-tiny/pretrained.safetensors -o "$OUT/loralib-adapter" --base-out "$OUT/loralib-base.safetensors"
 "$BIN/python" scripts/sd_demo_files.py "$OUT"
 step "$LT" inspect "$OUT/tiny-sd1.safetensors"

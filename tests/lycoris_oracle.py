@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -95,3 +96,45 @@ def modules_from_state_dict(state: dict[str, torch.Tensor]):
         groups.setdefault(split[0], {})[split[1]] = tensor
     return {name: build_module(name, parts) for name, parts in groups.items()}
 
+
+
+#: Targets like LyCORIS' "full" preset, minus the names its module list already covers (which it
+#: would create twice on a diffusers UNet and then refuse as duplicates).
+PRESET = {"enable_conv": True,
+          "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+          "unet_target_name": ["conv_in", "conv_out"], "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
+          "text_encoder_target_name": [], "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False,
+          "exclude_name": []}
+_PRESET_ATTRIBUTES = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                      "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
+                      "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+
+
+@contextlib.contextmanager
+def applied_preset():
+    """LyCORIS' kohya network with `PRESET`, restored afterwards (the preset is class state)."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    saved = {attr: getattr(LycorisNetworkKohya, attr) for attr in _PRESET_ATTRIBUTES}
+    LycorisNetworkKohya.apply_preset(PRESET)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(LycorisNetworkKohya, attr, value)
+
+
+def tiny_sd_models():
+    """A tiny SD UNet and CLIP text encoder in float64, for LyCORIS networks."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=8, sample_size=8, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).double().eval()
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, vocab_size=50, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1)).double().eval()
+    return unet, text

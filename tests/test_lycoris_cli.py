@@ -18,16 +18,12 @@ from lycoris.kohya import LycorisNetworkKohya
 from helpers import tiny_clip_text, tiny_unet
 from loratool.formats import load_adapter
 from loratool.lora.algorithms import split_key
-from lycoris_oracle import quiet_lycoris, randomize
-from test_lycoris_networks import PRESET
+from lycoris_oracle import PRESET, applied_preset, quiet_lycoris, randomize
 
 quiet_lycoris()
 
 #: LyCORIS' preset on the UNet only (a diffusers UNet base has no text encoder to resolve against).
 UNET_ONLY = {**PRESET, "text_encoder_target_module": []}
-PRESET_ATTRS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
-                "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-                "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
 NETWORKS = {
     "loha": dict(network_module="loha"),
     "loha-tucker": dict(network_module="loha", use_tucker=True),
@@ -62,8 +58,7 @@ def sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lycoris-cli")
     unet_model().save_pretrained(folder / "unet", safe_serialization=True)
     files, outputs = {}, {}
-    saved = {attr: getattr(LycorisNetworkKohya, attr) for attr in PRESET_ATTRS}
-    try:
+    with applied_preset():  # restores LyCORIS' class-level preset afterwards
         for index, (name, kwargs) in enumerate(NETWORKS.items()):
             kwargs = dict(kwargs)
             LycorisNetworkKohya.apply_preset({**UNET_ONLY, **kwargs.pop("preset", {})})
@@ -78,9 +73,6 @@ def sd(tmp_path_factory):
             outputs[name] = unet_output(unet)  # LyCORIS' forward: the oracle
             for module in net.unet_loras + net.text_encoder_loras:
                 module.restore()
-    finally:
-        for attr, value in saved.items():
-            setattr(LycorisNetworkKohya, attr, value)
     return folder / "unet", files, outputs
 
 

@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from lycoris.kohya import LycorisNetworkKohya
 
 from helpers import load_folder
-from lycoris_oracle import base_tensors, quiet_lycoris, randomize, sample_input
+from lycoris_oracle import applied_preset, base_tensors, quiet_lycoris, randomize, sample_input, tiny_sd_models
 from test_layouts import LDM, SD1_TE, diffusers_from_ldm, to_ldm_unet
-from test_lycoris_networks import PRESET
 
 quiet_lycoris()
 
@@ -30,25 +29,10 @@ NETWORKS = {
 }
 
 
-def tiny_models():
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                attention_head_dim=8, sample_size=8, norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).double().eval()
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, vocab_size=50, max_position_embeddings=16,
-                                        bos_token_id=0, eos_token_id=1)).double().eval()
-    return unet, text
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lycoris-base")
-    unet, text = tiny_models()
+    unet, text = tiny_sd_models()
     unet.save_pretrained(folder / "pipeline" / "unet")
     text.save_pretrained(folder / "pipeline" / "text_encoder")
     (folder / "pipeline" / "model_index.json").write_text(json.dumps({
@@ -62,20 +46,14 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture
 def preset():
-    saved = {attr: getattr(LycorisNetworkKohya, attr) for attr in
-             ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
-              "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-              "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")}
-    LycorisNetworkKohya.apply_preset(PRESET)
-    yield
-    for attr, value in saved.items():
-        setattr(LycorisNetworkKohya, attr, value)
+    with applied_preset():
+        yield
 
 
 def lycoris_file(tmp_path, kwargs):
     """LyCORIS' network on fresh models, randomised and saved as its trainer integration saves it.
     Returns the file and the network (still applied, so each module's forward is the oracle)."""
-    unet, text = tiny_models()
+    unet, text = tiny_sd_models()
     kwargs = {"lora_dim": 4, "conv_lora_dim": 4, "alpha": 2.0, "conv_alpha": 1.0, **kwargs}
     net = LycorisNetworkKohya(text, unet, multiplier=1.0, **kwargs)
     net.apply_to(text, unet, True, True)
@@ -138,6 +116,43 @@ def test_lycoris_file_merges_into_an_ldm_single_file_with_weights(run_cli, tmp_p
         original, back = load_file(str(single)), load_file(str(restored))
         assert max(float((back[k].double() - original[k].double()).abs().max()) for k in original) < 1e-5
         assert any(k.startswith(LDM) and not torch.equal(merged[k], original[k]) for k in original)
+    finally:
+        for module in net.unet_loras + net.text_encoder_loras:
+            module.restore()
+
+
+def test_lycoris_and_lora_merge_together_with_weights(run_cli, tmp_path, pipeline, preset):
+    """A LoHa file at weight 0.5 and a plain kohya LoRA at weight 1 on the same layers: W + 0.5·ΔW_LoHa +
+    ΔW_LoRA, with ΔW_LoHa from LyCORIS' own forward (its output minus the base layer's, at multiplier 1)."""
+    from loratool.layouts.index import flatten
+
+    folder, _ = pipeline
+    path, net = lycoris_file(tmp_path, NETWORKS["loha-tucker"])
+    try:
+        linear = [m for m in net.unet_loras if m.module_type == "linear"][:3]
+        generator = torch.Generator().manual_seed(5)
+        lora = {}
+        for module in linear:
+            layer = module.org_module[0]
+            lora[f"{module.lora_name}.lora_down.weight"] = torch.randn(2, layer.in_features, generator=generator)
+            lora[f"{module.lora_name}.lora_up.weight"] = torch.randn(layer.out_features, 2, generator=generator)
+            lora[f"{module.lora_name}.alpha"] = torch.tensor(1.0)
+        save_file(lora, str(tmp_path / "lora.safetensors"))
+        result = run_cli("merge", folder / "pipeline", path, tmp_path / "lora.safetensors", "--weights", "0.5,1",
+                         "-o", tmp_path / "both")
+        assert result.code == 0, result
+        merged = load_folder(tmp_path / "both" / "unet")
+        paths = {"lora_unet_" + flatten(k.rsplit(".", 1)[0]): k.rsplit(".", 1)[0] for k in merged}
+        for module in linear:
+            weight, _ = base_tensors(module)
+            eye = torch.eye(weight.shape[1], dtype=torch.float64)
+            with torch.no_grad():
+                loha = (module(eye) - module.org_forward(eye)).T  # ΔW as the layer applies it
+            name = module.lora_name
+            lora_delta = lora[f"{name}.lora_up.weight"].double() @ lora[f"{name}.lora_down.weight"].double() / 2
+            expected = weight.double() + 0.5 * loha + lora_delta
+            got = merged[f"{paths[name]}.weight"].double()
+            assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max()), name
     finally:
         for module in net.unet_loras + net.text_encoder_loras:
             module.restore()

@@ -1,6 +1,7 @@
-"""`convert`: an adapter from any readable format to peft, kohya or diffusers, losslessly; or, with
-`--rank`/`--energy`, every module approximated as a plain LoRA (the best rank-R one, `lora/to_lora.py`),
-for targets that hold LoRA only (LoHa, LoKr, Tucker LoCon and full diffs -> PEFT LoRA or diffusers)."""
+"""`convert`: an adapter from any readable format to peft, kohya or diffusers, losslessly, or to
+llama.cpp's GGUF (`convert_gguf.py`); or, with `--rank`/`--energy`, every module approximated as a plain
+LoRA (the best rank-R one, `lora/to_lora.py`), for targets that hold LoRA only (LoHa, LoKr, Tucker
+LoCon and full diffs -> PEFT LoRA or diffusers)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.output import atomic_output, check_output_path
-from ..dtypes import parse_output_dtype
+from ..dtypes import OUTPUT_DTYPE_CHOICES, parse_output_dtype
 from ..errors import AdapterError, UsageError, summarize
 from ..formats import (WRITABLE, base_layout, fit_to_base, load_adapter, require_resolved, select_component,
                        write_adapter)
@@ -24,6 +25,9 @@ from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.svd import RankRule
 from ..lora.to_lora import to_lora
 from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
+
+#: Every `--to`: the adapter formats, and llama.cpp's GGUF, which needs the base to write.
+CONVERT_TARGETS = (*WRITABLE, "gguf")
 
 
 @dataclass
@@ -83,12 +87,25 @@ def convert(
     max_rank: int | None = None,
 ) -> ConvertResult:
     """Read `adapter` (auto-detected or `format`) and write it as `to`; `base` resolves kohya names and
-    gives LyCORIS modules their layer shapes. With `rank` or `energy` (optionally capped by `max_rank`)
-    every module becomes a plain LoRA by truncated SVD of its ΔW, and the result reports each module's
+    gives LyCORIS modules their layer shapes (and, for gguf, is the HF model folder whose architecture
+    and head counts llama.cpp needs). With `rank` or `energy` (optionally capped by `max_rank`) every
+    module becomes a plain LoRA by truncated SVD of its ΔW, and the result reports each module's
     relative error."""
     rule = _rank_rule(rank, energy, max_rank)
-    if to not in WRITABLE:
-        raise UsageError(f"--to must be one of {', '.join(WRITABLE)}, got {to!r}")
+    if to not in CONVERT_TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, got {to!r}")
+    if to == "gguf":
+        if component is not None:
+            raise UsageError("--component does not apply to --to gguf (a GGUF adapter holds one model)")
+        if rule is not None:
+            raise UsageError("--rank/--energy do not apply to --to gguf; convert --to peft --rank R first, then "
+                             "that adapter to gguf")
+        from .convert_gguf import convert_to_gguf
+
+        return convert_to_gguf(adapter, output, base, format=format, alpha=alpha, dtype=dtype, force=force,
+                               allow_pickle=allow_pickle)
+    if dtype not in OUTPUT_DTYPE_CHOICES:
+        raise UsageError(f"--dtype {dtype} is for --to gguf only; {to} takes {', '.join(OUTPUT_DTYPE_CHOICES)}")
     output = Path(output)
     if to != "peft" and output.suffix != ".safetensors":
         raise UsageError(f"{to} adapters are single files: OUT must end in .safetensors, got {output}")

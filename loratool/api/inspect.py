@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..formats import EMBEDDED, detect_format, load_adapter
+from ..formats.gguf import GGUF_SUFFIX
 from ..layouts import layout_of, open_base
 from ..layouts.families import adapter_family
 from ..lora.module import Adapter, LayerKind
@@ -163,6 +164,10 @@ def inspect(path: str | os.PathLike, check: bool = False, tensors: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict:
     """Describe `path`: an adapter when one is recognised there, otherwise a model checkpoint."""
     path = Path(path)
+    if path.suffix == GGUF_SUFFIX and path.is_file():
+        from .inspect_gguf import inspect_gguf
+
+        return inspect_gguf(path, check=check, tensors=tensors, schema=SCHEMA_VERSION)
     fmt = detect_format(path, allow_pickle)
     if fmt is not None and fmt not in EMBEDDED:
         return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle, need_alpha=False), check=check,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from ..api import convert, extract
-from ..formats import EMBEDDED, WRITABLE
-from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, dtype_option, force_option,
+from ..api.convert import CONVERT_TARGETS
+from ..dtypes import OUTPUT_DTYPE_CHOICES
+from ..formats import EMBEDDED
+from ..formats.gguf import GGUF_DTYPES
+from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, force_option,
                      json_option, output_option, rank_options)
-
 
 #: How many of the largest per-module errors `convert --rank` prints (all of them are in --json).
 WORST_SHOWN = 3
@@ -17,21 +19,25 @@ WORST_SHOWN = 3
 @click.command("convert")
 @click.argument("adapter", type=LocationType("adapter"))
 @output_option
-@click.option("--to", "to", required=True, type=click.Choice(WRITABLE), help="Format to write.")
+@click.option("--to", "to", required=True, type=click.Choice(CONVERT_TARGETS),
+              help="Format to write; gguf is a llama.cpp --lora file and needs --base (the HF model folder).")
 @base_option
 @adapter_format_options
 @click.option("--component", default=None,
               help="Pipeline component: with --to diffusers, the prefix for modules that have none (default unet); "
                    "with --to peft, which component of a pipeline adapter to keep.")
 @rank_options
-@dtype_option
+@click.option("--dtype", type=click.Choice(tuple(dict.fromkeys((*OUTPUT_DTYPE_CHOICES, *GGUF_DTYPES)))),
+              default="auto", show_default=True,
+              help="Output dtype; auto keeps each tensor's own. q8_0 is for --to gguf only (rows that are not a "
+                   "multiple of 32 values fall back to f16, and are named).")
 @force_option
 @allow_pickle_option
 @json_option
 @click.pass_obj
 def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component, rank, energy, max_rank, dtype, force,
                 allow_pickle, as_json):
-    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers, losslessly.
+    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers, losslessly, or to GGUF for llama.cpp.
 
     Per-module rank and alpha are kept (rank_pattern/alpha_pattern in PEFT, .alpha tensors in kohya,
     the lora_adapter_metadata JSON in diffusers); rsLoRA is folded into alpha where the target has no
@@ -44,6 +50,10 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
     plain LoRA by truncated SVD of its ΔW instead, for targets that hold LoRA only, and reports each
     module's relative error. See docs/lycoris.md.
 
+    --to gguf writes the file llama.cpp loads with --lora: tensor names from the gguf package's map
+    for the base's architecture, PEFT's exact per-module scale (rsLoRA, alpha_pattern) folded into
+    lora_b, and llama-arch q/k rows reordered like the base GGUF's. It needs the gguf extra.
+
     \b
     Examples:
       loratool convert adapter/ --to kohya -o lora.safetensors
@@ -51,6 +61,7 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
       loratool convert adapter/ --to diffusers --component unet -o pytorch_lora_weights.safetensors
       loratool convert loha.safetensors --to peft --base sd15/ -o loha-peft/
       loratool convert loha.safetensors --to diffusers --rank 16 --base sd15/ -o lora.safetensors
+      loratool convert adapter/ --to gguf --base base/ -o adapter.gguf --dtype float16
     """
     result = convert(adapter, output, to, base=base, format=adapter_format, alpha=alpha, component=component,
                      dtype=dtype, force=force, allow_pickle=allow_pickle, rank=rank, energy=energy,

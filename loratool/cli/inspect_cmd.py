@@ -15,6 +15,8 @@ def _summary(report: dict) -> Table:
     table.add_column(style="bold")
     table.add_column()
     rows = [("path", report["path"]), ("kind", report["kind"]), ("format", report["format"])]
+    if report.get("architecture"):
+        rows.append(("architecture", f"{report['architecture']} (llama.cpp)"))
     if report["kind"] == "adapter":
         rows += [
             ("base model", report["base_model"] or "(not recorded)"),
@@ -110,7 +112,8 @@ def _tensors(report: dict) -> Table:
 def inspect_cmd(out, path, as_json, tensors, check, allow_pickle):
     """Describe a checkpoint or adapter at PATH.
 
-    PATH is a .safetensors file, a sharded index.json, a model folder or a PEFT adapter folder.
+    PATH is a .safetensors file, a sharded index.json, a model folder, a PEFT adapter folder or a
+    .gguf file (a llama.cpp LoRA adapter or model).
     Adapters show rank, alpha and scale per target, the layers covered, DoRA/rsLoRA and the base
     model. Checkpoints show files, tensors, parameters and a dtype breakdown. The --json keys are
     stable; see docs/inspect.md.

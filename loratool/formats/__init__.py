@@ -8,6 +8,7 @@ writer takes one.
 | `diffusers`  | yes   | yes    | `unet.`/`text_encoder.`-prefixed keys, config in the metadata      |
 | `loralib`    | yes   | no     | microsoft/LoRA: a whole state dict with `<module>.lora_A/lora_B`   |
 | `peft-state` | yes   | no     | a PEFT-wrapped model's whole state dict (`base_layer`, `.default`) |
+| `gguf`       | inspect | convert | llama.cpp `--lora` file (`gguf.py`; written against a base, not via write_adapter) |
 """
 
 from __future__ import annotations

@@ -103,17 +103,23 @@ def _weights_file(folder: Path, given: Path) -> Path:
     raise AdapterError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin) next to {CONFIG_NAME}")
 
 
+def load_config_json(path: Path) -> dict:
+    """An adapter_config.json as a dict, or one clear error."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return config
+
+
 def read_peft_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     folder = find_peft_folder(path)
     if folder is None:
         raise AdapterError(f"{path}: no {CONFIG_NAME} found, so this is not a PEFT adapter")
     config_path = folder / CONFIG_NAME
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
+    config = load_config_json(config_path)
     _check_config(config, config_path)
     weights_path = _weights_file(folder, path)
     with open_checkpoint(weights_path, allow_pickle=allow_pickle) as checkpoint:

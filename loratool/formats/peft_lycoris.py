@@ -31,7 +31,8 @@ from ..errors import AdapterError, summarize
 from ..lora.algorithms import LoHa, LoKr, split_key, tucker_to_flat
 from ..lora.module import Adapter
 from ..lora.scaling import pattern_value
-from .peft import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _most_common, _number, _weights_file, find_peft_folder
+from .peft import (CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _most_common, _number, _weights_file, find_peft_folder,
+                   load_config_json)
 
 #: Roles whose first dimension is PEFT's r.
 RANK_ROLES = ("hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b")
@@ -63,12 +64,7 @@ def peft_type_of(folder: Path) -> str | None:
 
 def _load_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    config = load_config_json(path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not LOHA or LOKR")
