@@ -263,7 +263,7 @@ def test_rank_conversion_needs_the_base_for_flattened_convs(run_cli, tmp_path):
     folder, _ = peft_folder(tmp_path, LoHaConfig(r=3, alpha=6, target_modules=["conv", "fc"]))
     out = tmp_path / "r"
     refused(run_cli("convert", folder, "--to", "peft", "--rank", 2, "-o", out), out,
-            "conv: a loha file stores conv kernels flattened", "pass --base")
+            "2 loha module(s) (conv; fc) store conv kernels flattened", "pass --base")
     refused(run_cli("convert", folder, "--to", "peft", "--max-rank", 2, "-o", out), out, "--max-rank caps")
     refused(run_cli("resize", folder, "--rank", 2, "-o", out), out, "cannot resize to LoRA", "pass --base")
 

@@ -149,17 +149,20 @@ def _rank_rule(rank: int | None, energy: float | None, max_rank: int | None) -> 
 
 
 def lora_problems(modules: Mapping[str, AdapterModule], keep_norms: bool = False) -> list[str]:
-    """Why modules cannot become plain LoRA, one line each: norm diffs (no low-rank form; allowed when
-    the target keeps them as they are) and LoHa/LoKr updates whose layer shape only the base knows (a
-    flat 2-D update may be a flattened Conv2d)."""
-    problems = []
+    """Why modules cannot become plain LoRA: norm diffs (no low-rank form; allowed when the target keeps
+    them as they are), one line each, and one line for all LoHa/LoKr updates whose layer shape only the
+    base knows (a flat 2-D update may be a flattened Conv2d)."""
+    problems, ambiguous = [], {}
     for name, module in sorted(modules.items()):
         if module.kind is LayerKind.NORM and not keep_norms:
             problems.append(f"{name}: a norm layer's 1-D {module.algorithm} update has no LoRA form "
                             "(only --to kohya keeps it, as it is)")
         elif module.shape_ambiguous:
-            problems.append(f"{name}: a {module.algorithm} file stores conv kernels flattened, so only the base tells "
-                            "a Linear from a Conv2d: pass --base")
+            ambiguous[name] = module.algorithm
+    if ambiguous:
+        algorithms = "/".join(sorted(set(ambiguous.values())))
+        problems.insert(0, f"{len(ambiguous)} {algorithms} module(s) ({summarize(list(ambiguous), 2)}) store conv "
+                           "kernels flattened, so only the base tells a Linear from a Conv2d: pass --base")
     return problems
 
 
