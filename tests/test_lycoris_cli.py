@@ -110,6 +110,10 @@ def test_inspect_names_algorithm_rank_factor_tucker_and_parameters(run_cli, sd, 
                      else "locon" if roles["lora_down.weight"].dim() == 4 else "lora")
         expected[algorithm] = expected.get(algorithm, 0) + 1
     assert report["algorithms"] == expected and report["modules"] == len(groups)
+    # kohya's flattened names group by what follows the last block index
+    assert {"attn2_to_k", "conv1", "conv_in"} <= set(report["targets"])
+    assert all(any(name.endswith("_" + target) for target in report["targets"]) for name in groups)
+    assert not any(t.startswith("lora_") for t in report["targets"])
     assert sum(g["modules"] for g in report["groups"]) == len(groups)
     assert sum(g["parameters"] for g in report["groups"]) == sum(
         t.numel() for roles in groups.values() for role, t in roles.items() if role != "alpha")

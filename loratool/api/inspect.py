@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..formats import EMBEDDED, detect_format, load_adapter
 from ..formats.gguf import GGUF_SUFFIX
-from ..layouts import layout_of, open_base
+from ..layouts import KOHYA_PREFIXES, layout_of, open_base
 from ..layouts.families import adapter_family
 from ..lora.module import Adapter, LayerKind
 
@@ -81,12 +81,29 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
     return report
 
 
+_FLAT_BLOCK_INDEX = re.compile(r"_\d+_")
+
+
+def _leaf(name: str) -> str:
+    """The module's own name: the last dotted part, or for kohya's flattened names (no dots) what
+    follows the last block index (`…_transformer_blocks_0_attn2_to_k` -> `attn2_to_k`)."""
+    if "." in name:
+        return name.rsplit(".", 1)[-1]
+    tail = _FLAT_BLOCK_INDEX.split(name)[-1]
+    if tail != name:
+        return tail
+    for prefix in KOHYA_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def _groups(adapter: Adapter) -> list[dict]:
     """One group per (target leaf, kind, rank, alpha, scale, DoRA, algorithm, Tucker, LoKr factor), read
     off each module's `info()`, so every algorithm is described the same way."""
     groups: dict[tuple, dict] = {}
     for name, module in adapter.modules.items():
-        leaf = name.rsplit(".", 1)[-1]
+        leaf = _leaf(name)
         info = module.info()
         factor = tuple(info["factor"]) if info["factor"] is not None else None
         key = (leaf, info["kind"], info["rank"], info["alpha"], info["scale"], info["dora"], info["algorithm"],
@@ -136,7 +153,7 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         "use_dora": adapter.use_dora,
         "modules": len(adapter.modules),
         "algorithms": _algorithms(adapter),
-        "targets": sorted({name.rsplit(".", 1)[-1] for name in adapter.modules}),
+        "targets": sorted({_leaf(name) for name in adapter.modules}),
         "layers": layers,
         "groups": _groups(adapter),
         "rank_pattern": config.get("rank_pattern") or {},
