@@ -176,8 +176,12 @@ def test_peft_folder_holds_one_algorithm(run_cli, sd, tmp_path):
     refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--rank", 4, "--base", base, "-o", out),
             out, "cannot convert to LoRA", "DoRA loha module's magnitude rescales W + ΔW")
     converted = run_cli("convert", files["loha-lokr-mix"], "--to", "peft", "--rank", 4, "--base", base,
-                        "-o", tmp_path / "as-lora")
+                        "-o", tmp_path / "as-lora", "--json")
     assert converted.code == 0, converted
+    assert len(json.loads(converted.stdout)["errors"]) == len(mixed.modules)
+    written = load_adapter(tmp_path / "as-lora")
+    assert written.source_format == "peft" and len(written.modules) == len(mixed.modules)
+    assert {m.algorithm for m in written.modules.values()} <= {"lora", "locon"}
     # LyCORIS splits 4 channels as 1×4 with factor 4, PEFT as 4×1 under every decompose_factor
     refused(run_cli("convert", files["lokr-factor-4"], "--to", "peft", "--base", base, "-o", out), out,
             "no PEFT decompose_factor reproduces its Kronecker split")
