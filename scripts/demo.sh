@@ -3,7 +3,7 @@
 # bundled fixtures, then export-onnx and a short bench-onnx
 # (fixtures/make_fixtures.py).
 set -euo pipefail
-BIN=${1:-.venv/bin}
+BIN=$(cd "${1:-.venv/bin}" && pwd)
 LT="$BIN/loratool"
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
