@@ -3,7 +3,7 @@
 # the bundled fixtures (fixtures/make_fixtures.py), a LyCORIS LoHa file (scripts/lycoris_demo_file.py)
 # inspected and converted, then export-onnx and a short bench-onnx.
 set -euo pipefail
-BIN=${1:-.venv/bin}
+BIN=$(cd "${1:-.venv/bin}" && pwd)
 LT="$BIN/loratool"
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
