@@ -14,13 +14,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import InvalidCheckpointError, LoratoolError, summarize
 from .header import TensorInfo, read_header
 from .pickled import PICKLE_SUFFIXES, load_pickle_state_dict, refuse_pickle
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".index.json"
@@ -91,6 +92,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh CPU memory."""
+        import torch
+
         info = self.tensors[name]
         if self.pickled is not None:
             return self.pickled[name].clone()  # callers may update in place; the loaded state stays as read
@@ -236,6 +239,7 @@ def _open_index(index_path: Path, allow_pickle: bool) -> Checkpoint:
 def _open_pickle_files(root: Path, files: list[Path], allow_pickle: bool, is_folder: bool) -> Checkpoint:
     if not allow_pickle:
         raise refuse_pickle(files[0])
+    from ..dtypes import TORCH_TO_SAFETENSORS
     loaded: dict[str, torch.Tensor] = {}
     tensors: dict[str, TensorInfo] = {}
     for file in files:

@@ -4,6 +4,11 @@ The safetensors library writes a file from a dict held whole in memory. A merge 
 tensor's name, dtype and shape before it computes any of them, so the header can be written first and
 the data streamed after it, one tensor at a time, keeping peak memory at one tensor. Unchanged tensors
 are copied file-to-file by the kernel (`copy_file_range`) without passing through Python.
+
+Writeback starts while the file is written: every `WRITEBACK_CHUNK` bytes the kernel is asked to
+start writing the range just finished (`sync_file_range`, asynchronous), and `finish()` waits with
+`fdatasync` on the writer's own thread. The fsync that publishes the output (`checkpoint/output.py`)
+then finds little or nothing left to write, and dirty pages never pile up in the page cache.
 """
 
 from __future__ import annotations
@@ -14,14 +19,38 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..dtypes import TORCH_TO_SAFETENSORS
 from .header import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_METADATA = {"format": "pt"}
 COPY_CHUNK = 64 << 20
+#: Bytes after which the writer asks the kernel to start writing back what it has written so far.
+WRITEBACK_CHUNK = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: list = []
+
+
+def start_writeback(fd: int, offset: int, count: int) -> None:
+    """Ask the kernel to start writing `[offset, offset + count)` of `fd` to disk, without waiting.
+
+    Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)` through ctypes (which releases the GIL); a no-op
+    where it is missing. It makes no durability promise on its own: `fsync` still does that."""
+    if not _sync_file_range:
+        try:
+            import ctypes
+
+            function = ctypes.CDLL(None, use_errno=True).sync_file_range
+            function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _sync_file_range.append(function)
+        except (OSError, AttributeError):
+            _sync_file_range.append(None)
+    function = _sync_file_range[0]
+    if function is not None and count > 0:
+        function(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,8 @@ class SafetensorsWriter:
     """Writes one safetensors file whose tensors are fixed up front; data must arrive in plan order."""
 
     def __init__(self, path: Path, plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        from ..dtypes import TORCH_TO_SAFETENSORS
+
         self.path = path
         self.plan = plan
         self._next = 0
@@ -81,6 +112,14 @@ class SafetensorsWriter:
         encoded += b" " * (-len(encoded) % 8)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         _write_all(self._fd, len(encoded).to_bytes(8, "little") + encoded)
+        self._position = 8 + len(encoded)
+        self._flushed = 0
+
+    def _advance(self, count: int) -> None:
+        self._position += count
+        if self._position - self._flushed >= WRITEBACK_CHUNK:
+            start_writeback(self._fd, self._flushed, self._position - self._flushed)
+            self._flushed = self._position
 
     def _expect(self, name: str) -> PlannedTensor:
         if self._next >= len(self.plan) or self.plan[self._next].name != name:
@@ -94,8 +133,11 @@ class SafetensorsWriter:
         if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
             raise RuntimeError(f"{name}: planned {planned.dtype}{list(planned.shape)}, got {tensor.dtype}{list(tensor.shape)}")
         if planned.nbytes:
+            import torch
+
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             _write_all(self._fd, data)
+            self._advance(planned.nbytes)
 
     def copy_raw(self, name: str, source_fd: int, source: TensorInfo) -> None:
         """Copy a tensor's bytes unchanged from an open safetensors file."""
@@ -103,11 +145,13 @@ class SafetensorsWriter:
         if planned.nbytes != source.nbytes:
             raise RuntimeError(f"{name}: planned {planned.nbytes} bytes, source has {source.nbytes}")
         _copy_range(source_fd, self._fd, source.data_start, source.nbytes)
+        self._advance(source.nbytes)
 
     def finish(self) -> None:
-        """Check that every planned tensor arrived, then close."""
+        """Check that every planned tensor arrived, wait for the data to reach the disk, then close."""
         if self._next != len(self.plan):
             raise RuntimeError(f"{self.path.name}: {len(self.plan) - self._next} planned tensors never written")
+        os.fdatasync(self._fd)
         self.close()
 
     def close(self) -> None:

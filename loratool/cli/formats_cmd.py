@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..api import convert, extract
-from ..formats import EMBEDDED, WRITABLE
-from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, dtype_option, force_option,
-                     json_option, output_option)
+from .params import (EMBEDDED_FORMATS, WRITABLE_FORMATS, LocationType, adapter_format_options, allow_pickle_option,
+                     base_option, dtype_option, force_option, json_option, output_option)
 
 
 @click.command("convert")
 @click.argument("adapter", type=LocationType("adapter"))
 @output_option
-@click.option("--to", "to", required=True, type=click.Choice(WRITABLE), help="Format to write.")
+@click.option("--to", "to", required=True, type=click.Choice(WRITABLE_FORMATS), help="Format to write.")
 @base_option
 @adapter_format_options
 @click.option("--component", default=None,
@@ -40,6 +38,8 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
       loratool convert lora.safetensors --to peft --base base/ -o adapter/
       loratool convert adapter/ --to diffusers --component unet -o pytorch_lora_weights.safetensors
     """
+    from ..api.convert import convert
+
     result = convert(adapter, output, to, base=base, format=adapter_format, alpha=alpha, component=component,
                      dtype=dtype, force=force, allow_pickle=allow_pickle)
     if out.notes_then_json(result, as_json):
@@ -54,7 +54,7 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
 @click.option("--base-out", type=click.Path(), default=None,
               help="Also write the clean base model here: LoRA tensors dropped, base_layer names restored, and "
                    "loralib weights unmerged when ΔW had been merged into them.")
-@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED), default=None,
+@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED_FORMATS), default=None,
               help="Checkpoint dialect; detected when not given.")
 @click.option("--alpha", type=float, default=None, help="lora_alpha (loralib does not store it).")
 @click.option("--already-merged/--not-merged", default=None,
@@ -79,6 +79,8 @@ def extract_cmd(out, checkpoint, output, base_out, adapter_format, alpha, alread
       loratool extract trained.safetensors --alpha 16 -o adapter/ --base-out base/
       loratool extract peft_state.safetensors -o adapter/
     """
+    from ..api.extract import extract
+
     result = extract(checkpoint, output, base_output=base_out, format=adapter_format, alpha=alpha,
                      already_merged=already_merged, base=base, force=force, allow_pickle=allow_pickle)
     if out.notes_then_json(result, as_json):

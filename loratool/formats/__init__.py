@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..errors import AdapterError, LoratoolError
@@ -27,6 +26,9 @@ from .loralib import looks_like_loralib, read_loralib_adapter
 from .names import components_of, split_component
 from .peft import WEIGHT_NAMES, find_peft_folder, read_peft_adapter, write_peft_adapter
 from .peft_state import looks_like_peft_state, read_peft_state_adapter
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("peft", "kohya", "diffusers", "loralib", "peft-state")
 WRITABLE = ("peft", "kohya", "diffusers")

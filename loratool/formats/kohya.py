@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
 from ..lora.module import Adapter, LayerKind, LoraModule
 from .names import base_modules, flatten, resolve_flat_names, split_component
+
+if TYPE_CHECKING:
+    import torch
 
 #: Name prefix -> the pipeline component it names. `lora_unet_` is also the main network of
 #: non-pipeline models (kohya's musubi-tuner uses it for DiTs too).
@@ -42,6 +44,8 @@ def looks_like_kohya(keys: list[str]) -> bool:
 
 
 def read_kohya_adapter(path: Path, base: str | Path | None = None, allow_pickle: bool = False) -> Adapter:
+    import torch
+
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         state = {name: checkpoint.read(name) for name in checkpoint}
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
@@ -122,6 +126,8 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
 
 def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None = None) -> list[Path]:
     """One `.safetensors` file. rsLoRA folds into alpha (alpha' = s·r), since kohya has no such flag."""
+    import torch
+
     refused = []
     if adapter.full_tensors:
         refused.append(f"whole tensors (modules_to_save) {summarize(sorted(adapter.full_tensors))}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .scaling import lora_scale
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LayerKind(str, enum.Enum):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-from .delta import expected_base_shape
 from .module import LayerKind, LoraModule
 
 #: transformers model types whose projections are `Conv1D`, storing W as (in, out).
@@ -51,6 +50,8 @@ def resolve_base_names(
 
 def fits(module: LoraModule, base_shape: tuple[int, ...]) -> list[bool]:
     """The orientations (False: W is (out, in); True: HF Conv1D's (in, out)) the base shape admits."""
+    from .delta import expected_base_shape  # imports torch; module names alone do not need it
+
     options = [False, True] if module.kind is LayerKind.LINEAR else [False]
     return [t for t in options if expected_base_shape(module, t) == tuple(base_shape)]
 
