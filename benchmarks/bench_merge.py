@@ -258,7 +258,8 @@ PROFILE_SCRIPT = r"""
 import json, os, sys, threading, time
 from collections import defaultdict
 import torch
-import loratool.api.merge as m
+import loratool.api.merge
+m = sys.modules["loratool.api.merge"]  # the package attribute `loratool.api.merge` is the function
 import loratool.checkpoint.reader as reader
 import loratool.checkpoint.writer as writer
 import loratool.checkpoint.output as output
@@ -285,7 +286,6 @@ os.fsync = timed("fsync", os.fsync)
 os.fdatasync = timed("fsync", os.fdatasync)
 base, adapter, out = sys.argv[1:4]
 started = time.perf_counter()
-t = time.perf_counter()
 m.load_adapter = timed("load adapter + plan", m.load_adapter)
 m.merge(base, [adapter], out)
 wall = time.perf_counter() - started

@@ -102,6 +102,30 @@ class Checkpoint(Mapping[str, TensorInfo]):
             _pread_into(self.fd(info.path), tensor.reshape(-1).view(torch.uint8).numpy(), info.data_start, info)
         return tensor
 
+    def row_bytes(self, name: str) -> int:
+        """Bytes per row (per index of the first dimension) of a tensor with at least one dimension."""
+        info = self.tensors[name]
+        return info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+
+    def read_rows(self, name: str, start: int, stop: int, buffer=None) -> torch.Tensor:
+        """Read rows `[start, stop)` (along the first dimension) of a safetensors tensor.
+
+        Into `buffer` (a 1-D uint8 tensor with room for them) when given, so that a merge can stream a
+        tensor of any size through a few reused buffers: memory then does not grow with the tensor."""
+        import torch
+
+        info = self.tensors[name]
+        if self.pickled is not None:
+            return self.pickled[name][start:stop].clone()
+        row = self.row_bytes(name)
+        count = (stop - start) * row
+        if buffer is None:
+            buffer = torch.empty(count, dtype=torch.uint8)
+        data = buffer[:count]
+        if count:
+            _pread_into(self.fd(info.path), data.numpy(), info.data_start + start * row, info)
+        return data.view(info.torch_dtype).view(stop - start, *info.shape[1:])
+
     def fd(self, path: Path) -> int:
         """An open read-only descriptor for one of this checkpoint's files (closed by `close()`).
 
