@@ -11,8 +11,9 @@ round by round so that drift from other users of the machine hits every command 
 and prints median wall times, the ratios, and peak RSS minus the interpreter's own baseline (a
 `python -c "import torch"` child) against the checkpoint size.
 
-Cases: `--case small` (default: hidden 2048, 8 layers, 1.1 GB in 3 shards) and `--case large`
-(hidden 4096, 9 layers, intermediate 11008, 4.2 GB in 2 shards). `--profile` runs the merge
+Cases: `--case small` (default: hidden 2048, 8 layers, 1.1 GB in 3 shards), `--case large`
+(hidden 4096, 9 layers, intermediate 11008, 4.2 GB in 2 shards) and `--case embed` (2 layers and a
+1 GB embedding, vocab 128000, that the adapter targets as well: memory must not grow with it). `--profile` runs the merge
 in-process and splits its time into read, ΔW math, cast/copy into the output dtype, write, and fsync.
 
 Usage: python benchmarks/bench_merge.py [--case large] [--repeat 5] [--profile] [--json]
@@ -34,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 CASES = {
     "small": dict(hidden=2048, layers=8, vocab=32000, intermediate=5632, shards=3),
     "large": dict(hidden=4096, layers=9, vocab=32000, intermediate=11008, shards=2),
+    # A 1 GB embedding that the adapter targets too: peak RSS must not grow with it.
+    "embed": dict(hidden=4096, layers=2, vocab=128000, intermediate=11008, shards=2, embed=True),
 }
 PEFT_SCRIPT = """
 import os, sys, torch
@@ -54,7 +57,8 @@ print(time.perf_counter() - started)
 BASELINE_SCRIPT = "import torch"
 
 
-def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, rank: int, shards: int) -> None:
+def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, rank: int, shards: int,
+          embed: bool = False) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,6 +81,7 @@ def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, r
     # Every full shard then holds more than 1/shards of the model, so greedy packing gives exactly `shards`.
     model.save_pretrained(base, max_shard_size=f"{(size // shards + largest) // 10**6 + 1}MB")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets += ["embed_tokens"] if embed else []
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                                   init_lora_weights=False))
     peft_model.save_pretrained(adapter)
@@ -158,7 +163,8 @@ def main() -> None:
     work = args.work / f"merge-{args.case}"
     work.mkdir(parents=True, exist_ok=True)
     if args.build_only:
-        build(work, case["hidden"], case["layers"], case["vocab"], case["intermediate"], args.rank, case["shards"])
+        build(work, case["hidden"], case["layers"], case["vocab"], case["intermediate"], args.rank, case["shards"],
+              case.get("embed", False))
         return
     # Build in a child so that this parent stays small: a forked child inherits the parent's RSS peak.
     subprocess.run([sys.executable, __file__, "--build-only", "--case", args.case, "--work", str(args.work),
@@ -279,8 +285,14 @@ def timed(label, fn):
     return wrapper
 
 reader.Checkpoint.read = timed("read changed tensors (pread)", reader.Checkpoint.read)
+reader.Checkpoint.read_rows = timed("read changed tensors (pread)", reader.Checkpoint.read_rows)
 m.add_deltas_blockwise = timed("delta math + cast (addmm_)", m.add_deltas_blockwise)
-writer._write_all = timed("write changed tensors", writer._write_all)
+# Write side; the disk writes are timed on their own and taken out of the staging phases below.
+writer._pwrite_all = timed("write to disk (pwrite)", writer._pwrite_all)
+writer._write_all = timed("write to disk (write)", writer._write_all)
+writer._DirectSink.write_tensor = timed("stage changed tensors", writer._DirectSink.write_tensor)
+writer._DirectSink.read_from = timed("stage untouched (pread)", writer._DirectSink.read_from)
+writer._DirectSink.finish = timed("stage changed tensors", writer._DirectSink.finish)
 writer._copy_range = timed("copy untouched (copy_file_range)", writer._copy_range)
 os.fsync = timed("fsync", os.fsync)
 os.fdatasync = timed("fsync", os.fdatasync)
@@ -289,6 +301,13 @@ started = time.perf_counter()
 m.load_adapter = timed("load adapter + plan", m.load_adapter)
 m.merge(base, [adapter], out)
 wall = time.perf_counter() - started
+staged = phases.get("stage changed tensors", 0) + phases.get("stage untouched (pread)", 0)
+if staged:  # the staging phases include the pwrite calls they made; show the copy into the buffer alone
+    share = phases.get("stage changed tensors", 0) / staged
+    pwrite = phases.get("write to disk (pwrite)", 0)
+    for label, part in (("stage changed tensors", share), ("stage untouched (pread)", 1 - share)):
+        if label in phases:
+            phases[label] = max(0.0, phases[label] - pwrite * part)
 print(json.dumps({"wall": wall, "phases": dict(phases)}))
 """
 
