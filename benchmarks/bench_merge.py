@@ -13,8 +13,8 @@ and prints median wall times, the ratios, and peak RSS minus the interpreter's o
 
 Cases: `--case small` (default: hidden 2048, 8 layers, 1.1 GB in 3 shards), `--case large`
 (hidden 4096, 9 layers, intermediate 11008, 4.2 GB in 2 shards) and `--case embed` (2 layers and a
-1 GB embedding, vocab 128000, that the adapter targets as well: memory must not grow with it). `--profile` runs the merge
-in-process and splits its time into read, ΔW math, cast/copy into the output dtype, write, and fsync.
+1 GB embedding, vocab 128000, that the adapter targets as well: memory must not grow with it). `--profile` runs the
+merge in-process and splits its time into read, ΔW math, cast/copy into the output dtype, write, and fsync.
 
 Usage: python benchmarks/bench_merge.py [--case large] [--repeat 5] [--profile] [--json]
 """
@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,28 +101,12 @@ def warm(base: Path) -> None:
                 pass
 
 
-def timed(argv: list[str]) -> tuple[float, int, str]:
-    """Wall seconds and peak RSS (bytes) of one child process, started after flushing dirty pages so
-    that no command pays for an earlier one's writeback."""
-    os.sync()
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, stderr = proc.communicate()
-    _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, 0, None)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[:3]} failed:\n{stderr.decode()[-3000:]}")
-    return wall, 0, stdout.decode()
-
-
 def run_child(argv: list[str]) -> tuple[float, int, str]:
     """Like `timed`, with the child's peak RSS from wait4."""
     os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Read the pipes in threads, then reap with wait4 to get the child's own rusage.
-    import threading
-
     chunks: dict[str, bytes] = {}
 
     def drain(name, stream):
@@ -201,8 +186,10 @@ def main() -> None:
         if round_ + 1 < args.repeat:
             drop_outputs(work)
     baseline = statistics.median(baseline_rss)
+    # RSS minus the baseline means something for the Python commands only (cp+sync is not Python).
     results = {name: {"seconds": statistics.median(walls[name]), "runs": [round(w, 3) for w in walls[name]],
-                      "peak_rss_bytes": max(rss[name]), "peak_rss_minus_baseline_bytes": max(rss[name]) - baseline}
+                      "peak_rss_bytes": max(rss[name]),
+                      "peak_rss_minus_baseline_bytes": None if name == "cp+sync" else max(rss[name]) - baseline}
                for name in commands if walls[name]}
     summary = {
         "case": args.case,
@@ -234,8 +221,9 @@ def report(summary: dict, args, base: Path) -> None:
           f"rank {args.rank} on every linear; medians of {args.repeat} interleaved rounds")
     print(f"{'command':<11}{'median s':>10}{'peak RSS MB':>13}{'- baseline':>12}   runs")
     for name, r in summary["results"].items():
+        minus = r["peak_rss_minus_baseline_bytes"]
         print(f"{name:<11}{r['seconds']:>10.2f}{r['peak_rss_bytes'] / 1e6:>13.0f}"
-              f"{r['peak_rss_minus_baseline_bytes'] / 1e6:>12.0f}   {r['runs']}")
+              f"{'-' if minus is None else f'{minus / 1e6:.0f}':>12}   {r['runs']}")
     print(f"baseline RSS (python -c 'import torch'): {summary['baseline_rss_bytes'] / 1e6:.0f} MB")
     print(f"loratool / cp+sync   = {summary['ours_over_cp_sync']:.2f}   (bar 1.5, goal 1.2)")
     print(f"api / cp+sync        = {summary['api_over_cp_sync']:.2f}   (the merge call alone, torch already imported)")
@@ -284,16 +272,21 @@ def timed(label, fn):
                 phases[label] += time.perf_counter() - t
     return wrapper
 
-reader.Checkpoint.read = timed("read changed tensors (pread)", reader.Checkpoint.read)
-reader.Checkpoint.read_rows = timed("read changed tensors (pread)", reader.Checkpoint.read_rows)
-m.add_deltas_blockwise = timed("delta math + cast (addmm_)", m.add_deltas_blockwise)
+def patch(owner, name, label):  # tolerant of older loratool versions, to profile them too
+    if hasattr(owner, name):
+        setattr(owner, name, timed(label, getattr(owner, name)))
+
+patch(reader.Checkpoint, "read", "read changed tensors (pread)")
+patch(reader.Checkpoint, "read_rows", "read changed tensors (pread)")
+patch(m, "add_deltas_blockwise", "delta math + cast (addmm_)")
 # Write side; the disk writes are timed on their own and taken out of the staging phases below.
-writer._pwrite_all = timed("write to disk (pwrite)", writer._pwrite_all)
-writer._write_all = timed("write to disk (write)", writer._write_all)
-writer._DirectSink.write_tensor = timed("stage changed tensors", writer._DirectSink.write_tensor)
-writer._DirectSink.read_from = timed("stage untouched (pread)", writer._DirectSink.read_from)
-writer._DirectSink.finish = timed("stage changed tensors", writer._DirectSink.finish)
-writer._copy_range = timed("copy untouched (copy_file_range)", writer._copy_range)
+patch(writer, "_pwrite_all", "write to disk (pwrite)")
+patch(writer, "_write_all", "write to disk (write)")
+patch(writer, "_copy_range", "copy untouched (copy_file_range)")
+if hasattr(writer, "_DirectSink"):
+    patch(writer._DirectSink, "write_tensor", "stage changed tensors")
+    patch(writer._DirectSink, "read_from", "stage untouched (pread)")
+    patch(writer._DirectSink, "finish", "stage changed tensors")
 os.fsync = timed("fsync", os.fsync)
 os.fdatasync = timed("fsync", os.fdatasync)
 base, adapter, out = sys.argv[1:4]

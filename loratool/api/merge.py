@@ -263,7 +263,7 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
 
     threads = torch.get_num_threads()
     torch.set_num_threads(_compute_threads(device))
-    reader = ReadAhead(read, requests, depth=2, stop=stop)
+    reader = ReadAhead(read, requests, depth=1, stop=stop)
     background = BackgroundWriter()
     scratch = torch.empty(1 << 18, dtype=COMPUTE_DTYPE, device=device)
     try:
