@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert and extract on the
+# The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert (also to GGUF) and extract on the
 # bundled fixtures, then export-onnx and a short bench-onnx
 # (fixtures/make_fixtures.py).
 set -euo pipefail
@@ -37,7 +37,14 @@ a, b = (load_file(f"{p}/adapter_model.safetensors") for p in sys.argv[1:3])
 same = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 print(f"peft -> kohya -> peft round trip is bit-exact: {same}")
 PY
+step "$LT" convert fixtures/lora-llama-qv --to gguf --base fixtures/tiny-llama -o "$OUT/qv.gguf" --dtype float16
+step "$LT" inspect "$OUT/qv.gguf"
 step "$LT" extract fixtures/loralib-tiny/eval.safetensors --alpha 8 --base fixtures/loralib-tiny/pretrained.safetensors -o "$OUT/loralib-adapter" --base-out "$OUT/loralib-base.safetensors"
+"$BIN/python" scripts/sd_demo_files.py "$OUT"
+step "$LT" inspect "$OUT/tiny-sd1.safetensors"
+step "$LT" inspect "$OUT/style-lora.safetensors"
+printf '\n\033[1m$ %s\033[0m   (single-file SD checkpoint + kohya LoRA in LDM names; no -o: named after both)\n' "cd $OUT && $LT merge tiny-sd1.safetensors style-lora.safetensors"
+(cd "$OUT" && "$LT" merge tiny-sd1.safetensors style-lora.safetensors)
 step "$LT" push fixtures/lora-llama-qv me/demo-lora --dry-run --card-overwrite --base-model meta-llama/Llama-3.2-1B
 printf '\n\033[1m$ %s\033[0m   (a refusal: the output already exists)\n' "$LT merge fixtures/tiny-llama fixtures/lora-llama -o $OUT/merged"
 "$LT" merge fixtures/tiny-llama fixtures/lora-llama -o "$OUT/merged" || echo "exit code $?"

@@ -149,7 +149,7 @@ def test_blockwise_merge_finishes_every_block_after_a_nan():
     left, right = torch.randn(8, 2), torch.randn(2, 4)
     left[0, 0] = float("nan")
     out = torch.full_like(weight, 7.0)
-    low, high = add_deltas_blockwise(weight, out, [(left, right, 0.5)], block_elements=8)  # 2 rows per block
+    low, high = add_deltas_blockwise(weight, out, [(left, right, 0.5, 0)], block_elements=8)  # 2 rows per block
     assert low != low and high != high
     expected = weight.double() + 0.5 * left.double() @ right.double()
     assert torch.allclose(out[2:].double(), expected[2:], atol=1e-6)

@@ -89,6 +89,11 @@ def test_cli_choice_lists_match_the_registries():
     assert params.ADAPTER_FORMATS == formats.FORMATS, "update loratool/cli/params.py to the formats registry"
     assert params.WRITABLE_FORMATS == formats.WRITABLE
     assert params.EMBEDDED_FORMATS == formats.EMBEDDED
+    from loratool.api.convert import CONVERT_TARGETS
+    from loratool.formats.gguf import GGUF_DTYPES
+
+    assert params.CONVERT_TARGETS == CONVERT_TARGETS
+    assert params.GGUF_DTYPES == tuple(GGUF_DTYPES)
     assert params.COMBINE_METHODS == {m.name: m.summary for m in METHODS.values()}
     assert params.ONNX_DTYPES == tuple(export_onnx.DTYPES)
     assert params.ONNX_TASKS == tuple(graph.TASKS)

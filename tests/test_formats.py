@@ -100,7 +100,7 @@ def test_kohya_needs_a_base_and_reports_unresolvable_and_ambiguous_names(run_cli
                         "-o", tmp_path / "p")
     assert ambiguous.code == 2 and "a.b_c or a_b.c" in ambiguous.stderr
     missing = run_cli("merge", tmp_path / "odd.safetensors", tmp_path / "k.safetensors", "-o", tmp_path / "m.safetensors")
-    assert missing.code == 2 and "no module in the base" in missing.stderr
+    assert missing.code == 2 and "does not have" in missing.stderr and "lora_unet_model_layers" in missing.stderr
     assert not (tmp_path / "p").exists() and not (tmp_path / "m.safetensors").exists()
 
 
@@ -319,11 +319,11 @@ def test_combine_and_resize_accept_other_formats(run_cli, tmp_path):
 
 
 def test_more_refusals(run_cli, tmp_path):
-    # LyCORIS LoHa tensors are not LoRA
+    # one module with the tensors of two algorithms
     save_file({"lora_unet_a.hada_w1_a": torch.ones(2, 2), "lora_unet_a.lora_down.weight": torch.ones(1, 2),
                "lora_unet_a.lora_up.weight": torch.ones(2, 1)}, str(tmp_path / "loha.safetensors"))
     loha = run_cli("inspect", tmp_path / "loha.safetensors")
-    assert loha.code == 2 and "LyCORIS" in loha.stderr
+    assert loha.code == 2 and "lora_unet_a: mixes tensors of locon and loha" in loha.stderr
     # a wrapped state dict holding two adapters
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))

@@ -14,9 +14,9 @@ from helpers import load_folder
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 CHECKPOINT_KEYS = {"schema", "kind", "path", "format", "sharded", "files", "tensors", "parameters", "bytes", "dtypes",
-                   "metadata", "model_type", "architectures", "embedded_adapter"}
+                   "metadata", "model_type", "architectures", "embedded_adapter", "layout", "family", "components"}
 ADAPTER_KEYS = {"schema", "kind", "path", "format", "base_model", "peft_version", "task_type", "r", "lora_alpha",
-                "use_rslora", "use_dora", "modules", "targets", "layers", "groups", "rank_pattern", "alpha_pattern",
+                "lora_alpha_known", "family", "family_from", "use_rslora", "use_dora", "modules", "targets", "layers", "groups", "rank_pattern", "alpha_pattern",
                 "modules_to_save", "tensors", "parameters", "bytes", "dtypes"}
 
 
@@ -32,6 +32,8 @@ def test_checkpoint_json(run_cli):
     assert report["dtypes"] == {"F32": {"tensors": len(state), "parameters": report["parameters"],
                                         "bytes": report["bytes"]}}
     assert report["model_type"] == "llama"
+    assert (report["layout"], report["family"], report["components"]) == (
+        "transformers", "LlamaForCausalLM", {"model": "transformers"})
     assert {t["name"] for t in report["tensor_list"]} == set(state)
 
 

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..formats import EMBEDDED, detect_format, load_adapter
+from ..formats.gguf import GGUF_SUFFIX
+from ..layouts import layout_of, open_base
+from ..layouts.families import adapter_family
 from ..lora.module import Adapter
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
         "metadata": checkpoint.metadata,
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
+        **layout_of({k: i.shape for k, i in checkpoint.items()}, checkpoint.path, config).describe(),
     }
     if tensors:
         report["tensor_list"] = [
@@ -99,6 +103,9 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
     named = adapter.named_tensors()
     layers = sorted({int(m.group(1)) for name in adapter.modules if (m := _LAYER_INDEX.search(f".{name}."))})
     config = adapter.config
+    family, family_from = adapter_family(
+        list(adapter.modules), {n: m.lora_A.shape[1] for n, m in adapter.modules.items() if m.lora_A.dim() >= 2},
+        config.get("kohya_metadata") or config.get("metadata") or {})
     report: dict = {
         "schema": SCHEMA_VERSION,
         "kind": "adapter",
@@ -109,6 +116,9 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         "task_type": config.get("task_type"),
         "r": config.get("r"),
         "lora_alpha": config.get("lora_alpha"),
+        "lora_alpha_known": not config.get("alpha_unknown", False),
+        "family": family,
+        "family_from": family_from,
         "use_rslora": adapter.use_rslora,
         "use_dora": adapter.use_dora,
         "modules": len(adapter.modules),
@@ -140,10 +150,55 @@ def inspect(path: str | os.PathLike, check: bool = False, tensors: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict:
     """Describe `path`: an adapter when one is recognised there, otherwise a model checkpoint."""
     path = Path(path)
+    if path.suffix == GGUF_SUFFIX and path.is_file():
+        from .inspect_gguf import inspect_gguf
+
+        return inspect_gguf(path, check=check, tensors=tensors, schema=SCHEMA_VERSION)
     fmt = detect_format(path, allow_pickle)
     if fmt is not None and fmt not in EMBEDDED:
-        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle), check=check, tensors=tensors)
+        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle, need_alpha=False), check=check,
+                              tensors=tensors)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return inspect_pipeline(path, check=check, tensors=tensors, allow_pickle=allow_pickle, progress=progress)
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         report = inspect_checkpoint(checkpoint, check=check, tensors=tensors, progress=progress)
     report["embedded_adapter"] = fmt
+    return report
+
+
+def _sum_breakdowns(breakdowns) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for breakdown in breakdowns:
+        for dtype, entry in breakdown.items():
+            into = total.setdefault(dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
+            for key in into:
+                into[key] += entry[key]
+    return dict(sorted(total.items()))
+
+
+def inspect_pipeline(path: Path, check: bool = False, tensors: bool = False, allow_pickle: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
+    """A diffusers pipeline folder: the checkpoint schema over all its LoRA-adaptable components, with
+    file and tensor names qualified by component (`unet/diffusion_pytorch_model.safetensors`)."""
+    layout, checkpoints = open_base(path, allow_pickle=allow_pickle)
+    try:
+        parts = {name: inspect_checkpoint(c, check=check, tensors=tensors, progress=progress)
+                 for name, c in checkpoints.items()}
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+    report = {"schema": SCHEMA_VERSION, "kind": "checkpoint", "path": str(path), "format": "safetensors",
+              "sharded": any(p["sharded"] for p in parts.values()),
+              "files": [f"{name}/{f}" for name, p in parts.items() for f in p["files"]],
+              "tensors": sum(p["tensors"] for p in parts.values()),
+              "parameters": sum(p["parameters"] for p in parts.values()),
+              "bytes": sum(p["bytes"] for p in parts.values()),
+              "dtypes": _sum_breakdowns(p["dtypes"] for p in parts.values()),
+              "metadata": {f"{name}/{f}": m for name, p in parts.items() for f, m in p["metadata"].items()},
+              "model_type": None, "architectures": None, **layout.describe(), "embedded_adapter": None}
+    if tensors:
+        report["tensor_list"] = [{**t, "name": f"{name}/{t['name']}", "file": f"{name}/{t['file']}"}
+                                 for name, p in parts.items() for t in p["tensor_list"]]
+    if check:
+        report["nonfinite"] = {f"{name}/{t}": bad for name, p in parts.items() for t, bad in p["nonfinite"].items()}
     return report

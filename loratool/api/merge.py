@@ -22,9 +22,11 @@ from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, s
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
-from ..formats.names import modules_of
+from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, apply_dora_, as_2d, delta_factors
-from ..lora.module import Adapter
+from ..lora.algorithms import lycoris_dora_factor
+from ..lora.module import Adapter, LoraModule
+from ..lora.pieces import swap_halves
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,6 +49,7 @@ class MergeResult:
     adapters: list[str]
     weights: list[float]
     notes: list[str] = field(default_factory=list)
+    layout: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -59,6 +62,7 @@ class MergeResult:
             "adapters": self.adapters,
             "weights": self.weights,
             "notes": self.notes,
+            "layout": self.layout,
         }
 
 
@@ -99,14 +103,33 @@ def fits_dtype(low: float, high: float, dtype: torch.dtype) -> bool:
     return math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit
 
 
-def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """A plain LoRA op as alpha·left@right on the 2-D view of its tensor; a bias is a rank-1 column."""
-    alpha = op.weight * op.module.scale
+def _is_dense(op) -> bool:
+    """A LyCORIS update (LoHa, LoKr, LoCon with a mid, diffs): ΔW is formed, not a product of factors."""
+    return not isinstance(op.module, LoraModule)
+
+
+def _rows_of(tensor: torch.Tensor, op: DeltaOp | BiasOp) -> torch.Tensor:
+    if op.lora_rows is not None:
+        tensor = tensor[op.lora_rows[0]:op.lora_rows[1]]
+    return swap_halves(tensor) if op.swap else tensor
+
+
+def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """A plain LoRA op as alpha·left@right on the 2-D view of its tensor, from row `offset` on; a bias
+    update is a rank-1 column."""
+    offset = op.rows[0] if op.rows else 0
     if isinstance(op, BiasOp):
-        bias = op.module.bias.to(device=device, dtype=COMPUTE_DTYPE)
-        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), alpha
+        bias = _rows_of(op.module.bias_delta(COMPUTE_DTYPE, device), op)
+        return bias.reshape(-1, 1), torch.ones(1, 1, device=device), op.weight, offset
     left, right = delta_factors(op.module, op.transposed, device)
-    return left, right, alpha
+    return left, right, op.weight * op.module.scale, offset
+
+
+def _dense_delta(op: DeltaOp, device: torch.device) -> torch.Tensor:
+    """weight·ΔW of a LyCORIS op as the 2-D block it adds to (its rows, oriented like the base)."""
+    delta = _rows_of(op.module.delta(COMPUTE_DTYPE, device), op)
+    delta = as_2d(delta)
+    return (delta.T if op.transposed else delta) * op.weight
 
 
 def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.device,
@@ -122,8 +145,8 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
                 f"weight {first.weight}; merge that adapter with weight 1"
             )
         weight = first.tensor.to(device)
-    if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops):
-        return _merged_with_dora(weight, ops, out_dtype)
+    if any(isinstance(op, DeltaOp) and (op.module.is_dora or _is_dense(op)) for op in ops):
+        return _merged_whole(weight, ops, out_dtype)
     terms = [_term(op, device) for op in ops]
     in_place = weight is original and weight.dtype == out_dtype
     out = weight if in_place else torch.empty(weight.shape, dtype=out_dtype, device=device)
@@ -131,16 +154,26 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
     return out, fits_dtype(low, high, out_dtype)
 
 
-def _merged_with_dora(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """DoRA rescales whole rows by norms of the full update, so it works on the full float32 weight."""
+def _merged_whole(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """DoRA rescales whole rows (or columns) by norms of the full update, and LyCORIS updates are formed
+    as dense ΔW, so these work on the full float32 weight. Every DoRA norm is taken over the unmerged
+    weight plus that adapter's own ΔW, as PEFT and LyCORIS compute it."""
     acc = weight.to(COMPUTE_DTYPE, copy=True)
-    unmerged = acc.clone()
+    unmerged = acc.clone() if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops) else acc
     for op in ops:
-        if isinstance(op, DeltaOp) and op.module.is_dora:
+        if isinstance(op, DeltaOp) and _is_dense(op):
+            delta = _dense_delta(op, acc.device)
+            if op.module.is_dora:
+                delta = delta.reshape(acc.shape)
+                acc.add_(delta).mul_(lycoris_dora_factor(unmerged, delta, op.module.magnitude))
+                continue
+            start = op.rows[0] if op.rows else 0
+            as_2d(acc)[start:start + delta.shape[0]].add_(delta)
+        elif isinstance(op, DeltaOp) and op.module.is_dora:
             apply_dora_(acc, unmerged, op.module, op.transposed)
         else:
-            left, right, alpha = _term(op, acc.device)
-            as_2d(acc).addmm_(left, right, alpha=alpha)
+            left, right, alpha, offset = _term(op, acc.device)
+            as_2d(acc)[offset:offset + left.shape[0]].addmm_(left, right, alpha=alpha)
     low, high = (v.item() for v in torch.aminmax(acc))
     return acc.to(out_dtype), fits_dtype(low, high, out_dtype)
 
@@ -153,10 +186,26 @@ def _update_config(path: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def default_output(base: Path, adapters: Sequence[Path], folder: Path | None = None) -> Path:
+    """`<base>+<adapter>[+…]` in `folder` (the current directory), with the base's suffix, and a
+    numbered suffix where that name is taken: merging never overwrites anything by default."""
+    folder = folder or Path.cwd()
+    stem = lambda p: p.name[: -len(p.suffix)] if p.is_file() and p.suffix else p.name  # noqa: E731
+    names = [stem(base)] + [stem(a) for a in adapters]
+    suffix = base.suffix if base.is_file() else ""
+    name = "+".join(names)
+    if len(name) > 120:
+        name = f"{names[0]}+{len(adapters)}-adapters"
+    candidate, number = folder / f"{name}{suffix}", 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate, number = folder / f"{name}-{number}{suffix}", number + 1
+    return candidate
+
+
 def merge(
     base: str | os.PathLike,
     adapters: Sequence[str | os.PathLike | Adapter],
-    output: str | os.PathLike,
+    output: str | os.PathLike | None = None,
     weights: Sequence[float] | None = None,
     dtype: str = "auto",
     max_shard_bytes: int | None = None,
@@ -172,49 +221,73 @@ def merge(
 
     W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ per targeted weight, computed in float32 and rounded to the output dtype
     once. DoRA adapters apply their magnitude on top, as PEFT's merge does. Adapters may be in any
-    format loratool reads; kohya names are resolved against BASE.
+    format loratool reads, named in any dialect the base's layout knows (LDM or diffusers UNet names,
+    BFL or diffusers Flux names, CLIP with or without `text_model.`). A diffusers pipeline folder merges
+    into a folder of the same layout. Without `output`, the result goes to the current directory
+    under a name made of the base's and the adapters' names.
     """
     started = time.perf_counter()
-    output = Path(output)
     out_dtype = parse_output_dtype(dtype)
     torch_device = resolve_device(device)
     if not adapters:
         raise UsageError("give at least one adapter to merge")
-    with open_checkpoint(base, allow_pickle=allow_pickle) as checkpoint:
-        index = {None: modules_of(checkpoint)}
+    base = Path(base)
+    layout, checkpoints = open_base(base, allow_pickle=allow_pickle)
+    try:
         loaded = [a if isinstance(a, Adapter) else
-                  load_adapter(a, format=adapter_format, allow_pickle=allow_pickle, base=index, alpha=alpha)
+                  load_adapter(a, format=adapter_format, allow_pickle=allow_pickle, alpha=alpha)
                   for a in adapters]
         weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
-        check_output_path(output, [Path(base)] + [a.path for a in loaded], force)
-        if not checkpoint.is_folder and output.suffix != ".safetensors":
+        output = Path(output) if output is not None else default_output(base, [a.path for a in loaded])
+        check_output_path(output, [base] + [a.path for a in loaded], force)
+        single_file = None in checkpoints and not checkpoints[None].is_folder
+        if single_file and output.suffix != ".safetensors":
             raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")
-        plan = plan_merge(checkpoint, loaded, weights, out_dtype, allow_nonfinite)
-        layout = _layout(checkpoint, out_dtype, max_shard_bytes)
-        with atomic_output(output, checkpoint.is_folder) as temp:
-            written = _write(checkpoint, plan, layout, temp, torch_device, allow_nonfinite, progress)
-            if checkpoint.is_folder:
-                _finish_folder(checkpoint, layout, temp, out_dtype)
+        plans = plan_merge(layout, checkpoints, loaded, weights, out_dtype, allow_nonfinite)
+        layouts = {source: _layout(checkpoint, out_dtype, max_shard_bytes) for source, checkpoint in checkpoints.items()}
+        total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
+        report = _progress_over(progress, total)
+        with atomic_output(output, not single_file) as temp:
+            if None not in checkpoints:
+                _copy_pipeline_files(base, temp, set(checkpoints))
+            written = 0
+            for source, checkpoint in checkpoints.items():
+                target = temp if source is None else temp / source
+                if source is not None:
+                    target.mkdir()
+                written += _write(checkpoint, plans[source], layouts[source], target, torch_device, allow_nonfinite,
+                                  report)
+                if checkpoint.is_folder:
+                    _finish_folder(checkpoint, layouts[source], target, out_dtype)
+                if source is not None:
+                    _copy_component_extras(base / source, target)
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+    files = [f"{source}/{f}" if source else f for source, layout_ in layouts.items() for f in layout_ if f]
     return MergeResult(
         output=output,
-        files=[f for f in layout if f] or [output.name],
-        tensors=len(checkpoint),
-        tensors_changed=len(plan.ops),
+        files=files or [output.name],
+        tensors=sum(len(c) for c in checkpoints.values()),
+        tensors_changed=sum(len(p.ops) for p in plans.values()),
         bytes_written=written,
         seconds=time.perf_counter() - started,
         adapters=[str(a.path) for a in loaded],
         weights=weights,
-        notes=plan.notes,
+        notes=[note for plan in plans.values() for note in plan.notes],
+        layout=layout.describe(),
     )
 
 
 def _streamable(checkpoint: Checkpoint, name: str, ops: list) -> bool:
-    """Plain LoRA updates (and bare casts) are row-local, so they can stream in row chunks; DoRA (row
-    norms of the whole update), replacements and pickle bases go whole."""
+    """Plain LoRA updates (and bare casts) are row-local, so they can stream in row chunks; DoRA (norms
+    of the whole update), LyCORIS (dense ΔW), replacements and pickle bases go whole. A new kind of op
+    must be added here (and to `_term`) before it can stream."""
     info = checkpoint[name]
     if checkpoint.pickled is not None or not info.shape or not info.shape[0] or not checkpoint.row_bytes(name):
         return False
-    return all(type(op) is BiasOp or (type(op) is DeltaOp and not op.module.is_dora) for op in ops)
+    return all(type(op) is BiasOp or (type(op) is DeltaOp and not _is_dense(op) and not op.module.is_dora)
+               for op in ops)
 
 
 def _row_chunks(checkpoint: Checkpoint, name: str) -> list[tuple[int, int]]:
@@ -230,6 +303,32 @@ def _compute_threads(device: torch.device) -> int:
     if device.type != "cpu":
         return torch.get_num_threads()
     return max(1, min(torch.get_num_threads(), 4, (os.cpu_count() or 1) - 2))
+
+
+def _progress_over(progress: ProgressCallback | None, total: int) -> ProgressCallback | None:
+    """One progress bar over every component of a pipeline."""
+    if progress is None:
+        return None
+    return lambda done, _component_total: progress(done, total)
+
+
+def _copy_component_extras(folder: Path, target: Path) -> None:
+    """A merged component's other files (configs and the like) that the writer did not produce."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and not entry.name.endswith((".safetensors", ".index.json")) and \
+                not (target / entry.name).exists():
+            shutil.copy2(entry, target / entry.name)
+
+
+def _copy_pipeline_files(base: Path, temp: Path, merged: set[str | None]) -> None:
+    """Everything of a pipeline folder except the components being merged, as it is."""
+    for entry in sorted(base.iterdir()):
+        if entry.name in merged:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, temp / entry.name, symlinks=False)
+        else:
+            shutil.copy2(entry, temp / entry.name)
 
 
 def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,
@@ -322,7 +421,7 @@ def _stream_tensor(item: PlannedTensor, ops: list, reader: ReadAhead, background
         try:
             weight = rows.to(device)
             out = weight if weight.dtype == item.dtype else torch.empty(weight.shape, dtype=item.dtype, device=device)
-            chunk_terms = [(left[row:row + len(weight)], right, alpha) for left, right, alpha in terms]
+            chunk_terms = [(left, right, alpha, offset - row) for left, right, alpha, offset in terms]
             chunk_low, chunk_high = add_deltas_blockwise(weight, out, chunk_terms, scratch=scratch)
         except BaseException:
             if release is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,10 @@ from ..checkpoint import Checkpoint
 from ..dtypes import MERGEABLE_FLOATS
 from ..errors import MismatchError, NonFiniteError, UsageError, summarize
 from ..lora.delta import expected_base_shape
+from ..lora.algorithms import AdapterModule
 from ..lora.module import Adapter, LoraModule
+from ..layouts import BaseLayout, Piece
+from ..lora.pieces import restrict
 from ..lora.targeting import choose_orientation, fits, resolve_base_names
 
 TIED_HEAD_NAMES = ("lm_head",)
@@ -19,15 +23,26 @@ TIED_HEAD_NAMES = ("lm_head",)
 
 @dataclass
 class DeltaOp:
-    module: LoraModule
+    """Add weight·ΔW of `module` to a base tensor; `rows` places it in a row range of a fused tensor.
+
+    A LyCORIS module (dense ΔW) on a fused module keeps its own rows `lora_rows` of ΔW for this piece,
+    with its halves swapped when `swap`; a LoRA arrives already restricted (`lora/pieces.py`)."""
+
+    module: AdapterModule
     weight: float
     transposed: bool
+    rows: tuple[int, int] | None = None
+    lora_rows: tuple[int, int] | None = None
+    swap: bool = False
 
 
 @dataclass
 class BiasOp:
-    module: LoraModule
+    module: AdapterModule
     weight: float
+    rows: tuple[int, int] | None = None
+    lora_rows: tuple[int, int] | None = None
+    swap: bool = False
 
 
 @dataclass
@@ -84,15 +99,15 @@ def _refuse_tied_head(names: list[str], base: Checkpoint, config: dict | None, a
 
 
 def plan_merge(
-    base: Checkpoint,
+    layout: BaseLayout,
+    checkpoints: Mapping[str | None, Checkpoint],
     adapters: list[Adapter],
     weights: list[float],
     out_dtype: torch.dtype | None,
     allow_nonfinite: bool = False,
-) -> MergePlan:
-    config = base.config()
-    model_type = config.get("model_type") if config else None
-    plan = MergePlan()
+) -> dict[str | None, MergePlan]:
+    """One plan per checkpoint of the base (one, or one per pipeline component), keyed like `checkpoints`."""
+    plans = {source: MergePlan() for source in checkpoints}
     if not allow_nonfinite:
         check_finite(adapters)
     for adapter, weight in zip(adapters, weights):
@@ -101,41 +116,112 @@ def plan_merge(
                 f"{adapter.path} is a DoRA adapter, which only merges with weight 1: its magnitude rescales the "
                 "whole weight, so it cannot be scaled or subtracted (unmerged) without the pre-merge weights"
             )
-        _refuse_tied_head(list(adapter.modules) + list(adapter.full_tensors), base, config, adapter)
-        mapping, unknown = resolve_base_names(adapter.modules, adapter.full_tensors, base)
-        if unknown:
-            raise MismatchError(f"{adapter.path} targets modules the base does not have: {summarize(unknown)}")
-        _plan_modules(plan, base, adapter, weight, mapping, model_type)
-        for name, tensor in adapter.full_tensors.items():
-            plan.add(mapping[name], ReplaceOp(tensor=tensor, source=str(adapter.path), weight=weight))
-    _check_plan(plan, base, out_dtype)
-    return plan
+        resolved = layout.resolve(adapter.modules, flat=adapter.unresolved_names, source=adapter.path)
+        if None in checkpoints:
+            base = checkpoints[None]
+            config = base.config()
+            _refuse_tied_head(list(adapter.modules) + list(adapter.full_tensors), base, config, adapter)
+        _plan_modules(plans, checkpoints, adapter, weight, resolved)
+        _plan_full_tensors(plans, layout, checkpoints, adapter, weight)
+    for source, plan in plans.items():
+        _check_plan(plan, checkpoints[source], out_dtype)
+    return plans
 
 
-def _plan_modules(plan: MergePlan, base: Checkpoint, adapter: Adapter, weight: float,
-                  mapping: dict[str, str], model_type: str | None) -> None:
+def _plan_full_tensors(plans: dict, layout: BaseLayout, checkpoints: Mapping[str | None, Checkpoint],
+                       adapter: Adapter, weight: float) -> None:
+    """modules_to_save and other whole tensors: matched by tensor name, through the module resolver."""
+    if not adapter.full_tensors:
+        return
+    if None in checkpoints:
+        mapping, unknown = resolve_base_names([], adapter.full_tensors, checkpoints[None])
+        targets = {name: (None, base_name) for name, base_name in mapping.items()}
+    else:
+        targets, unknown = {}, []
+        for name in adapter.full_tensors:
+            module, _, param = name.rpartition(".")
+            try:
+                pieces = layout.resolve([module])[module]
+            except MismatchError:
+                pieces = ()
+            if len(pieces) == 1 and pieces[0].target.rows is None and param in ("weight", "bias"):
+                target = pieces[0].target
+                targets[name] = (target.source, target.weight if param == "weight" else target.bias)
+            else:
+                unknown.append(name)
+    if unknown:
+        raise MismatchError(f"{adapter.path} carries whole tensors the base does not have: {summarize(unknown)}")
+    for name, tensor in adapter.full_tensors.items():
+        source, base_name = targets[name]
+        plans[source].add(base_name, ReplaceOp(tensor=tensor, source=str(adapter.path), weight=weight))
+
+
+def _dense_options(module, shape: tuple[int, ...], lora_rows, transposed: bool | None) -> list[bool]:
+    """The orientations in which a LyCORIS module's ΔW (its `lora_rows` when given) adds to `shape`."""
+    natural = tuple(module.natural_shape())
+    rows = lora_rows[1] - lora_rows[0] if lora_rows else natural[0]
+    options = [False, True] if transposed is None else [transposed]
+    fitting = []
+    for option in options:
+        if option and (len(shape) != 2 or len(natural) != 2):
+            continue
+        oriented = tuple(reversed(shape)) if option else tuple(shape)
+        if oriented[0] == rows and module.fits((natural[0], *oriented[1:])):
+            fitting.append(option)
+    return fitting
+
+
+def _plan_modules(plans: dict, checkpoints: Mapping[str | None, Checkpoint], adapter: Adapter, weight: float,
+                  resolved: dict[str, tuple[Piece, ...]]) -> None:
     candidates: dict[str, list[bool]] = {}
+    pieces: dict[str, tuple] = {}
     clashes: list[str] = []
     for name, module in adapter.modules.items():
-        base_shape = base[f"{mapping[name]}.weight"].shape
-        options = fits(module, base_shape)
-        if not options:
-            clashes.append(
-                f"{name}: base weight is {list(base_shape)} but the adapter fits {list(expected_base_shape(module))}"
-            )
-        candidates[name] = options
+        for piece in resolved[name]:
+            target = piece.target
+            base_shape = checkpoints[target.source][target.weight].shape
+            if target.rows is not None:
+                base_shape = (target.rows[1] - target.rows[0], *base_shape[1:])
+            swap = piece.swap_lora != target.swap_halves
+            if isinstance(module, LoraModule):
+                part = restrict(module, name if len(resolved[name]) == 1 else piece.module, piece.lora_rows, swap)
+                options = fits(part, base_shape)
+                if target.transposed is not None:
+                    options = [t for t in options if t == target.transposed]
+                expected = expected_base_shape(part, bool(target.transposed))
+            else:
+                part = module
+                options = _dense_options(module, base_shape, piece.lora_rows, target.transposed)
+                expected = module.natural_shape()
+            if not options:
+                clashes.append(f"{part.name}: base {target.weight} is {list(base_shape)} but the {module.algorithm} "
+                               f"update fits {list(expected)}")
+            if module.is_dora and (target.rows is not None or piece.lora_rows is not None):
+                clashes.append(f"{name}: DoRA on a fused tensor ({target.weight}) is not supported")
+            key = f"{name}\0{piece.module}"
+            candidates[key] = options
+            pieces[key] = (part, piece, swap, base_shape)
     if clashes:
         raise MismatchError(f"{adapter.path} does not fit the base: {summarize(clashes)}")
+    model_type = None
+    if None in checkpoints:
+        config = checkpoints[None].config()
+        model_type = config.get("model_type") if config else None
     orientation, note = choose_orientation(candidates, model_type, adapter.fan_in_fan_out)
-    if note:
-        plan.notes.append(f"{adapter.path}: {note}")
-    for name, module in adapter.modules.items():
-        target = mapping[name]
-        plan.add(f"{target}.weight", DeltaOp(module=module, weight=weight, transposed=orientation[name]))
-        if module.bias is not None:
-            if f"{target}.bias" not in base:
-                raise MismatchError(f"{adapter.path}: {name} has a lora_B.bias but the base module has no bias")
-            plan.add(f"{target}.bias", BiasOp(module=module, weight=weight))
+    for key, (part, piece, swap, base_shape) in pieces.items():
+        target, plan = piece.target, plans[piece.target.source]
+        if note and not plan.notes:
+            plan.notes.append(f"{adapter.path}: {note}")
+        transposed = orientation[key]
+        dense = {} if isinstance(part, LoraModule) else {"lora_rows": piece.lora_rows, "swap": swap}
+        if dense:
+            oriented = tuple(reversed(base_shape)) if transposed else tuple(base_shape)
+            part.fit_to((part.natural_shape()[0], *oriented[1:]))
+        plan.add(target.weight, DeltaOp(module=part, weight=weight, transposed=transposed, rows=target.rows, **dense))
+        if part.bias is not None:
+            if target.bias is None:
+                raise MismatchError(f"{adapter.path}: {part.name} has a bias update but the base module has no bias")
+            plan.add(target.bias, BiasOp(module=part, weight=weight, rows=target.rows, **dense))
 
 
 def _check_plan(plan: MergePlan, base: Checkpoint, out_dtype: torch.dtype | None) -> None:

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import click
 
-from .params import (EMBEDDED_FORMATS, WRITABLE_FORMATS, LocationType, adapter_format_options, allow_pickle_option,
-                     base_option, dtype_option, force_option, json_option, output_option)
+from ..dtypes import OUTPUT_DTYPE_CHOICES
+from .params import (CONVERT_TARGETS, EMBEDDED_FORMATS, GGUF_DTYPES, LocationType, adapter_format_options,
+                     allow_pickle_option, base_option, force_option, json_option, output_option)
 
 
 @click.command("convert")
 @click.argument("adapter", type=LocationType("adapter"))
 @output_option
-@click.option("--to", "to", required=True, type=click.Choice(WRITABLE_FORMATS), help="Format to write.")
+@click.option("--to", "to", required=True, type=click.Choice(CONVERT_TARGETS),
+              help="Format to write; gguf is a llama.cpp --lora file and needs --base (the HF model folder).")
 @base_option
 @adapter_format_options
 @click.option("--component", default=None,
               help="Pipeline component: with --to diffusers, the prefix for modules that have none (default unet); "
                    "with --to peft, which component of a pipeline adapter to keep.")
-@dtype_option
+@click.option("--dtype", type=click.Choice(tuple(dict.fromkeys((*OUTPUT_DTYPE_CHOICES, *GGUF_DTYPES)))),
+              default="auto", show_default=True,
+              help="Output dtype; auto keeps each tensor's own. q8_0 is for --to gguf only (rows that are not a "
+                   "multiple of 32 values fall back to f16, and are named).")
 @force_option
 @allow_pickle_option
 @json_option
 @click.pass_obj
 def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component, dtype, force, allow_pickle,
                 as_json):
-    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers, losslessly.
+    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers, losslessly, or to GGUF for llama.cpp.
 
     Per-module rank and alpha are kept (rank_pattern/alpha_pattern in PEFT, .alpha tensors in kohya,
     the lora_adapter_metadata JSON in diffusers); rsLoRA is folded into alpha where the target has no
@@ -32,11 +37,16 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
     tensors in kohya or diffusers) is refused with the reason. Reading kohya needs --base: its module
     names replace '.' with '_', and only the base's module list maps them back.
 
+    --to gguf writes the file llama.cpp loads with --lora: tensor names from the gguf package's map
+    for the base's architecture, PEFT's exact per-module scale (rsLoRA, alpha_pattern) folded into
+    lora_b, and llama-arch q/k rows reordered like the base GGUF's. It needs the gguf extra.
+
     \b
     Examples:
       loratool convert adapter/ --to kohya -o lora.safetensors
       loratool convert lora.safetensors --to peft --base base/ -o adapter/
       loratool convert adapter/ --to diffusers --component unet -o pytorch_lora_weights.safetensors
+      loratool convert adapter/ --to gguf --base base/ -o adapter.gguf --dtype float16
     """
     from ..api.convert import convert
 

@@ -15,13 +15,16 @@ def _summary(report: dict):
     table.add_column(style="bold")
     table.add_column()
     rows = [("path", report["path"]), ("kind", report["kind"]), ("format", report["format"])]
+    if report.get("architecture"):
+        rows.append(("architecture", f"{report['architecture']} (llama.cpp)"))
     if report["kind"] == "adapter":
         rows += [
             ("base model", report["base_model"] or "(not recorded)"),
+            *([("family", f"{report['family']} (from {report['family_from']})")] if report["family"] else []),
             ("modules", str(report["modules"])),
             ("targets", ", ".join(report["targets"])),
             ("layers", _ranges(report["layers"]) or "-"),
-            ("r / alpha", f"{report['r']} / {report['lora_alpha']}"),
+            ("r / alpha", f"{report['r']} / {report['lora_alpha'] if report['lora_alpha_known'] else 'unknown (pass --alpha)'}"),
             ("rsLoRA", "yes" if report["use_rslora"] else "no"),
             ("DoRA", "yes" if report["use_dora"] else "no"),
         ]
@@ -29,6 +32,10 @@ def _summary(report: dict):
             rows.append(("full tensors", ", ".join(report["modules_to_save"])))
     else:
         rows += [("files", f"{len(report['files'])}{' (sharded, index.json)' if report['sharded'] else ''}")]
+        rows.append(("layout", f"{report['layout']}{' ' + report['family'] if report['family'] else ''}"))
+        components = {name: kind for name, kind in report["components"].items() if name != "model"}
+        if components:
+            rows.append(("components", ", ".join(f"{name} ({kind})" for name, kind in components.items())))
         if report["model_type"]:
             rows.append(("model type", report["model_type"]))
         if report.get("embedded_adapter"):
@@ -98,7 +105,8 @@ def _tensors(report: dict):
 def inspect_cmd(out, path, as_json, tensors, check, allow_pickle):
     """Describe a checkpoint or adapter at PATH.
 
-    PATH is a .safetensors file, a sharded index.json, a model folder or a PEFT adapter folder.
+    PATH is a .safetensors file, a sharded index.json, a model folder, a PEFT adapter folder or a
+    .gguf file (a llama.cpp LoRA adapter or model).
     Adapters show rank, alpha and scale per target, the layers covered, DoRA/rsLoRA and the base
     model. Checkpoints show files, tensors, parameters and a dtype breakdown. The --json keys are
     stable; see docs/inspect.md.

@@ -5,13 +5,15 @@ from __future__ import annotations
 import click
 
 from .params import (LocationType, SizeType, WeightListType, adapter_format_options, allow_pickle_option, device_option,
-                     dtype_option, force_option, json_option, output_option)
+                     dtype_option, force_option, json_option)
 
 
 @click.command("merge")
 @click.argument("base", type=LocationType("model"))
 @click.argument("adapters", nargs=-1, required=True, type=LocationType("adapter"))
-@output_option
+@click.option("-o", "--output", "output", type=click.Path(), default=None,
+              help="Where to write. Default: BASE+ADAPTER… in the current directory (never overwriting; the path is "
+                   "printed). Must not be an input.")
 @click.option("--weights", type=WeightListType(), default=None,
               help="One weight per adapter, comma-separated: W' = W + Σ wᵢ·ΔWᵢ. A negative weight subtracts, "
                    "so --weights -1 unmerges. Default: 1 each.")
@@ -30,13 +32,16 @@ def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, devic
               allow_pickle, adapter_format, alpha, as_json):
     """Fold one or more ADAPTERS into BASE and write a plain model to OUTPUT.
 
-    BASE is a .safetensors file, a sharded index.json or a model folder; OUTPUT mirrors it (file ->
-    file, folder -> folder, with config and tokenizer files copied). Tensors stream one at a time, so
-    memory stays at about one tensor whatever the model size. ΔW is computed in float32 and rounded
-    to the output dtype once.
+    BASE is a .safetensors file (an LLM, or a single-file SD1/SD2/SDXL/Flux checkpoint), a sharded
+    index.json, a model folder or a diffusers pipeline folder; OUTPUT mirrors it (file -> file, folder
+    -> folder, with config, tokenizer and untouched component files copied). ADAPTERS may be PEFT,
+    kohya, LyCORIS or diffusers files naming modules in LDM, diffusers or BFL terms. Tensors stream one
+    at a time, so memory stays at about one tensor whatever the model size. ΔW is computed in float32
+    and rounded to the output dtype once.
 
     \b
     Examples:
+      loratool merge sd_xl_base_1.0.safetensors my_lora.safetensors
       loratool merge base/ adapter/ -o merged/
       loratool merge base/ style/ subject/ --weights 0.7,1 -o merged/
       loratool merge merged/ adapter/ --weights -1 -o restored/

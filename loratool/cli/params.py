@@ -16,6 +16,9 @@ from ..dtypes import OUTPUT_DTYPE_CHOICES
 ADAPTER_FORMATS = ("peft", "kohya", "diffusers", "loralib", "peft-state")
 WRITABLE_FORMATS = ("peft", "kohya", "diffusers")
 EMBEDDED_FORMATS = ("loralib", "peft-state")
+#: `loratool.api.convert.CONVERT_TARGETS` and the names of `loratool.formats.gguf.GGUF_DTYPES`.
+CONVERT_TARGETS = (*WRITABLE_FORMATS, "gguf")
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 #: `loratool.lora.combine.METHODS`: name -> summary.
 COMBINE_METHODS = {
     "cat": "exact Σ wᵢΔWᵢ by stacking factors (rank Σrᵢ)",

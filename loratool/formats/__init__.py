@@ -8,6 +8,7 @@ writer takes one.
 | `diffusers`  | yes   | yes    | `unet.`/`text_encoder.`-prefixed keys, config in the metadata      |
 | `loralib`    | yes   | no     | microsoft/LoRA: a whole state dict with `<module>.lora_A/lora_B`   |
 | `peft-state` | yes   | no     | a PEFT-wrapped model's whole state dict (`base_layer`, `.default`) |
+| `gguf`       | inspect | convert | llama.cpp `--lora` file (`gguf.py`; written against a base, not via write_adapter) |
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
-from ..errors import AdapterError, LoratoolError
-from ..lora.module import Adapter
+from ..errors import AdapterError, LoratoolError, summarize
+from ..layouts import BaseLayout, open_base
+from ..lora.module import Adapter, LoraModule
+from ..lora.pieces import renamed, restrict
 from .diffusers import looks_like_diffusers, read_diffusers_adapter, write_diffusers_adapter
-from .kohya import looks_like_kohya, read_kohya_adapter, resolve_kohya_names, write_kohya_adapter
+from .kohya import looks_like_kohya, read_kohya_adapter, write_kohya_adapter
 from .loralib import looks_like_loralib, read_loralib_adapter
 from .names import components_of, split_component
-from .peft import WEIGHT_NAMES, find_peft_folder, read_peft_adapter, write_peft_adapter
+from .peft import (WEIGHT_NAMES, find_peft_folder, looks_like_bare_peft, read_bare_peft_adapter, read_peft_adapter,
+                   write_peft_adapter)
+from .peft_lycoris import peft_type_of, read_peft_lycoris_adapter, write_peft_lycoris_adapter
 from .peft_state import looks_like_peft_state, read_peft_state_adapter
 
 if TYPE_CHECKING:
@@ -48,7 +53,7 @@ def detect_format(path: str | os.PathLike, allow_pickle: bool = False) -> str | 
             keys = list(checkpoint)
     except LoratoolError:
         return None
-    for name, looks in (("kohya", looks_like_kohya), ("peft-state", looks_like_peft_state),
+    for name, looks in (("kohya", looks_like_kohya), ("peft", looks_like_bare_peft), ("peft-state", looks_like_peft_state),
                         ("diffusers", looks_like_diffusers), ("loralib", looks_like_loralib)):
         if looks(keys):
             return name
@@ -56,9 +61,11 @@ def detect_format(path: str | os.PathLike, allow_pickle: bool = False) -> str | 
 
 
 def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickle: bool = False,
-                 base: str | os.PathLike | Mapping | None = None, alpha: float | None = None) -> Adapter:
-    """Read an adapter in any known format. `base` (a path, or component -> module names) resolves
-    kohya's flattened names; `alpha` supplies the lora_alpha loralib and bare PEFT state dicts lack."""
+                 alpha: float | None = None, need_alpha: bool = True) -> Adapter:
+    """Read an adapter in any known format, with the module names it stores (kohya's stay flattened
+    until `canonicalize` maps them through a base). `alpha` supplies the lora_alpha that loralib,
+    bare PEFT state dicts and PEFT weights without their config lack; `need_alpha=False` reads those
+    with alpha unknown (for inspect)."""
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"{path}: no such file or folder")
@@ -68,9 +75,14 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickl
     if format is None:
         raise AdapterError(f"{path}: not a recognised adapter (known formats: {', '.join(FORMATS)})")
     if format == "peft":
+        folder = find_peft_folder(path)
+        if folder is None:
+            return read_bare_peft_adapter(path, alpha=alpha, allow_pickle=allow_pickle, need_alpha=need_alpha)
+        if peft_type_of(folder) is not None:
+            return read_peft_lycoris_adapter(path, allow_pickle=allow_pickle)
         return read_peft_adapter(path, allow_pickle=allow_pickle)
     if format == "kohya":
-        return read_kohya_adapter(path, base=base, allow_pickle=allow_pickle)
+        return read_kohya_adapter(path, allow_pickle=allow_pickle)
     if format == "diffusers":
         return read_diffusers_adapter(path, allow_pickle=allow_pickle)
     if format == "loralib":
@@ -78,16 +90,52 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickl
     return read_peft_state_adapter(path, alpha=alpha, allow_pickle=allow_pickle)
 
 
-def require_resolved(adapter: Adapter, base: str | os.PathLike | Mapping | None) -> Adapter:
-    """Resolve kohya names against `base`, or explain why a base is needed."""
-    if not adapter.unresolved_names:
+def canonicalize(adapter: Adapter, layout: BaseLayout) -> Adapter:
+    """The adapter under the base's canonical module names (diffusers names for diffusion models,
+    the stored names for plain models). A LoRA on a fused module (Flux `qkv`, `linear1`) becomes one
+    module per part, each with its rows of B and the shared A, so nothing is approximated."""
+    resolved = layout.resolve(adapter.modules, flat=adapter.unresolved_names, source=adapter.path)
+    modules: dict[str, LoraModule] = {}
+    clashes = []
+    for name, module in adapter.modules.items():
+        for piece in resolved[name]:
+            part = restrict(module, piece.module, piece.lora_rows, piece.swap_lora)
+            if not isinstance(part, LoraModule) and piece.target.module_shape is not None:
+                part.fit_to(piece.target.module_shape)  # LoHa/LoKr files store conv kernels flattened
+            if part.name in modules:
+                clashes.append(f"{part.name} (from {name} and another module)")
+            modules[part.name] = part
+    if clashes:
+        raise AdapterError(f"{adapter.path}: several modules update the same base module: {summarize(clashes)}")
+    adapter.modules = modules
+    adapter.unresolved_names = False
+    return adapter
+
+
+def require_resolved(adapter: Adapter, layout: BaseLayout | None) -> Adapter:
+    """Map names through the base where that is needed or useful: kohya's flattened names always
+    (they need a base), and any dialect against a diffusion base. Plain-model adapters that already
+    name real modules keep their names, which are what PEFT loads them by."""
+    if layout is None:
+        if adapter.unresolved_names:
+            raise AdapterError(
+                f"{adapter.path}: kohya names flatten module paths ('.' -> '_'), so they can only be mapped back "
+                "with the base model: pass --base"
+            )
         return adapter
+    if adapter.unresolved_names or layout.kind != "transformers":
+        return canonicalize(adapter, layout)
+    return adapter
+
+
+def base_layout(base: str | os.PathLike | None, allow_pickle: bool = False) -> BaseLayout | None:
+    """The layout of a base given as --base (headers only), or None."""
     if base is None:
-        raise AdapterError(
-            f"{adapter.path}: kohya names flatten module paths ('.' -> '_'), so they can only be mapped back with "
-            "the base model: pass --base"
-        )
-    return resolve_kohya_names(adapter, base)
+        return None
+    layout, checkpoints = open_base(base, allow_pickle=allow_pickle)
+    for checkpoint in checkpoints.values():
+        checkpoint.close()
+    return layout
 
 
 def select_component(adapter: Adapter, component: str | None) -> Adapter:
@@ -116,11 +164,8 @@ def select_component(adapter: Adapter, component: str | None) -> Adapter:
 def read_for_peft_output(path: str | os.PathLike, format: str | None, alpha: float | None,
                          base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter whose result will be written as PEFT: real module names, one model."""
-    from .names import base_modules
-
-    index = base_modules(base, allow_pickle) if base is not None else None
-    adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, base=index, alpha=alpha)
-    return select_component(require_resolved(adapter, index), None)
+    adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, alpha=alpha)
+    return select_component(require_resolved(adapter, base_layout(base, allow_pickle)), None)
 
 
 def write_adapter(adapter: Adapter, output: Path, format: str, config: dict | None = None,

@@ -119,7 +119,8 @@ def read_diffusers_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
         raise AdapterError(f"{path}: {summarize(problems)}")
     if not modules:
         raise AdapterError(f"{path}: holds no LoRA tensors")
-    return Adapter(path=path, source_format="diffusers", modules=modules, config={"components": configs})
+    return Adapter(path=path, source_format="diffusers", modules=modules,
+                   config={"components": configs, "metadata": dict(metadata)})
 
 
 def write_diffusers_adapter(path: Path, adapter: Adapter, component: str = "unet",

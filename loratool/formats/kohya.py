@@ -1,114 +1,81 @@
 """kohya / sd-scripts LoRA files: `lora_unet_<flat>.lora_down.weight` (= A), `.lora_up.weight` (= B),
-`.alpha` (a scalar; missing means alpha = r) and LyCORIS' optional `.dora_scale`.
+`.alpha` (a scalar; missing means alpha = r), and the LyCORIS algorithms written in the same scheme
+(LoCon `lora_mid`, LoHa `hada_*`, LoKr `lokr_*`, full `diff`/`diff_b`, norms `w_norm`/`b_norm`,
+`dora_scale`), under `lora_unet_`/`lora_te*_`/`lycoris_` and ComfyUI's dotted prefixes.
 
-Module paths are flattened (`.` → `_`), which loses information, so names are resolved against the
-base's real module list (`names.resolve_flat_names`). Without a base the adapter keeps the flat names:
-enough to inspect it or to write it back as kohya, not to merge or convert it.
+Module paths are flattened (`.` → `_`), which loses information, so the reader keeps the flat names
+and `layouts.BaseLayout.resolve` maps them through the base's real module list, in any dialect the
+base's layout knows (diffusers or LDM UNet names, BFL or diffusers Flux names, CLIP with or without
+`text_model.`). Without a base the names are enough to inspect the file or write it back as kohya.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
+from ..lora.algorithms import SHARED_ROLES, build_module, split_key
 from ..lora.module import Adapter, LayerKind, LoraModule
-from .names import base_modules, flatten, resolve_flat_names, split_component
+from ..layouts import KOHYA_PREFIXES as PREFIXES
+from ..layouts import flatten
+from ..layouts.clip import with_text_model
+from .names import split_component
 
-if TYPE_CHECKING:
-    import torch
 
-#: Name prefix -> the pipeline component it names. `lora_unet_` is also the main network of
-#: non-pipeline models (kohya's musubi-tuner uses it for DiTs too).
-PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-            "lora_te3_": "text_encoder_3", "lora_te_": "text_encoder", "lora_transformer_": "transformer"}
-SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha", ".dora_scale": "magnitude"}
-#: LyCORIS tensor suffixes of other algorithms, named in the refusal.
-LYCORIS_SUFFIXES = (".hada_w1_a", ".lokr_w1", ".oft_blocks", ".oft_diag", ".b_norm", ".w_norm", ".diff")
+#: Dotted (unflattened) prefixes of ComfyUI's own LoRA saver, with kohya's tensor suffixes.
+DOTTED_PREFIXES = ("diffusion_model.", "text_encoders.")
 
 
 def split_kohya_name(name: str) -> tuple[str | None, str]:
-    """('unet', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
+    """('denoiser', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
     for prefix, component in PREFIXES.items():
         if name.startswith(prefix):
             return component, name[len(prefix):]
+    if name.startswith(DOTTED_PREFIXES):
+        return None, name
     raise AdapterError(f"{name!r} does not start with a kohya prefix ({', '.join(PREFIXES)})")
 
 
 def looks_like_kohya(keys: list[str]) -> bool:
-    return bool(keys) and all(k.startswith(tuple(PREFIXES)) for k in keys) and any(
-        k.endswith(".lora_down.weight") for k in keys)
+    """kohya/LyCORIS names, and at least one tensor of an algorithm loratool knows or refuses by name."""
+    return bool(keys) and all(k.startswith(tuple(PREFIXES) + DOTTED_PREFIXES) for k in keys) and any(
+        (parts := split_key(k)) is not None and parts[1] not in SHARED_ROLES for k in keys)
 
 
-def read_kohya_adapter(path: Path, base: str | Path | None = None, allow_pickle: bool = False) -> Adapter:
-    import torch
-
+def read_kohya_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+    """LoRA, LoCon, LoHa, LoKr, full and norm diffs, with LyCORIS' DoRA; every module through the one
+    role table and builder in `lora/algorithms`, so a bad module is named with its algorithm."""
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         state = {name: checkpoint.read(name) for name in checkpoint}
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state.items():
-        name, suffix = next(((key[: -len(s)], role) for s, role in SUFFIXES.items() if key.endswith(s)), (None, None))
-        if name is None:
+        parts = split_key(key)
+        if parts is None:
             unknown.append(key)
             continue
-        groups.setdefault(name, {})[suffix] = tensor
+        groups.setdefault(parts[0], {})[parts[1]] = tensor
     if unknown:
-        lycoris = any(k.endswith(LYCORIS_SUFFIXES) for k in unknown)
-        hint = " (LyCORIS LoHa/LoKr/OFT tensors: not LoRA)" if lycoris else ""
-        raise AdapterError(f"{path}: tensors that are not kohya LoRA{hint}: {summarize(unknown)}")
-    modules = _build(groups, path)
-    adapter = Adapter(path=path, source_format="kohya", modules=modules,
-                      config={"kohya_metadata": dict(metadata)}, unresolved_names=True)
-    return resolve_kohya_names(adapter, base, allow_pickle) if base is not None else adapter
-
-
-def _build(groups: dict[str, dict[str, torch.Tensor]], source: Path) -> dict[str, LoraModule]:
-    problems, modules = [], {}
+        raise AdapterError(f"{path}: tensors that are not kohya/LyCORIS adapter tensors: {summarize(unknown)}")
+    modules, problems = {}, []
     for name, parts in sorted(groups.items()):
         split_kohya_name(name)
-        A, B = parts.get("A"), parts.get("B")
-        if A is None or B is None:
-            problems.append(f"{name} lacks lora_{'down' if A is None else 'up'}")
-            continue
-        rank = A.shape[0]
-        if B.dim() < 2 or B.shape[1] != rank or A.dim() != B.dim():
-            problems.append(f"{name}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not pair")
-            continue
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
-        magnitude = parts.get("magnitude")
-        if magnitude is not None:
-            if magnitude.numel() != B.shape[0] or (magnitude.dim() == 2 and magnitude.shape[0] == 1 and B.shape[0] != 1):
-                problems.append(f"{name}: dora_scale {list(magnitude.shape)} is not one value per output unit "
-                                f"({B.shape[0]}); only LyCORIS' wd_on_out layout matches PEFT's DoRA")
-                continue
-            magnitude = magnitude.reshape(-1)
-        modules[name] = LoraModule(name=name, kind=LayerKind.CONV if A.dim() == 4 else LayerKind.LINEAR,
-                                   lora_A=A, lora_B=B, alpha=alpha, magnitude=magnitude)
+        try:
+            modules[name] = build_module(name, parts)
+        except AdapterError as e:
+            problems.append(str(e))
     if problems:
-        raise AdapterError(f"{source}: {summarize(problems)}")
+        raise AdapterError(f"{path}: {summarize(problems)}")
     if not modules:
-        raise AdapterError(f"{source}: holds no LoRA tensors")
-    return modules
-
-
-def resolve_kohya_names(adapter: Adapter, base: str | Path | Mapping, allow_pickle: bool = False) -> Adapter:
-    """The adapter with real module names, resolved against `base` (a path, or component -> modules)."""
-    if not adapter.unresolved_names:
-        return adapter
-    index = base if isinstance(base, Mapping) else base_modules(base, allow_pickle)
-    mapping = resolve_flat_names({name: split_kohya_name(name) for name in adapter.modules}, index, adapter.path)
-    modules = {}
-    for flat, module in adapter.modules.items():
-        module.name = mapping[flat]
-        modules[module.name] = module
-    adapter.modules = modules
-    adapter.unresolved_names = False
-    return adapter
+        raise AdapterError(f"{path}: holds no adapter tensors")
+    return Adapter(path=path, source_format="kohya", modules=modules, config={"kohya_metadata": dict(metadata)},
+                   unresolved_names=any(not n.startswith(DOTTED_PREFIXES) for n in modules))
 
 
 def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
@@ -119,6 +86,7 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
     if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         prefix = {"text_encoder": "lora_te1_" if has_second_text_encoder else "lora_te_",
                   "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
+        rest = with_text_model(rest)  # the CLIP names A1111, ComfyUI and sd-scripts read (transformers 4's)
     else:
         prefix, rest = "lora_unet_", rest if component in ("unet", "transformer") else module_name
     return prefix + flatten(rest)
@@ -126,12 +94,12 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
 
 def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None = None) -> list[Path]:
     """One `.safetensors` file. rsLoRA folds into alpha (alpha' = s·r), since kohya has no such flag."""
-    import torch
-
     refused = []
     if adapter.full_tensors:
         refused.append(f"whole tensors (modules_to_save) {summarize(sorted(adapter.full_tensors))}")
     for module in adapter.modules.values():
+        if not isinstance(module, LoraModule):
+            continue
         if module.kind is LayerKind.EMBEDDING:
             refused.append(f"embedding LoRA on {module.name}")
         if module.bias is not None:
@@ -149,11 +117,33 @@ def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None 
             raise AdapterError(f"{name} and {names[lora_name]} both flatten to {lora_name}")
         names[lora_name] = name
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        if not isinstance(module, LoraModule):
+            state.update(_lycoris_tensors(module, lora_name, cast))
+            continue
         state[f"{lora_name}.lora_down.weight"] = cast(module.lora_A).contiguous()
         state[f"{lora_name}.lora_up.weight"] = cast(module.lora_B).contiguous()
         state[f"{lora_name}.alpha"] = torch.tensor(module.plain_alpha, dtype=torch.float32)
-    ranks = sorted({m.rank for m in adapter.modules.values()})
-    metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
-                "ss_network_alpha": str(float(state[next(k for k in state if k.endswith('.alpha'))]))}
+    ranks = sorted({m.rank for m in adapter.modules.values() if m.rank is not None}) or [0]
+    alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
+    lycoris = {m.algorithm for m in adapter.modules.values() if not isinstance(m, LoraModule)}
+    metadata = {"format": "pt", "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+                "ss_network_dim": str(ranks[-1]), "ss_network_alpha": str(alphas[0] if alphas else ranks[-1])}
+    if len(lycoris) == 1:
+        metadata["ss_network_args"] = json.dumps({"algo": next(iter(lycoris))})
     write_safetensors(path, state, metadata)
     return [path]
+
+
+def _lycoris_tensors(module, lora_name: str, cast) -> dict[str, torch.Tensor]:
+    """A LyCORIS module's tensors under its kohya name, refused where a reader would get another scale
+    (a PEFT LoKr with both halves full has scale alpha/r; LyCORIS files define it as 1)."""
+    parts = {key[len(module.name) + 1:]: tensor for key, tensor in module.named_tensors().items()}
+    if "bias" in parts:
+        raise AdapterError(f"{module.name}: kohya/LyCORIS files have no place for a {module.algorithm} bias")
+    if module.alpha is not None:
+        parts["alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    reread = build_module(lora_name, parts)
+    if abs(reread.scale - module.scale) > 1e-6 * max(1.0, abs(module.scale)):
+        raise AdapterError(f"{module.name}: a {module.algorithm} module with scale {module.scale:g} reads back from a "
+                           f"LyCORIS file with scale {reread.scale:g}; convert to peft instead")
+    return {f"{lora_name}.{role}": cast(t).contiguous() if role != "alpha" else t for role, t in parts.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,6 +128,50 @@ def read_peft_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
         full_tensors=full,
         config=config,
     )
+
+
+#: safetensors metadata keys that some savers use for lora_alpha when no adapter_config.json travels along.
+ALPHA_METADATA_KEYS = ("lora_alpha", "alpha", "ss_network_alpha")
+
+
+def looks_like_bare_peft(keys: list[str]) -> bool:
+    """PEFT's own tensor names (`base_model.model.….lora_A.weight`) in a file with no config beside it."""
+    return bool(keys) and all(k.startswith(KEY_PREFIX) for k in keys) and any(
+        k.endswith((".lora_A.weight", ".lora_embedding_A")) for k in keys)
+
+
+def _metadata_alpha(metadata: dict[str, str]) -> float | None:
+    for key in ALPHA_METADATA_KEYS:
+        try:
+            value = float(metadata[key])
+        except (KeyError, ValueError):
+            continue
+        if value > 0:
+            return value
+    return None
+
+
+def read_bare_peft_adapter(path: Path, alpha: float | None = None, allow_pickle: bool = False,
+                           need_alpha: bool = True) -> Adapter:
+    """PEFT weights downloaded or renamed without their adapter_config.json: ranks from the shapes,
+    lora_alpha from `alpha` or the file's metadata. Without either, a command that computes fails
+    naming --alpha; `need_alpha=False` (inspect) reads it with alpha unknown."""
+    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
+        state = {name: checkpoint.read(name) for name in checkpoint}
+        metadata = next(iter(checkpoint.metadata.values()), None) or {}
+    known = alpha if alpha is not None else _metadata_alpha(metadata)
+    if known is None and need_alpha:
+        raise AdapterError(f"{path}: PEFT weights without their {CONFIG_NAME}, so lora_alpha is unknown; pass --alpha "
+                           "(the lora_alpha it was trained with)")
+    grouped, full = _group_keys(state, path)
+    ranks = {name: parts["A"].shape[0] for name, (parts, _) in grouped.items() if "A" in parts}
+    default_r = _most_common(list(ranks.values())) if ranks else 8
+    config = {"r": default_r, "lora_alpha": known if known is not None else default_r,
+              "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != default_r},
+              "use_dora": any("magnitude" in parts for parts, _ in grouped.values())}
+    modules = _build_modules(grouped, config, path)
+    return Adapter(path=path, source_format="peft", modules=modules, full_tensors=full,
+                   config={"lora_alpha": known, "r": default_r, "alpha_unknown": known is None, "bare": True})
 
 
 def _group_keys(state: dict[str, torch.Tensor], source: Path):

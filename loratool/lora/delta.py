@@ -67,16 +67,18 @@ def apply_dora_(acc: torch.Tensor, base: torch.Tensor, module: LoraModule, trans
 
 
 def add_deltas_blockwise(
-    weight: torch.Tensor, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+    weight: torch.Tensor, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float, int]],
     block_elements: int = 1 << 18, scratch: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """out = round(weight + Σ alpha·left@right), a block of rows at a time; returns (min, max) of the
     float32 result (NaN if any NaN), so callers check finiteness without another pass over memory.
+    Each term's `left` covers the rows from its offset on (a q/k/v piece of a fused tensor covers a
+    third); the offset may be negative when `weight` is a run of rows from inside a larger matrix.
 
-    `weight` may be any run of rows of a larger matrix, with each `left` sliced to the same rows. Each
-    block is widened to float32 into one reused buffer (`scratch`, or one allocated here) small enough
-    to stay in cache (1 MB by default), updated with `addmm_`, rounded once into `out`, and scanned for
-    its range while still in cache. `out` may be `weight` itself. With no terms it is a checked cast.
+    Each block is widened to float32 into one reused buffer (`scratch`, or one allocated here) small
+    enough to stay in cache (1 MB by default), updated with `addmm_`, rounded once into `out`, and
+    scanned for its range while still in cache. `out` may be `weight` itself. With no terms it is a
+    checked cast.
     """
     w2, o2 = as_2d(weight), as_2d(out)
     if w2.shape[0] == 0 or w2.shape[1] == 0:
@@ -89,8 +91,11 @@ def add_deltas_blockwise(
         stop = min(start + rows, w2.shape[0])
         acc = scratch[: (stop - start) * w2.shape[1]].view(stop - start, w2.shape[1])
         acc.copy_(w2[start:stop])
-        for left, right, alpha in terms:
-            acc.addmm_(left[start:stop], right, alpha=alpha)
+        for left, right, alpha, offset in terms:
+            low_row, high_row = max(start, offset), min(stop, offset + left.shape[0])
+            if low_row < high_row:
+                acc[low_row - start:high_row - start].addmm_(left[low_row - offset:high_row - offset], right,
+                                                             alpha=alpha)
         o2[start:stop].copy_(acc)
         block_low, block_high = (v.item() for v in torch.aminmax(acc))
         saw_nan = saw_nan or math.isnan(block_low) or math.isnan(block_high)

@@ -17,6 +17,8 @@ class LayerKind(str, enum.Enum):
     LINEAR = "linear"
     CONV = "conv"
     EMBEDDING = "embedding"
+    #: a 1-D weight (norm layers' `.w_norm`/`.b_norm` diffs in LyCORIS files); never a LoraModule.
+    NORM = "norm"
 
 
 @dataclass
@@ -57,6 +59,62 @@ class LoraModule:
     def named_tensors(self) -> dict[str, torch.Tensor]:
         parts = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude, "lora_B.bias": self.bias}
         return {f"{self.name}.{part}": t for part, t in parts.items() if t is not None}
+
+    # The members below give LoraModule the interface of the LyCORIS classes in `lora/algorithms/`,
+    # so code that handles "any adapter module" needs no isinstance checks.
+    tucker = False
+
+    @property
+    def algorithm(self) -> str:
+        """"locon" for a conv layer (LyCORIS' name for LoRA on convolutions), else "lora"."""
+        return "locon" if self.kind is LayerKind.CONV else "lora"
+
+    @property
+    def dora_axis(self) -> str | None:
+        """DoRA's magnitude here is PEFT's: one value per output unit ("out"); None without DoRA."""
+        return "out" if self.is_dora else None
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in (self.lora_A, self.lora_B, self.magnitude, self.bias) if t is not None)
+
+    def expected_base_shape(self, transposed: bool = False) -> tuple[int, ...]:
+        from .delta import expected_base_shape
+
+        return expected_base_shape(self, transposed)
+
+    def fits(self, shape, transposed: bool = False) -> bool:
+        return tuple(shape) == self.expected_base_shape(transposed)
+
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+              transposed: bool = False) -> torch.Tensor:
+        """ΔW = s·B@A in the base weight's shape (computed in float32, then cast to `dtype`, float32 by
+        default)."""
+        from .delta import COMPUTE_DTYPE, delta_weight
+
+        return delta_weight(self, transposed, device).to(dtype or COMPUTE_DTYPE)
+
+    def bias_delta(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The update to the base bias: s·lora_B.bias, as PEFT merges it (float32 by default)."""
+        from .delta import COMPUTE_DTYPE
+
+        return None if self.bias is None else self.scale * self.bias.to(device=device, dtype=dtype or COMPUTE_DTYPE)
+
+    def apply_to(self, base: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """The merged weight W + ΔW (or PEFT's DoRA of it) in float32."""
+        from .delta import COMPUTE_DTYPE, apply_dora_
+
+        base = base.to(COMPUTE_DTYPE)
+        if not self.is_dora:
+            return base + self.delta(COMPUTE_DTYPE, base.device, transposed)
+        merged = base.clone()
+        apply_dora_(merged, base, self, transposed)
+        return merged
+
+    def info(self) -> dict:
+        return {"algorithm": self.algorithm, "kind": self.kind.value, "dora": self.is_dora, "rank": self.rank,
+                "alpha": self.alpha, "scale": self.scale, "tucker": False, "factor": None,
+                "parameters": self.parameter_count, "shape": list(self.expected_base_shape())}
 
 
 @dataclass

@@ -48,12 +48,23 @@ def resolve_base_names(
     return best, [n for n in modules + tensors if n not in best]
 
 
+def _pointwise_2d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 1×1 conv kernel's shape as the linear weight it is; other shapes unchanged."""
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
 def fits(module: LoraModule, base_shape: tuple[int, ...]) -> list[bool]:
-    """The orientations (False: W is (out, in); True: HF Conv1D's (in, out)) the base shape admits."""
+    """The orientations (False: W is (out, in); True: HF Conv1D's (in, out)) the base shape admits.
+
+    A 1×1 conv and a linear layer are the same map, and SD1 stores `proj_in`/`proj_out` as 1×1 convs
+    where SD2/SDXL store linears, so LoRA factors of one kind fit a base weight of the other."""
     from .delta import expected_base_shape  # imports torch; module names alone do not need it
 
     options = [False, True] if module.kind is LayerKind.LINEAR else [False]
-    return [t for t in options if expected_base_shape(module, t) == tuple(base_shape)]
+    exact = [t for t in options if expected_base_shape(module, t) == tuple(base_shape)]
+    if exact or module.kind is LayerKind.EMBEDDING:
+        return exact
+    return [False] if _pointwise_2d(expected_base_shape(module)) == _pointwise_2d(tuple(base_shape)) else []
 
 
 def choose_orientation(

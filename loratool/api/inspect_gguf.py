@@ -1,0 +1,122 @@
+"""`inspect` for `.gguf` files: llama.cpp LoRA adapters (architecture, alpha, ranks, targets, dtypes)
+and, more briefly, GGUF models. The keys follow the adapter and checkpoint schemas of docs/inspect.md
+where they mean the same thing."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from ..formats.gguf import LORA_A, LORA_B, GgufFile, read_gguf
+from ..lora.llamacpp import llamacpp_scale
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_EMBEDDING = "token_embd"
+
+
+def _dtypes(infos) -> dict[str, dict[str, int]]:
+    breakdown: dict[str, dict[str, int]] = {}
+    for info in infos:
+        entry = breakdown.setdefault(info.type, {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += info.numel
+        entry["bytes"] += info.nbytes
+    return dict(sorted(breakdown.items()))
+
+
+def _target(base_name: str) -> tuple[int | None, str]:
+    """(layer, target) for a GGUF base tensor name: `blk.3.attn_q.weight` -> (3, 'attn_q')."""
+    stem = base_name.removesuffix(".weight")
+    match = _BLOCK.match(stem)
+    return (int(match.group(1)), match.group(2)) if match else (None, stem)
+
+
+def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, schema: int = 1) -> dict:
+    gguf_file = read_gguf(path)
+    metadata = gguf_file.metadata
+    infos = list(gguf_file.tensors.values())
+    report: dict = {
+        "schema": schema,
+        "kind": "adapter" if metadata.get("general.type") == "adapter" else "checkpoint",
+        "path": str(gguf_file.path),
+        "format": "gguf",
+        "architecture": metadata.get("general.architecture"),
+        "name": metadata.get("general.name"),
+    }
+    if report["kind"] == "adapter":
+        report.update(_adapter_keys(gguf_file))
+    else:
+        report.update({"sharded": False, "files": [gguf_file.path.name], "model_type": None,
+                       "architectures": None, "embedded_adapter": None, "layout": "gguf",
+                       "family": report["architecture"], "components": {}})
+    report.update({
+        "tensors": len(infos),
+        "parameters": sum(i.numel for i in infos),
+        "bytes": sum(i.nbytes for i in infos),
+        "dtypes": _dtypes(infos),
+        "metadata": {gguf_file.path.name: metadata},
+    })
+    if tensors:
+        report["tensor_list"] = [{"name": i.name, "dtype": i.type, "shape": list(i.shape), "bytes": i.nbytes}
+                                 for i in sorted(infos, key=lambda i: i.name)]
+    if check:
+        report["nonfinite"] = _nonfinite(gguf_file)
+    return report
+
+
+def _adapter_keys(gguf_file: GgufFile) -> dict:
+    metadata = gguf_file.metadata
+    alpha = float(metadata.get("adapter.lora.alpha") or 0.0)
+    halves_a = {n.removesuffix(LORA_A) for n in gguf_file.tensors if n.endswith(LORA_A)}
+    halves_b = {n.removesuffix(LORA_B): info for n, info in gguf_file.tensors.items() if n.endswith(LORA_B)}
+    pairs = {name: info for name, info in halves_b.items() if name in halves_a}
+    groups: dict[tuple, dict] = {}
+    layers, ranks = set(), Counter()
+    for base_name, lora_b in sorted(pairs.items()):
+        layer, target = _target(base_name)
+        if layer is not None:
+            layers.add(layer)
+        rank = lora_b.shape[-1]
+        ranks[rank] += 1
+        kind = "embedding" if target == _EMBEDDING else "linear"
+        group = groups.setdefault((target, rank), {
+            "target": target, "kind": kind, "rank": rank, "alpha": alpha, "scale": llamacpp_scale(alpha, rank),
+            "dora": False, "modules": 0,
+        })
+        group["modules"] += 1
+    unpaired = sorted(halves_a.symmetric_difference(halves_b))
+    base_model = metadata.get("general.base_model.0.repo_url") or metadata.get("general.base_model.0.name")
+    return {
+        "base_model": base_model,
+        "adapter_type": metadata.get("adapter.type"),
+        "peft_version": None,
+        "task_type": None,
+        "r": ranks.most_common(1)[0][0] if ranks else None,
+        "lora_alpha": alpha,
+        "lora_alpha_known": True,
+        "family": None,
+        "family_from": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules": len(pairs),
+        "targets": sorted({g["target"] for g in groups.values()}),
+        "layers": sorted(layers),
+        "groups": sorted(groups.values(), key=lambda g: (g["target"], g["rank"])),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": [],
+        "unpaired": unpaired,
+    }
+
+
+def _nonfinite(gguf_file: GgufFile) -> dict[str, dict[str, int]]:
+    import torch
+
+    found = {}
+    for name in gguf_file.tensors:
+        values = gguf_file.read(name)
+        nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        if nan or inf:
+            found[name] = {"nan": nan, "inf": inf}
+    return found

@@ -1,0 +1,280 @@
+"""Base layouts: how each kind of base names its weights, and one resolver from a module name in any
+LoRA dialect to the base tensors it updates.
+
+| layout               | family           | components                                                         |
+|----------------------|------------------|--------------------------------------------------------------------|
+| `ldm-single-file`    | SD1, SD2, SDXL   | `model.diffusion_model.*` (UNet, LDM names), CLIP / OpenCLIP text encoders |
+| `diffusers-pipeline` | from model_index | one folder per component, diffusers / transformers names           |
+| `diffusers-unet`     | SD1, SD2, SDXL   | a UNet saved by diffusers                                          |
+| `flux-bfl`           | Flux             | BFL names (`double_blocks`, fused `qkv`/`linear1`)                 |
+| `flux-diffusers`     | Flux             | diffusers names (`transformer_blocks`, separate q/k/v)             |
+| `hf-clip`            | CLIP             | a Hugging Face CLIP text encoder                                   |
+| `transformers`       | the architecture | anything else: names as stored (LLMs)                              |
+
+Canonical module names are diffusers' (and transformers 5's for text encoders), qualified by the
+pipeline component for diffusion bases (`unet.down_blocks.0…`, `text_encoder_2.encoder.layers.3…`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MismatchError, summarize
+from . import build
+from .index import Component, Piece, Rows, Target, flatten
+
+__all__ = ["BaseLayout", "Component", "Piece", "Rows", "Target", "flatten", "layout_of", "open_base",
+           "DIFFUSION_COMPONENTS", "KOHYA_PREFIXES"]
+
+LDM_UNET = "model.diffusion_model."
+#: LDM single-file text-encoder prefixes -> (component, builder, family hint).
+LDM_TEXT_ENCODERS = {
+    "cond_stage_model.transformer.": ("text_encoder", "hf"),
+    "cond_stage_model.model.": ("text_encoder", "open"),
+    "conditioner.embedders.0.transformer.": ("text_encoder", "hf"),
+    "conditioner.embedders.1.model.": ("text_encoder_2", "open"),
+}
+REFINER_TEXT_ENCODER = "conditioner.embedders.0.model."
+#: diffusers pipeline components that LoRAs adapt.
+DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior",
+                        "controlnet")
+DENOISERS = ("unet", "transformer", "prior")
+#: kohya/LyCORIS name prefix -> the component it names ("denoiser": the UNet or the DiT).
+KOHYA_PREFIXES = {"lora_unet_": "denoiser", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                  "lora_te3_": "text_encoder_3", "lora_te_": "text_encoder", "lora_transformer_": "denoiser",
+                  "lycoris_": "denoiser"}
+#: Dotted name prefixes of other savers -> component (ComfyUI's own LoRA saver among them).
+DOTTED_PREFIXES = {"diffusion_model.": "denoiser", "model.diffusion_model.": "denoiser",
+                   "text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_l.": "text_encoder",
+                   "text_encoders.clip_g.transformer.": "text_encoder_2", "text_encoders.clip_g.": "text_encoder_2",
+                   "text_encoders.t5xxl.transformer.": "text_encoder_3",
+                   **{f"{c}.": c for c in DIFFUSION_COMPONENTS}}
+#: attn2.to_k input width -> Stable Diffusion family.
+CROSS_ATTENTION_FAMILY = {768: "SD1", 1024: "SD2", 2048: "SDXL", 1280: "SDXL-refiner"}
+
+
+@dataclass
+class BaseLayout:
+    path: Path
+    kind: str
+    family: str | None
+    components: dict[str | None, Component] = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> str | None:
+        return next((c for c in DENOISERS if c in self.components), None)
+
+    def describe(self) -> dict:
+        return {"layout": self.kind, "family": self.family,
+                "components": {name or "model": c.layout for name, c in self.components.items()}}
+
+    def summary(self) -> str:
+        """`ldm-single-file SDXL: unet (ldm-unet), text_encoder (hf-clip), …`, for error messages."""
+        head = f"{self.kind} {self.family or ''}".rstrip()
+        parts = [f"{name} ({c.layout})" for name, c in self.components.items() if name is not None]
+        return f"{head}: {', '.join(parts)}" if parts else head
+
+    # --- resolution -------------------------------------------------------------------------------
+
+    def _component_for(self, hint: str | None) -> list[Component]:
+        if None in self.components:
+            return [self.components[None]]
+        if hint is None:
+            return list(self.components.values())
+        if hint in ("denoiser", "unet", "transformer", "prior"):
+            hint = self.denoiser if hint == "denoiser" or hint not in self.components else hint
+        return [self.components[hint]] if hint in self.components else []
+
+    def resolve(self, names: Iterable[str], flat: bool = False, source: object = None) -> dict[str, tuple[Piece, ...]]:
+        """Adapter module name -> the pieces it updates. `flat` names are kohya's (`lora_unet_…`).
+
+        Raises MismatchError naming a few unmatched or ambiguous names and the detected layout: an
+        ambiguous name is never guessed.
+        """
+        names = list(names)
+        resolved: dict[str, tuple[Piece, ...]] = {}
+        missing, ambiguous, no_component = [], [], set()
+        transforms = self._generic_transforms(names, flat)
+        for name in names:
+            is_flat = flat and name.startswith(tuple(KOHYA_PREFIXES))
+            hint, path = split_prefix(name, is_flat)
+            components = self._component_for(hint)
+            if not components:
+                no_component.add(hint)
+                missing.append(name)
+                continue
+            found: list[tuple[Piece, ...]] = []
+            for component in components:
+                found += _lookup(component, path, is_flat, transforms.get(id(component)))
+            distinct = list(dict.fromkeys(found))
+            if len(distinct) == 1:
+                resolved[name] = distinct[0]
+            elif distinct:
+                ambiguous.append(f"{name} -> {' or '.join('+'.join(p.module for p in ps) for ps in distinct)}")
+            else:
+                missing.append(name)
+        who = f"{source}: " if source is not None else ""
+        if ambiguous:
+            raise MismatchError(f"{who}module names that match several modules of the base {self.path} "
+                                f"({self.summary()}): {summarize(ambiguous)}")
+        if missing:
+            hint = ""
+            if no_component - {None}:
+                wanted = ", ".join(sorted(str(c) for c in no_component - {None}))
+                hint = f"; the base has no {wanted} (merge into a base that has it, e.g. a full single file or pipeline)"
+            raise MismatchError(f"{who}targets modules the base does not have: {summarize(missing)} (base "
+                                f"{self.path}: {self.summary()}){hint}; is this the model the LoRA was trained on?")
+        return resolved
+
+    def _generic_transforms(self, names: list[str], flat: bool) -> dict[int, object]:
+        """For plain models, one name transform for the whole adapter (adapters name modules as the
+        trained class did, `model.layers.0…`, while a base may be saved from another class)."""
+        chosen = {}
+        for component in self.components.values():
+            if component.layout != "transformers" or flat:
+                continue
+            paths = [split_prefix(n, False)[1] for n in names]
+            best, best_hits = None, -1
+            for transform in _name_transforms(component.targets):
+                hits = sum(transform(p) in component.targets for p in paths)
+                if hits > best_hits:
+                    best, best_hits = transform, hits
+            chosen[id(component)] = best
+        return chosen
+
+
+def _name_transforms(targets: Mapping[str, Target]) -> list:
+    transforms = [lambda n: n, lambda n: n.split(".", 1)[1] if "." in n else n]
+    for prefix in sorted({k.split(".", 1)[0] for k in targets if "." in k}):
+        transforms.append(lambda n, p=prefix: f"{p}.{n}")
+    return transforms
+
+
+def _lookup(component: Component, path: str, flat: bool, transform) -> list[tuple[Piece, ...]]:
+    if flat:
+        return component.flat_candidates(path)
+    pieces = component.pieces(transform(path) if transform else path)
+    return [pieces] if pieces else []
+
+
+def split_prefix(name: str, flat: bool) -> tuple[str | None, str]:
+    """(component hint, module path) of an adapter module name."""
+    table = KOHYA_PREFIXES if flat else DOTTED_PREFIXES
+    for prefix in sorted(table, key=len, reverse=True):
+        if name.startswith(prefix):
+            return table[prefix], name[len(prefix):]
+    return None, name
+
+
+# --- detection ----------------------------------------------------------------------------------------
+
+
+def _under(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _unet_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    widths = {shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight") and len(shape) == 2}
+    return CROSS_ATTENTION_FAMILY.get(max(widths)) if widths else None
+
+
+def _is_clip(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    return any(k.endswith("encoder.layers.0.self_attn.q_proj.weight") for k in shapes) and any(
+        k.endswith("embeddings.token_embedding.weight") for k in shapes)
+
+
+def layout_of(shapes: Mapping[str, tuple[int, ...]], path: Path, config: dict | None = None,
+              source: str | None = None, component: str | None = None) -> BaseLayout:
+    """Detect the layout of one checkpoint from its tensor names and shapes (headers only)."""
+    if any(k.startswith(LDM_UNET + "double_blocks.") for k in shapes):
+        return BaseLayout(path, "flux-bfl", "Flux", {"transformer": build.flux_bfl(_under(shapes, LDM_UNET), LDM_UNET,
+                                                                                    source)})
+    if any(k.startswith(LDM_UNET) for k in shapes):
+        return _ldm_single_file(shapes, path, source)
+    if any(k.startswith("double_blocks.") for k in shapes) and any(k.startswith("single_blocks.") for k in shapes):
+        return BaseLayout(path, "flux-bfl", "Flux", {"transformer": build.flux_bfl(shapes, "", source)})
+    if any(k.startswith("single_transformer_blocks.") for k in shapes):
+        return BaseLayout(path, "flux-diffusers", "Flux", {"transformer": build.flux_diffusers(shapes, source)})
+    if any(k.startswith("down_blocks.") and ".resnets." in k for k in shapes) and "conv_in.weight" in shapes:
+        return BaseLayout(path, "diffusers-unet", _unet_family(shapes), {"unet": build.diffusers_unet(shapes, source)})
+    if _is_clip(shapes) and (component is None or component.startswith("text_encoder")):
+        name = component or "text_encoder"
+        return BaseLayout(path, "hf-clip", "CLIP", {name: build.hf_clip(shapes, name, source=source,
+                                                                         keep_stored_names=True)})
+    architectures = (config or {}).get("architectures") or []
+    family = architectures[0] if architectures else (config or {}).get("model_type")
+    return BaseLayout(path, "transformers", family, {component: build.transformers_model(shapes, source, component)})
+
+
+def _ldm_single_file(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str | None) -> BaseLayout:
+    unet_shapes = _under(shapes, LDM_UNET)
+    components: dict[str | None, Component] = {"unet": build.ldm_unet(unet_shapes, LDM_UNET, source)}
+    family = CROSS_ATTENTION_FAMILY.get(max((s[1] for k, s in unet_shapes.items()
+                                             if k.endswith("attn2.to_k.weight") and len(s) == 2), default=0))
+    for prefix, (name, kind) in LDM_TEXT_ENCODERS.items():
+        inner = _under(shapes, prefix)
+        if not inner:
+            continue
+        if kind == "hf":
+            components[name] = build.hf_clip(inner, name, prefix, source, keep_stored_names=False)
+        else:
+            components[name] = build.open_clip(inner, name, prefix, source)
+    refiner = _under(shapes, REFINER_TEXT_ENCODER)
+    if refiner:
+        components["text_encoder_2"] = build.open_clip(refiner, "text_encoder_2", REFINER_TEXT_ENCODER, source)
+        family = "SDXL-refiner"
+    elif "text_encoder_2" in components:
+        family = "SDXL"
+    elif any(k.startswith("cond_stage_model.model.") for k in shapes):
+        family = "SD2"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        family = family or "SD1"
+    return BaseLayout(path, "ldm-single-file", family, components)
+
+
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "SDXL",
+                     "StableDiffusionXLImg2ImgPipeline": "SDXL", "FluxPipeline": "Flux",
+                     "StableDiffusion3Pipeline": "SD3"}
+
+
+def pipeline_components(folder: Path) -> list[str]:
+    """Component subfolders of a diffusers pipeline that hold safetensors weights and that LoRAs adapt."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return [name for name in index if name in DIFFUSION_COMPONENTS and (folder / name).is_dir()
+            and any((folder / name).glob("*.safetensors"))]
+
+
+def open_base(path: str | os.PathLike, allow_pickle: bool = False):
+    """(layout, {source: Checkpoint}) for a checkpoint or a diffusers pipeline folder. The caller
+    closes the checkpoints."""
+    from ..checkpoint import open_checkpoint
+    from ..errors import InvalidCheckpointError
+
+    path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidCheckpointError(f"{path / 'model_index.json'}: not valid JSON ({e})") from e
+        checkpoints, components, families = {}, {}, []
+        for name in pipeline_components(path):
+            checkpoint = open_checkpoint(path / name, allow_pickle=allow_pickle)
+            checkpoints[name] = checkpoint
+            shapes = {k: info.shape for k, info in checkpoint.items()}
+            found = layout_of(shapes, path / name, checkpoint.config(), source=name, component=name)
+            for component in found.components.values():
+                component.name = name
+                components[name] = component
+            families.append(found.family)
+        class_name = index.get("_class_name")
+        family = PIPELINE_FAMILIES.get(class_name, class_name)
+        if family is None:
+            family = next((f for f in families if f and f.startswith("SD")), None)
+        return BaseLayout(path, "diffusers-pipeline", family, components), checkpoints
+    checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
+    shapes = {k: info.shape for k, info in checkpoint.items()}
+    return layout_of(shapes, path, checkpoint.config()), {None: checkpoint}

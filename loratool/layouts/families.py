@@ -1,0 +1,46 @@
+"""Which model family an adapter was trained for: from the trainer's metadata when it wrote any
+(sd-scripts' `ss_base_model_version`, the modelspec `modelspec.architecture`), otherwise from module
+names and shapes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+#: `ss_base_model_version` prefixes (sd-scripts) -> family.
+SS_BASE_VERSIONS = (("sdxl", "SDXL"), ("sd_v1", "SD1"), ("sd_v2", "SD2"), ("sd3", "SD3"), ("flux", "Flux"),
+                    ("chroma", "Chroma"))
+#: `modelspec.architecture` prefixes -> family.
+MODELSPEC_ARCHITECTURES = (("stable-diffusion-xl", "SDXL"), ("stable-diffusion-v1", "SD1"),
+                           ("stable-diffusion-v2", "SD2"), ("stable-diffusion-3", "SD3"), ("flux", "Flux"))
+_FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
+#: SDXL's UNet has ten transformer blocks in its deepest levels; SD1/SD2 have one.
+_SDXL_NAMES = re.compile(r"(input_blocks|output_blocks|down_blocks|up_blocks|attentions)[._]\d+[._].*"
+                         r"transformer_blocks[._]9[._]|lora_te2_")
+#: attn2.to_k input width (the text encoder's hidden size) -> family.
+CROSS_WIDTHS = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
+
+
+def _from_prefixes(value: str, table) -> str | None:
+    value = value.lower()
+    return next((family for prefix, family in table if value.startswith(prefix)), None)
+
+
+def adapter_family(names: list[str], input_widths: Mapping[str, int], metadata: Mapping[str, str],
+                   ) -> tuple[str | None, str | None]:
+    """(diffusion family, how it was found: 'metadata' | 'names'), or (None, None) for anything else
+    (an LLM adapter names its base in `base_model`)."""
+    version = metadata.get("ss_base_model_version")
+    if version and (family := _from_prefixes(version, SS_BASE_VERSIONS)):
+        return family, "metadata"
+    architecture = metadata.get("modelspec.architecture")
+    if architecture and (family := _from_prefixes(architecture, MODELSPEC_ARCHITECTURES)):
+        return family, "metadata"
+    if any(_FLUX_NAMES.search(n) for n in names):
+        return "Flux", "names"
+    if any(_SDXL_NAMES.search(n) for n in names):
+        return "SDXL", "names"
+    widths = {w for n, w in input_widths.items() if re.search(r"attn2[._]to_k$", n)}
+    if widths and (family := CROSS_WIDTHS.get(max(widths))):
+        return family, "names"
+    return None, None

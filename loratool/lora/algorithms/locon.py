@@ -1,0 +1,69 @@
+"""LoCon in the forms `LoraModule` cannot hold: a CP/Tucker `lora_mid`, or DoRA on the input axis.
+
+ΔW = tucker_rebuild(mid, up (out, r)ᵀ, down (r, in)) · alpha/r for `lora_down` (r, in, 1, 1),
+`lora_mid` (r, r, kh, kw) and `lora_up` (out, r, 1, 1): the composition of the 1×1, kh×kw and 1×1
+convolutions LyCORIS runs. Without a mid it is plain LoRA, (up.flatten(1) @ down.flatten(1)) · alpha/r,
+kept in this class only when its `.dora_scale` normalises per input channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..module import LayerKind
+from .base import AlgorithmModule, alpha_or, problem
+from .factors import tucker_rebuild
+
+NAME = "LoCon"
+
+
+class LoCon(AlgorithmModule):
+    roles = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+
+    def __init__(self, name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None,
+                 alpha: float | None = None, magnitude: torch.Tensor | None = None):
+        super().__init__(name, alpha_or(alpha, down.shape[0]), magnitude)
+        self.down, self.up, self.mid = down, up, mid
+        r = down.shape[0]
+        ok = up.dim() >= 2 and up.shape[1] == r and all(s == 1 for s in up.shape[2:])
+        if mid is None:
+            ok = ok and up.dim() == down.dim()
+        else:
+            ok = ok and mid.dim() >= 3 and mid.shape[:2] == (r, r) and all(s == 1 for s in down.shape[2:])
+        if not ok:
+            shapes = ", ".join(f"{r} {list(t.shape)}" for r, t in self.tensors().items())
+            raise problem(name, NAME, f"shapes do not form a product: {shapes}")
+
+    @property
+    def algorithm(self) -> str:
+        """As `LoraModule`: "locon" on a conv, "lora" on a linear layer (a LoRA with input-axis DoRA)."""
+        return "locon" if self.kind is LayerKind.CONV else "lora"
+
+    @property
+    def tucker(self) -> bool:
+        return self.mid is not None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        if self.mid is not None:
+            named["lora_mid.weight"] = self.mid
+        return named
+
+    def natural_shape(self) -> tuple[int, ...]:
+        kernel = self.mid.shape[2:] if self.mid is not None else self.down.shape[2:]
+        return (self.up.shape[0], self.down.shape[1], *kernel)
+
+    def unscaled_delta(self, dtype: torch.dtype, device) -> torch.Tensor:
+        up = self.up.to(device=device, dtype=dtype).flatten(1)
+        down = self.down.to(device=device, dtype=dtype).flatten(1)
+        if self.mid is None:
+            return (up @ down).reshape(self.natural_shape())
+        return tucker_rebuild(self.mid.to(device=device, dtype=dtype), up.T, down)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
