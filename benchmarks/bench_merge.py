@@ -85,7 +85,9 @@ def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, r
     targets += ["embed_tokens"] if embed else []
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                                   init_lora_weights=False))
-    peft_model.save_pretrained(adapter)
+    # PEFT would also save the 1 GB embedding itself (`base_layer`, for resized vocabularies); that copy
+    # is the adapter's, loaded whole with it, so the embed case leaves it out to measure the merge.
+    peft_model.save_pretrained(adapter, save_embedding_layers=False if embed else "auto")
 
 
 def drop_outputs(work: Path) -> None:

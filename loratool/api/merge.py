@@ -140,10 +140,7 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
     if isinstance(ops[0], ReplaceOp):
         first, ops = ops[0], ops[1:]
         if first.weight != 1.0 and not torch.equal(first.tensor.to(device=device, dtype=original.dtype), original):
-            raise UsageError(
-                f"{name} is replaced outright by {first.source} (modules_to_save), which cannot be scaled by "
-                f"weight {first.weight}; merge that adapter with weight 1"
-            )
+            raise _unscalable(name, first)
         weight = first.tensor.to(device)
     if any(isinstance(op, DeltaOp) and (op.module.is_dora or _is_dense(op)) for op in ops):
         return _merged_whole(weight, ops, out_dtype)
@@ -152,6 +149,11 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
     out = weight if in_place else torch.empty(weight.shape, dtype=out_dtype, device=device)
     low, high = add_deltas_blockwise(weight, out, terms)
     return out, fits_dtype(low, high, out_dtype)
+
+
+def _unscalable(name: str, op: ReplaceOp) -> UsageError:
+    return UsageError(f"{name} is replaced outright by {op.source} (modules_to_save), which cannot be scaled by "
+                      f"weight {op.weight}; merge that adapter with weight 1")
 
 
 def _merged_whole(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
@@ -280,12 +282,15 @@ def merge(
 
 
 def _streamable(checkpoint: Checkpoint, name: str, ops: list) -> bool:
-    """Plain LoRA updates (and bare casts) are row-local, so they can stream in row chunks; DoRA (norms
-    of the whole update), LyCORIS (dense ΔW), replacements and pickle bases go whole. A new kind of op
-    must be added here (and to `_term`) before it can stream."""
+    """Plain LoRA updates, bare casts and replacements (modules_to_save, PEFT's saved embedding
+    `base_layer`) are row-local, so they can stream in row chunks; DoRA (norms of the whole update),
+    LyCORIS (dense ΔW) and pickle bases go whole. A new kind of op must be added here (and to `_term`)
+    before it can stream."""
     info = checkpoint[name]
     if checkpoint.pickled is not None or not info.shape or not info.shape[0] or not checkpoint.row_bytes(name):
         return False
+    if ops and type(ops[0]) is ReplaceOp:
+        ops = ops[1:]
     return all(type(op) is BiasOp or (type(op) is DeltaOp and not _is_dense(op) and not op.module.is_dora)
                for op in ops)
 
@@ -410,8 +415,11 @@ def _stream_tensor(item: PlannedTensor, ops: list, reader: ReadAhead, background
                    writer: SafetensorsWriter, pool: BufferPool, device: torch.device, scratch: torch.Tensor,
                    check: bool) -> None:
     """W' = round(W + Σ terms) one row chunk at a time: each chunk is updated in place in its pooled
-    buffer when the dtype stays (else into a new one), and the buffer goes back to the pool once written."""
-    terms = [_term(op, device) for op in ops]
+    buffer when the dtype stays (else into a new one), and the buffer goes back to the pool once written.
+    A replacement supplies W's rows instead of the base (which it must equal unless its weight is 1)."""
+    replace = ops[0] if ops and type(ops[0]) is ReplaceOp else None
+    replacement = replace.tensor.to(device) if replace is not None else None
+    terms = [_term(op, device) for op in (ops[1:] if replace is not None else ops)]
     low, high, saw_nan = math.inf, -math.inf, False
     background.submit(partial(writer.begin, item.name))
     row = 0
@@ -420,9 +428,14 @@ def _stream_tensor(item: PlannedTensor, ops: list, reader: ReadAhead, background
         release = partial(pool.give, buffer) if buffer is not None else None
         try:
             weight = rows.to(device)
+            source = weight
+            if replacement is not None:
+                source = replacement[row:row + len(weight)]
+                if replace.weight != 1.0 and not torch.equal(source.to(weight.dtype), weight):
+                    raise _unscalable(item.name, replace)
             out = weight if weight.dtype == item.dtype else torch.empty(weight.shape, dtype=item.dtype, device=device)
             chunk_terms = [(left, right, alpha, offset - row) for left, right, alpha, offset in terms]
-            chunk_low, chunk_high = add_deltas_blockwise(weight, out, chunk_terms, scratch=scratch)
+            chunk_low, chunk_high = add_deltas_blockwise(source, out, chunk_terms, scratch=scratch)
         except BaseException:
             if release is not None:
                 release()
