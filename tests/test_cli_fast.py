@@ -63,6 +63,14 @@ def test_help_and_version_import_no_torch(args):
     assert not {"torch", "onnx", "onnxruntime", "huggingface_hub", "transformers"} & set(report["loaded"])
 
 
+# On main, formats.gguf, formats.peft_lycoris, lora.algorithms.*, lora.pieces and lora.llamacpp import
+# torch at module level, and every format reader is imported to detect what PATH is; making inspect
+# read headers only is the main session's part. strict: these start passing (and the marks must go)
+# when that lands.
+TORCH_AT_IMPORT_ON_MAIN = pytest.mark.xfail(strict=True, reason="format modules on main import torch at the top")
+
+
+@TORCH_AT_IMPORT_ON_MAIN
 @pytest.mark.parametrize("path", ["tiny-llama", "tiny-llama/model.safetensors"])
 def test_inspect_of_a_checkpoint_reads_headers_without_torch(path, tmp_path):
     report = probe("inspect", FIXTURES / path, "--json")
@@ -70,6 +78,7 @@ def test_inspect_of_a_checkpoint_reads_headers_without_torch(path, tmp_path):
     assert probe("inspect", FIXTURES / path)["loaded"] == [m for m in report["loaded"] if m != "torch"]
 
 
+@TORCH_AT_IMPORT_ON_MAIN
 def test_inspect_of_a_sharded_checkpoint_without_torch(tmp_path, run_cli):
     sharded = tmp_path / "sharded"
     assert run_cli("merge", FIXTURES / "tiny-llama", FIXTURES / "lora-llama", "--max-shard-size", "100KB",
