@@ -6,7 +6,8 @@ Bars (issue 14):
 and, for information, `--help`, `merge --help`, `inspect CHECKPOINT --json` and `inspect --check`.
 Each round runs every command once, in turn, so that load from other users of the machine hits all
 of them alike; medians over the rounds are reported. The console script next to this interpreter is
-used when there is one (as a user runs it), else `python -m loratool`.
+used when it is installed from this version (entry point `loratool.__main__:main`, as a user runs
+it), else `python -m loratool`, which takes the same path.
 
 Usage: python benchmarks/bench_cli.py [--repeat 9] [--json]
 """
@@ -30,7 +31,9 @@ BARS = {"--version": ("python -c pass", 5.0), "inspect ADAPTER --json": ('python
 
 def loratool_argv() -> list[str]:
     script = Path(sys.executable).parent / "loratool"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "loratool"]
+    if script.is_file() and "loratool.__main__" in script.read_text(errors="replace"):
+        return [str(script)]
+    return [sys.executable, "-m", "loratool"]
 
 
 def commands() -> dict[str, list[str]]:

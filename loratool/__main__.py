@@ -14,9 +14,10 @@ def main() -> int:
     from .cli import main as cli_main
 
     code = cli_main()
-    if interrupts.was_interrupted():
-        # Outputs are already cleaned up. An import torn in half (torch's, say) may have left modules in
-        # a state whose teardown misbehaves, so skip the interpreter's finalisation and leave now.
+    if interrupts.was_interrupted() or "torch" in sys.modules:
+        # Every output is closed, fsynced and renamed (or cleaned up) by now. Once torch is imported the
+        # interpreter's teardown takes most of a second (0.8 s measured on 2 cores), and after an
+        # interrupt an import torn in half may leave modules whose teardown misbehaves: skip it.
         interrupts.leave(code)
     return code
 

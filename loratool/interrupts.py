@@ -48,12 +48,19 @@ def was_interrupted() -> bool:
 
 
 def leave(code: int) -> None:
-    """Flush stdio and end the process now, without the interpreter's finalisation."""
+    """Flush stdio (and logging) and end the process now, without the interpreter's finalisation."""
     import sys
 
-    for stream in (sys.stdout, sys.stderr):
+    if "logging" in sys.modules:
         with contextlib.suppress(Exception):
+            sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
             stream.flush()
+        except BrokenPipeError:
+            code = code or 141
+        except Exception:  # noqa: BLE001 - nothing more can be reported at this point
+            pass
     os._exit(code)
 
 
