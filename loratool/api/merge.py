@@ -338,9 +338,9 @@ def _copy_pipeline_files(base: Path, temp: Path, merged: set[str | None]) -> Non
 
 def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,
            device: torch.device, allow_nonfinite: bool, progress: ProgressCallback | None) -> int:
-    """Stream every output tensor, in file order: untouched ones copied file to file by the kernel on
-    the writer thread; plain LoRA targets read, updated and written in row chunks through a fixed pool
-    of buffers (reader thread → arithmetic here → writer thread); DoRA and replaced tensors whole."""
+    """Stream every output tensor, in file order: untouched ones copied byte for byte by the writer
+    thread; plain LoRA targets and replacements read, updated and written in row chunks through a
+    fixed pool of buffers (reader thread → arithmetic here → writer thread); DoRA targets whole."""
     total = sum(item.nbytes for items in layout.values() for item in items)
     kinds: dict[str, str] = {}
     requests: list[tuple[str, int | None, int | None]] = []
