@@ -29,6 +29,7 @@ fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_cli.py
 	$(BIN)/python benchmarks/bench_merge.py
 	$(BIN)/python benchmarks/bench_svd_extract.py
 	$(BIN)/python benchmarks/bench_onnx.py

@@ -1,11 +1,38 @@
-"""loratool: inspect, merge, convert, extract, resize and combine LoRA adapters and model checkpoints."""
+"""loratool: inspect, merge, convert, extract, resize and combine LoRA adapters and model checkpoints.
+
+`import loratool` is instant: it imports no torch. Each API function is imported, with what it needs,
+on first use (`loratool.merge`, `from loratool import inspect`).
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import (CombineResult, ConvertResult, ExtractResult, LowRankResult, MergeResult, combine,  # noqa: E402
-                  convert, extract, inspect, merge, resize, svd_extract)
+#: Public name -> the `loratool.api` submodule defining it.
+_API = {
+    "CombineResult": "combine", "combine": "combine",
+    "ConvertResult": "convert", "convert": "convert",
+    "ExtractResult": "extract", "extract": "extract",
+    "LowRankResult": "report",
+    "MergeResult": "merge", "merge": "merge",
+    "inspect": "inspect",
+    "resize": "resize",
+    "svd_extract": "svd_extract",
+}
 
-__all__ = [
-    "CombineResult", "ConvertResult", "ExtractResult", "LowRankResult", "MergeResult", "__version__", "combine",
-    "convert", "extract", "inspect", "merge", "resize", "svd_extract",
-]
+__all__ = sorted([*_API, "__version__"])
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.api.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

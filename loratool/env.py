@@ -13,6 +13,12 @@ def progress_disabled() -> bool:
     return os.environ.get("LORATOOL_NO_PROGRESS", "") not in ("", "0", "false")
 
 
+
+def direct_io_enabled() -> bool:
+    """LORATOOL_NO_DIRECT_IO=1 writes large outputs through the page cache instead of with O_DIRECT."""
+    return os.environ.get("LORATOOL_NO_DIRECT_IO", "") in ("", "0", "false")
+
+
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 
 

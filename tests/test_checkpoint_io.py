@@ -153,3 +153,48 @@ def test_blockwise_merge_finishes_every_block_after_a_nan():
     assert low != low and high != high
     expected = weight.double() + 0.5 * left.double() @ right.double()
     assert torch.allclose(out[2:].double(), expected[2:], atol=1e-6)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page-cache"])
+def test_large_file_writer_paths_give_identical_bytes(tmp_path, monkeypatch, direct):
+    """Files past DIRECT_MIN_BYTES go through the aligned O_DIRECT staging buffer (or, where the
+    filesystem refuses it, the page cache); both must produce exactly the bytes of the small-file path."""
+    import loratool.checkpoint.writer as writer_module
+
+    tensors = {f"t{i}": sample(d, (37, 11 + i), i) for i, d in enumerate(DTYPES)}
+    tensors["scalar"] = torch.tensor(3.0)
+    save_file(tensors, tmp_path / "src.safetensors")
+    plan = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+
+    def write(path):
+        writer = SafetensorsWriter(path, plan)
+        with open_checkpoint(tmp_path / "src.safetensors") as src:
+            for i, item in enumerate(plan):
+                if i % 2:
+                    writer.copy_raw(item.name, src.fd(src[item.name].path), src[item.name])
+                elif i % 3:
+                    writer.write(item.name, src.read(item.name))
+                else:  # streamed in row chunks, as merge does with large tensors
+                    writer.begin(item.name)
+                    rows = src[item.name].shape[0] if src[item.name].shape else 0
+                    if rows:
+                        for start in range(0, rows, 5):
+                            writer.append(src.read_rows(item.name, start, min(start + 5, rows)))
+                    else:
+                        writer.append(src.read(item.name).reshape(1))
+                    writer.end()
+        writer.finish()
+
+    write(tmp_path / "small.safetensors")
+    monkeypatch.setattr(writer_module, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(writer_module, "STAGING_BYTES", 8192)  # many aligned flushes, with carried remainders
+    monkeypatch.setenv("LORATOOL_NO_DIRECT_IO", "0" if direct else "1")
+    sinks = []
+    real_init = writer_module._DirectSink.__init__
+    monkeypatch.setattr(writer_module._DirectSink, "__init__", lambda self, *a: sinks.append(1) or real_init(self, *a))
+    write(tmp_path / "large.safetensors")
+    if not direct:
+        assert not sinks
+    assert (tmp_path / "large.safetensors").read_bytes() == (tmp_path / "small.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "large.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())

@@ -9,16 +9,17 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..dtypes import TORCH_TO_SAFETENSORS
 from ..formats import EMBEDDED, detect_format, load_adapter
 from ..formats.gguf import GGUF_SUFFIX
 from ..layouts import KOHYA_PREFIXES, layout_of, open_base
 from ..layouts.families import adapter_family
 from ..lora.module import Adapter, LayerKind
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -35,6 +36,8 @@ def _dtype_breakdown(items) -> dict[str, dict[str, int]]:
 
 
 def _nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
+    import torch
+
     if not tensor.is_floating_point():
         return None
     values = tensor.float() if tensor.dtype.itemsize < 2 else tensor
@@ -129,6 +132,8 @@ def _algorithms(adapter: Adapter) -> dict[str, int]:
 
 
 def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False) -> dict:
+    from ..dtypes import TORCH_TO_SAFETENSORS
+
     named = adapter.named_tensors()
     layers = sorted({int(m.group(1)) for name in adapter.modules if (m := _LAYER_INDEX.search(f".{name}."))})
     config = adapter.config

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dtypes import SAFETENSORS_TO_TORCH, itemsize
+from ..dtypes import SAFETENSORS_CODES, itemsize
 from ..errors import InvalidCheckpointError, PickleRefusedError, summarize
 
 #: Same ceiling as the safetensors library: anything larger is not a real header.
@@ -38,6 +38,8 @@ class TensorInfo:
 
     @property
     def torch_dtype(self):
+        from ..dtypes import SAFETENSORS_TO_TORCH
+
         return SAFETENSORS_TO_TORCH[self.dtype]
 
 
@@ -117,7 +119,7 @@ def _validate_entry(
         problems.append(f"entry {name!r} is not an object")
         return None
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_TO_TORCH:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_CODES:
         problems.append(f"tensor {name!r} has unsupported dtype {dtype!r}")
         return None
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

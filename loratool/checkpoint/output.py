@@ -1,4 +1,10 @@
-"""Output paths: refuse clobbering and self-overwrites, and publish results atomically."""
+"""Output paths: refuse clobbering and self-overwrites, and publish results atomically and durably.
+
+Every command that writes goes through `atomic_output`: it writes into a temp sibling, and on success
+fsyncs every file and folder inside it, renames it onto OUT, then fsyncs OUT's parent folder. So once
+a command has returned, a power cut or kernel crash cannot leave an OUT that looks complete but is
+empty or truncated: either the old state (nothing, or the previous OUT) or the whole new one.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +38,29 @@ def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
             raise OutputPathError(f"output {out} already exists; pass --force to replace it")
 
 
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder by path (a folder's fsync makes the names inside it durable)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_durable(root: Path) -> None:
+    """fsync every regular file under `root` (or `root` itself), then every folder, deepest first."""
+    if not root.is_dir() or root.is_symlink():
+        fsync_path(root)
+        return
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder, name)
+            if path.is_file() and not path.is_symlink():
+                fsync_path(path)
+        fsync_path(Path(folder))
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -44,6 +73,7 @@ def _remove(path: Path) -> None:
 def atomic_output(out: Path, is_folder: bool) -> Iterator[Path]:
     """Yield a temp sibling of `out` to write into; on success it replaces `out` in one rename.
 
+    Before the rename every file and folder in the temp sibling is fsynced; after it, `out`'s parent.
     On any exception, KeyboardInterrupt included, the temp sibling is removed and `out` is untouched.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -52,13 +82,16 @@ def atomic_output(out: Path, is_folder: bool) -> Iterator[Path]:
         temp.mkdir()
     try:
         yield temp
+        make_durable(temp)
         if out.exists() or out.is_symlink():
             trash = out.parent / f".{out.name}{TEMP_MARK}old-{uuid.uuid4().hex[:8]}"
             os.replace(out, trash)
             os.replace(temp, out)
+            fsync_path(out.parent)
             _remove(trash)
         else:
             os.replace(temp, out)
+            fsync_path(out.parent)
     except BaseException:
         _remove(temp)
         raise

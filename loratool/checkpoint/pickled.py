@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import PickleRefusedError
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt"})
 
@@ -21,6 +23,8 @@ def refuse_pickle(path: Path) -> PickleRefusedError:
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict with the restricted unpickler; anything but plain tensors is refused."""
+    import torch
+
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

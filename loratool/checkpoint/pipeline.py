@@ -1,8 +1,9 @@
-"""Overlap disk I/O with arithmetic: reads run one tensor ahead, writes one tensor behind.
+"""Overlap disk I/O with arithmetic: one reader thread runs ahead, one writer thread runs behind.
 
 torch and the os read/write calls release the GIL, so on two cores the kernel's page copying and the
-float math run at the same time. At most one tensor waits in each direction, so memory stays bounded
-by a few tensors whatever the model size.
+float math run at the same time. Queues in both directions are bounded, and merge streams large
+tensors as row chunks through a fixed pool of reused buffers (`BufferPool`), so memory stays bounded
+by a few chunks whatever the model and tensor size.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+
+_POLL = 0.1
 
 
 class BackgroundWriter:
@@ -24,16 +27,23 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            call, cleanup = item
             if self._error is None:
                 try:
-                    item()
+                    call()
                 except BaseException as e:  # handed back to the submitting thread
                     self._error = e
+            if cleanup is not None:
+                cleanup()
 
-    def submit(self, call: Callable[[], None]) -> None:
+    def submit(self, call: Callable[[], None], cleanup: Callable[[], None] | None = None) -> None:
+        """Queue `call`; `cleanup` runs after it even when it or an earlier call failed (to give back
+        buffers that a reader may be waiting for)."""
         if self._error is not None:
+            if cleanup is not None:
+                cleanup()
             raise self._error
-        self._queue.put(call)
+        self._queue.put((call, cleanup))
 
     def close(self) -> None:
         """Wait for queued writes; re-raise the first failure."""
@@ -74,3 +84,75 @@ class Prefetcher:
         for future in self._pending.values():
             future.cancel()
         self._pool.shutdown(wait=True)
+
+
+class Stopped(Exception):
+    """The pipeline is being torn down; a blocked reader gives up."""
+
+
+class BufferPool:
+    """A fixed number of equal byte buffers, handed out and given back; `take` blocks while all are out.
+
+    Bounds the memory of a streamed merge at `count × size` bytes whatever the tensor sizes."""
+
+    def __init__(self, count: int, size: int, stop: threading.Event):
+        import torch
+
+        self.size = size
+        self._stop = stop
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(size, dtype=torch.uint8))
+
+    def take(self):
+        while True:
+            try:
+                return self._free.get(timeout=_POLL)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise Stopped from None
+
+    def give(self, buffer) -> None:
+        self._free.put(buffer)
+
+
+class ReadAhead:
+    """Runs `read(request)` for each request in order on one thread, at most `depth` results ahead of
+    `get()`. A read's exception is raised by the `get()` that would have returned its result."""
+
+    def __init__(self, read: Callable[[object], object], requests: list, depth: int = 2,
+                 stop: threading.Event | None = None):
+        self.stop = stop or threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, args=(read, requests), name="loratool-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, read, requests) -> None:
+        for request in requests:
+            if self.stop.is_set():
+                return
+            try:
+                result = (True, read(request))
+            except Stopped:
+                return
+            except BaseException as e:  # handed to the consumer
+                result = (False, e)
+            while not self.stop.is_set():
+                try:
+                    self._queue.put(result, timeout=_POLL)
+                    break
+                except queue.Full:
+                    continue
+            if not result[0]:
+                return
+
+    def get(self):
+        ok, value = self._queue.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join()

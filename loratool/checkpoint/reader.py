@@ -14,13 +14,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import InvalidCheckpointError, LoratoolError, summarize
 from .header import TensorInfo, read_header
 from .pickled import PICKLE_SUFFIXES, load_pickle_state_dict, refuse_pickle
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".index.json"
@@ -91,6 +92,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh CPU memory."""
+        import torch
+
         info = self.tensors[name]
         if self.pickled is not None:
             return self.pickled[name].clone()  # callers may update in place; the loaded state stays as read
@@ -98,6 +101,30 @@ class Checkpoint(Mapping[str, TensorInfo]):
         if info.nbytes:
             _pread_into(self.fd(info.path), tensor.reshape(-1).view(torch.uint8).numpy(), info.data_start, info)
         return tensor
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes per row (per index of the first dimension) of a tensor with at least one dimension."""
+        info = self.tensors[name]
+        return info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+
+    def read_rows(self, name: str, start: int, stop: int, buffer=None) -> torch.Tensor:
+        """Read rows `[start, stop)` (along the first dimension) of a safetensors tensor.
+
+        Into `buffer` (a 1-D uint8 tensor with room for them) when given, so that a merge can stream a
+        tensor of any size through a few reused buffers: memory then does not grow with the tensor."""
+        import torch
+
+        info = self.tensors[name]
+        if self.pickled is not None:
+            return self.pickled[name][start:stop].clone()
+        row = self.row_bytes(name)
+        count = (stop - start) * row
+        if buffer is None:
+            buffer = torch.empty(count, dtype=torch.uint8)
+        data = buffer[:count]
+        if count:
+            _pread_into(self.fd(info.path), data.numpy(), info.data_start + start * row, info)
+        return data.view(info.torch_dtype).view(stop - start, *info.shape[1:])
 
     def fd(self, path: Path) -> int:
         """An open read-only descriptor for one of this checkpoint's files (closed by `close()`).
@@ -236,6 +263,7 @@ def _open_index(index_path: Path, allow_pickle: bool) -> Checkpoint:
 def _open_pickle_files(root: Path, files: list[Path], allow_pickle: bool, is_folder: bool) -> Checkpoint:
     if not allow_pickle:
         raise refuse_pickle(files[0])
+    from ..dtypes import TORCH_TO_SAFETENSORS
     loaded: dict[str, torch.Tensor] = {}
     tensors: dict[str, TensorInfo] = {}
     for file in files:

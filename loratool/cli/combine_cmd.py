@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
-from ..api import combine
-from ..lora.combine import METHODS
 from ..units import format_bytes
-from .params import (LocationType, WeightListType, adapter_format_options, allow_pickle_option, base_option, device_option,
-                     dtype_option, force_option, json_option, output_option)
+from .params import (COMBINE_METHODS, LocationType, WeightListType, adapter_format_options, allow_pickle_option,
+                     base_option, device_option, dtype_option, force_option, json_option, output_option)
 
-_METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
+_METHOD_HELP = "\n".join(f"{name}: {summary}." for name, summary in COMBINE_METHODS.items())
 
 
 @click.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=LocationType("adapter"))
 @output_option
-@click.option("--method", "-m", required=True, type=click.Choice(list(METHODS)),
+@click.option("--method", "-m", required=True, type=click.Choice(list(COMBINE_METHODS)),
               help="How to combine (see below).")
 @click.option("--weights", type=WeightListType(), default=None,
               help="One weight per adapter, comma-separated (default 1 each). Negative subtracts.")
@@ -59,6 +56,10 @@ def combine_cmd(out, adapters, output, method, weights, rank, density, majority_
       loratool combine a/ b/ --method svd --weights 0.7,0.3 --rank 16 -o mixed/
       loratool combine a/ b/ c/ --method ties --density 0.5 -o ties/
     """
+    from rich.table import Table
+
+    from ..api.combine import combine
+
     result = combine(list(adapters), output, method, weights=weights, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, device=device, dtype=dtype, force=force,
                      allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..api import convert, extract
-from ..api.convert import CONVERT_TARGETS
 from ..dtypes import OUTPUT_DTYPE_CHOICES
-from ..formats import EMBEDDED
-from ..formats.gguf import GGUF_DTYPES
-from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, force_option,
-                     json_option, output_option, rank_options)
+from .params import (CONVERT_TARGETS, EMBEDDED_FORMATS, GGUF_DTYPES, LocationType, adapter_format_options,
+                     allow_pickle_option, base_option, force_option, json_option, output_option, rank_options)
 
 #: How many of the largest per-module errors `convert --rank` prints (all of them are in --json).
 WORST_SHOWN = 3
@@ -63,6 +59,8 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
       loratool convert loha.safetensors --to diffusers --rank 16 --base sd15/ -o lora.safetensors
       loratool convert adapter/ --to gguf --base base/ -o adapter.gguf --dtype float16
     """
+    from ..api.convert import convert
+
     result = convert(adapter, output, to, base=base, format=adapter_format, alpha=alpha, component=component,
                      dtype=dtype, force=force, allow_pickle=allow_pickle, rank=rank, energy=energy,
                      max_rank=max_rank)
@@ -82,7 +80,7 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
 @click.option("--base-out", type=click.Path(), default=None,
               help="Also write the clean base model here: LoRA tensors dropped, base_layer names restored, and "
                    "loralib weights unmerged when ΔW had been merged into them.")
-@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED), default=None,
+@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED_FORMATS), default=None,
               help="Checkpoint dialect; detected when not given.")
 @click.option("--alpha", type=float, default=None, help="lora_alpha (loralib does not store it).")
 @click.option("--already-merged/--not-merged", default=None,
@@ -107,6 +105,8 @@ def extract_cmd(out, checkpoint, output, base_out, adapter_format, alpha, alread
       loratool extract trained.safetensors --alpha 16 -o adapter/ --base-out base/
       loratool extract peft_state.safetensors -o adapter/
     """
+    from ..api.extract import extract
+
     result = extract(checkpoint, output, base_output=base_out, format=adapter_format, alpha=alpha,
                      already_merged=already_merged, base=base, force=force, allow_pickle=allow_pickle)
     if out.notes_then_json(result, as_json):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..api.hub import pull, push
 from ..units import format_bytes
 from .params import allow_pickle_option, force_option, json_option, output_option
 
@@ -41,6 +40,8 @@ def push_cmd(out, adapter, repo_id, private, revision, create_pr, message, token
       loratool push adapter/ me/my-lora --private
       loratool push adapter/ org/their-lora --create-pr --message "rank 16 retrain"
     """
+    from ..api.hub import push
+
     result = push(adapter, repo_id, private=private, revision=revision, create_pr=create_pr, message=message,
                   token_env=token_env, dry_run=dry_run, include_merged=include_merged,
                   card_overwrite=card_overwrite, keep_original=keep_original, base_model=base_model,
@@ -70,6 +71,8 @@ def pull_cmd(out, repo_id, output, revision, force, as_json):
     Example:
       loratool pull me/my-lora -o adapter/
     """
+    from ..api.hub import pull
+
     result = pull(repo_id, output, revision=revision, force=force)
     if as_json:
         out.json(result.to_json())

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
-from ..api import inspect
 from ..units import format_bytes
 from .params import LocationType, allow_pickle_option, json_option
 
 
-def _summary(report: dict) -> Table:
+def _summary(report: dict):
+    from rich.table import Table
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -62,7 +62,9 @@ def _ranges(values: list[int]) -> str:
     return ",".join(parts)
 
 
-def _dtypes(report: dict) -> Table:
+def _dtypes(report: dict):
+    from rich.table import Table
+
     table = Table(title="dtypes", title_justify="left")
     for column in ("dtype", "tensors", "parameters", "size"):
         table.add_column(column, justify="left" if column == "dtype" else "right")
@@ -71,7 +73,9 @@ def _dtypes(report: dict) -> Table:
     return table
 
 
-def _groups(report: dict) -> Table:
+def _groups(report: dict):
+    from rich.table import Table
+
     table = Table(title="modules by target", title_justify="left")
     lycoris = any(g["algorithm"] not in ("lora", "locon") or g["tucker"] for g in report["groups"])
     columns = ["target", "algorithm", "kind", "modules", "rank", "alpha", "scale", "DoRA"] + (["params"] if lycoris else [])
@@ -93,7 +97,9 @@ def _or_dash(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _tensors(report: dict) -> Table:
+def _tensors(report: dict):
+    from rich.table import Table
+
     table = Table(title="tensors", title_justify="left")
     for column in ("name", "dtype", "shape", "size"):
         table.add_column(column, justify="right" if column == "size" else "left")
@@ -118,6 +124,8 @@ def inspect_cmd(out, path, as_json, tensors, check, allow_pickle):
     model. Checkpoints show files, tensors, parameters and a dtype breakdown. The --json keys are
     stable; see docs/inspect.md.
     """
+    from ..api.inspect import inspect
+
     with out.progress("checking") as advance:
         report = inspect(path, check=check, tensors=tensors, allow_pickle=allow_pickle, progress=advance)
     if as_json:

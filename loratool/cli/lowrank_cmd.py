@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import click
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from ..api import resize, svd_extract
-from ..api.report import LowRankResult
+import click
+
 from ..units import format_bytes
-from .output import Output
 from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
                      force_option, json_option, output_option, rank_options)
+
+
+if TYPE_CHECKING:
+    from ..api.report import LowRankResult
+    from .output import Output
 
 
 def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> None:
     if out.notes_then_json(result, as_json):
         return
+    from rich.table import Table
+
     table = Table(title=f"{verb} ({result.method} SVD)", title_justify="left")
     for column, justify in (("module", "left"), ("kind", "left"), ("ΔW shape", "right"), ("rank", "right"),
                             ("energy kept", "right"), ("rel. error", "right")):
@@ -71,6 +76,8 @@ def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, target
       loratool svd-extract base/ finetuned/ --energy 0.9 --max-rank 64 -o adapter/
       loratool svd-extract base/ finetuned/ -r 8 --targets 'q_proj|v_proj' -o adapter/
     """
+    from ..api.svd_extract import svd_extract
+
     with out.progress("extracting") as advance:
         result = svd_extract(base, finetuned, output, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
                              exclude=exclude, exact=exact, device=device, dtype=dtype, keep_full=keep_full,
@@ -104,6 +111,8 @@ def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow
       loratool resize adapter/ --rank 8 -o adapter-r8/
       loratool resize adapter/ --energy 0.95 -o adapter-small/
     """
+    from ..api.resize import resize
+
     result = resize(adapter, output, rank=rank, energy=energy, max_rank=max_rank, dtype=dtype, force=force,
                     allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)
     _report(out, result, "resize", as_json)

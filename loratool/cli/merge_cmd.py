@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..api import merge
 from .params import (LocationType, SizeType, WeightListType, adapter_format_options, allow_pickle_option, device_option,
                      dtype_option, force_option, json_option)
 
@@ -47,6 +46,8 @@ def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, devic
       loratool merge base/ style/ subject/ --weights 0.7,1 -o merged/
       loratool merge merged/ adapter/ --weights -1 -o restored/
     """
+    from ..api.merge import merge
+
     with out.progress("merging") as advance:
         result = merge(base, list(adapters), output, weights=weights, dtype=dtype, max_shard_bytes=max_shard_size,
                        device=device, force=force, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
-from ..api.bench_onnx import bench_onnx
-from ..api.export_onnx import DTYPES, export_onnx
-from ..export.graph import TASKS
-from .params import LocationType, WeightListType, allow_pickle_option, force_option, json_option, output_option
+from .params import (ONNX_DTYPES, ONNX_TASKS, LocationType, WeightListType, allow_pickle_option, force_option,
+                     json_option, output_option)
 
 
 @click.command("export-onnx")
@@ -17,9 +14,9 @@ from .params import LocationType, WeightListType, allow_pickle_option, force_opt
 @click.option("--adapter", "adapters", multiple=True, type=LocationType("adapter"),
               help="Adapter to merge first (any format loratool reads); repeat for several.")
 @click.option("--weights", type=WeightListType(), default=None, help="One weight per --adapter, as in merge.")
-@click.option("--task", type=click.Choice(TASKS), default="causal-lm", show_default=True)
+@click.option("--task", type=click.Choice(ONNX_TASKS), default="causal-lm", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the newest the exporter supports).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(list(ONNX_DTYPES)), default="float32", show_default=True)
 @click.option("--with-past", is_flag=True, help="Export a decoder with KV-cache inputs and outputs for token-by-token "
                                                "generation.")
 @click.option("--adapter-inputs", is_flag=True,
@@ -48,6 +45,8 @@ def export_onnx_cmd(out, model_dir, output, adapters, weights, task, opset, dtyp
       loratool export-onnx base/ --adapter adapter/ --with-past -o onnx-decoder/
       loratool export-onnx base/ --adapter a/ --adapter b/ --adapter-inputs -o onnx-multi/
     """
+    from ..api.export_onnx import export_onnx
+
     with out.status("exporting to ONNX"):
         result = export_onnx(model_dir, output, adapters=list(adapters), weights=weights, task=task, opset=opset,
                              dtype=dtype, with_past=with_past, validate=validate, atol=atol,
@@ -79,6 +78,10 @@ def bench_onnx_cmd(out, model_dir, adapter, batch, sequence, provider, repeats, 
     ratios merged/base (the LoRA paper's no-extra-latency claim: about 1.0) and unmerged/base (the
     cost of keeping adapters swappable).
     """
+    from rich.table import Table
+
+    from ..api.bench_onnx import bench_onnx
+
     with out.status("benchmarking") as status:
         result = bench_onnx(model_dir, adapter, batch=batch, sequence=sequence, provider=provider, repeats=repeats,
                             work=work, progress=status)

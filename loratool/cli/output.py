@@ -1,4 +1,7 @@
-"""One place for terminal output: results to stdout, diagnostics and progress to stderr."""
+"""One place for terminal output: results to stdout, diagnostics and progress to stderr.
+
+rich is imported only when something is rendered with it, so `--json` and quiet runs never pay for it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from functools import cached_property
 
 from .. import env
 
@@ -16,8 +17,18 @@ from .. import env
 class Output:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.stdout = Console(soft_wrap=True)
-        self.stderr = Console(stderr=True, soft_wrap=True)
+
+    @cached_property
+    def stdout(self):
+        from rich.console import Console
+
+        return Console(soft_wrap=True)
+
+    @cached_property
+    def stderr(self):
+        from rich.console import Console
+
+        return Console(stderr=True, soft_wrap=True)
 
     def json(self, value) -> None:
         sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
@@ -40,7 +51,7 @@ class Output:
 
     @property
     def progress_enabled(self) -> bool:
-        return not self.quiet and self.stderr.is_terminal and not env.progress_disabled()
+        return not self.quiet and not env.progress_disabled() and sys.stderr.isatty() and self.stderr.is_terminal
 
     @contextlib.contextmanager
     def progress(self, description: str) -> Iterator:
@@ -48,6 +59,9 @@ class Output:
         if not self.progress_enabled:
             yield None
             return
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=self.stderr, transient=True) as bar:

@@ -1,4 +1,8 @@
-"""Shared Click options and parameter types, defined once."""
+"""Shared Click options and parameter types, defined once.
+
+Nothing here imports torch, so that `loratool CMD --help` stays instant. The choice lists below are
+copies of registries whose modules import torch; tests/test_cli_fast.py fails when they drift apart.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,27 @@ import re
 import click
 
 from ..dtypes import OUTPUT_DTYPE_CHOICES
+
+#: `loratool.formats.FORMATS`, `.WRITABLE` and `.EMBEDDED`.
+ADAPTER_FORMATS = ("peft", "kohya", "diffusers", "loralib", "peft-state")
+WRITABLE_FORMATS = ("peft", "kohya", "diffusers")
+EMBEDDED_FORMATS = ("loralib", "peft-state")
+#: `loratool.api.convert.CONVERT_TARGETS` and the names of `loratool.formats.gguf.GGUF_DTYPES`.
+CONVERT_TARGETS = (*WRITABLE_FORMATS, "gguf")
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+#: `loratool.lora.combine.METHODS`: name -> summary.
+COMBINE_METHODS = {
+    "cat": "exact Σ wᵢΔWᵢ by stacking factors (rank Σrᵢ)",
+    "linear": "Σ wᵢΔWᵢ: exact by stacking, or best rank-R with --rank",
+    "svd": "best rank-R approximation of Σ wᵢΔWᵢ via QR of the stacked factors",
+    "ties": "TIES: magnitude-prune, elect sign, average agreeing entries; then SVD",
+    "dare_linear": "DARE: random-prune and rescale, weighted sum; then SVD",
+    "dare_ties": "DARE pruning with TIES sign election; then SVD",
+    "magnitude_prune": "magnitude-prune each ΔWᵢ, weighted sum; then SVD",
+}
+#: `loratool.api.export_onnx.DTYPES` and `loratool.export.graph.TASKS`.
+ONNX_DTYPES = ("float32", "float16")
+ONNX_TASKS = ("causal-lm",)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -83,11 +108,9 @@ def json_option(f):
 
 def adapter_format_options(f):
     """--format and --alpha for commands that read adapters in any format."""
-    from ..formats import FORMATS
-
     f = click.option("--alpha", type=float, default=None,
                      help="lora_alpha for formats that do not store it (loralib, bare PEFT state dicts).")(f)
-    return click.option("--format", "adapter_format", type=click.Choice(FORMATS), default=None,
+    return click.option("--format", "adapter_format", type=click.Choice(ADAPTER_FORMATS), default=None,
                         help="Adapter format; detected from the files when not given.")(f)
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..errors import AdapterError, LoratoolError, summarize
@@ -33,6 +32,9 @@ from .peft import (WEIGHT_NAMES, find_peft_folder, looks_like_bare_peft, read_ba
                    write_peft_adapter)
 from .peft_lycoris import peft_type_of, read_peft_lycoris_adapter, write_peft_lycoris_adapter
 from .peft_state import looks_like_peft_state, read_peft_state_adapter
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("peft", "kohya", "diffusers", "loralib", "peft-state")
 WRITABLE = ("peft", "kohya", "diffusers")

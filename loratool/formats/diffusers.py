@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
@@ -23,6 +22,9 @@ from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.scaling import pattern_value
 from .names import COMPONENTS, split_component
 from .peft import scaling_fields
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_KEY = "lora_adapter_metadata"
 #: Tensor suffix -> role, longest first.
@@ -69,6 +71,8 @@ def _component_configs(metadata: dict[str, str], source: Path) -> dict[str, dict
 
 
 def read_diffusers_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+    import torch
+
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         state = {name: checkpoint.read(name) for name in checkpoint}
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
@@ -123,6 +127,8 @@ def write_diffusers_adapter(path: Path, adapter: Adapter, component: str = "unet
                             dtype: torch.dtype | None = None) -> list[Path]:
     """One `.safetensors` with PEFT-style keys under component prefixes and per-component configs in
     the metadata. Modules without a component prefix get `component`."""
+    import torch
+
     if adapter.full_tensors:
         raise AdapterError(f"diffusers LoRA files cannot hold whole tensors (modules_to_save): "
                            f"{summarize(sorted(adapter.full_tensors))}; convert to peft instead")

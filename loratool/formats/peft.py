@@ -7,14 +7,16 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import LazyTensor, write_safetensors
 from ..errors import AdapterError, summarize
 from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.scaling import pattern_value
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -179,6 +181,8 @@ def read_bare_peft_adapter(path: Path, alpha: float | None = None, allow_pickle:
 
 
 def _group_keys(state: dict[str, torch.Tensor], source: Path):
+    import torch
+
     modules: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, LayerKind] = {}
     full: dict[str, torch.Tensor] = {}
@@ -303,6 +307,8 @@ def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | LazyTensor]:
     """Tensors under the keys PEFT saves, the factors cast to `dtype` when given; `full_tensors` (which
     may be lazy) keep their own dtype and are named as in the model (`model.norm.weight`)."""
+    import torch
+
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state: dict[str, torch.Tensor] = {}
     for name, module in sorted(modules.items()):

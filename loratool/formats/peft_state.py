@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import AdapterError, summarize
 from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.scaling import pattern_value
 from .peft import CONFIG_NAME, KEY_PREFIX, _check_config
+
+if TYPE_CHECKING:
+    import torch
 
 #: `<module>.<part>.<adapter>[.weight|.bias]` for the LoRA parts of a wrapped layer.
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
@@ -84,6 +86,8 @@ def read_peft_state_adapter(path: Path, alpha: float | None = None, allow_pickle
 
 
 def _collect(checkpoint: Checkpoint):
+    import torch
+
     parts: dict[str, dict] = {}
     saved: dict[str, torch.Tensor] = {}
     names: set[str] = set()

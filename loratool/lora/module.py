@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .scaling import lora_scale
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LayerKind(str, enum.Enum):
@@ -86,16 +88,19 @@ class LoraModule:
     def fits(self, shape, transposed: bool = False) -> bool:
         return tuple(shape) == self.expected_base_shape(transposed)
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
               transposed: bool = False) -> torch.Tensor:
-        """ΔW = s·B@A in the base weight's shape (computed in float32, then cast to `dtype`)."""
-        from .delta import delta_weight
+        """ΔW = s·B@A in the base weight's shape (computed in float32, then cast to `dtype`, float32 by
+        default)."""
+        from .delta import COMPUTE_DTYPE, delta_weight
 
-        return delta_weight(self, transposed, device).to(dtype)
+        return delta_weight(self, transposed, device).to(dtype or COMPUTE_DTYPE)
 
-    def bias_delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """The update to the base bias: s·lora_B.bias, as PEFT merges it."""
-        return None if self.bias is None else self.scale * self.bias.to(device=device, dtype=dtype)
+    def bias_delta(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The update to the base bias: s·lora_B.bias, as PEFT merges it (float32 by default)."""
+        from .delta import COMPUTE_DTYPE
+
+        return None if self.bias is None else self.scale * self.bias.to(device=device, dtype=dtype or COMPUTE_DTYPE)
 
     def apply_to(self, base: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """The merged weight W + ΔW (or PEFT's DoRA of it) in float32."""

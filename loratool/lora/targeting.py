@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-from .delta import expected_base_shape
 from .module import LayerKind, LoraModule
 
 #: transformers model types whose projections are `Conv1D`, storing W as (in, out).
@@ -59,6 +58,8 @@ def fits(module: LoraModule, base_shape: tuple[int, ...]) -> list[bool]:
 
     A 1×1 conv and a linear layer are the same map, and SD1 stores `proj_in`/`proj_out` as 1×1 convs
     where SD2/SDXL store linears, so LoRA factors of one kind fit a base weight of the other."""
+    from .delta import expected_base_shape  # imports torch; module names alone do not need it
+
     options = [False, True] if module.kind is LayerKind.LINEAR else [False]
     exact = [t for t in options if expected_base_shape(module, t) == tuple(base_shape)]
     if exact or module.kind is LayerKind.EMBEDDING:
