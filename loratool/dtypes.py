@@ -43,6 +43,13 @@ def itemsize(code: str) -> int:
     return _CODES[code][1]
 
 
+def code_of(tensor) -> str:
+    """A tensor's safetensors code: a torch tensor's, or a `HeaderTensor`'s own (already a code)."""
+    if isinstance(tensor.dtype, str):
+        return tensor.dtype
+    return __getattr__("TORCH_TO_SAFETENSORS")[tensor.dtype]
+
+
 def dtype_name(code: str) -> str:
     """`BF16` -> `bfloat16`, without torch."""
     return _CODES[code][0]

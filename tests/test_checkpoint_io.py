@@ -198,3 +198,21 @@ def test_large_file_writer_paths_give_identical_bytes(tmp_path, monkeypatch, dir
     assert (tmp_path / "large.safetensors").read_bytes() == (tmp_path / "small.safetensors").read_bytes()
     loaded = load_file(tmp_path / "large.safetensors")
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64])
+def test_header_tensors_know_shapes_and_read_scalars(tmp_path, dtype):
+    """What inspect reads without torch: shapes, sizes, and a scalar's value from its bytes."""
+    from loratool.checkpoint import open_checkpoint
+
+    state = {"alpha": torch.tensor(3.140625 if dtype.is_floating_point else 7, dtype=dtype),
+             "A": torch.zeros(4, 6, 1, 1, dtype=dtype)}
+    save_file(state, str(tmp_path / "x.safetensors"))
+    with open_checkpoint(tmp_path / "x.safetensors") as checkpoint:
+        tensors = checkpoint.load_all(header_only=True)
+    assert tensors["alpha"].reshape(()).item() == state["alpha"].item()
+    A = tensors["A"]
+    assert (A.shape, A.dim(), A.numel(), A.element_size()) == ((4, 6, 1, 1), 4, 24, state["A"].element_size())
+    assert A.reshape(-1).shape == (24,) and A.reshape(4, -1).shape == (4, 6)
+    with pytest.raises(ValueError):
+        A.item()

@@ -63,14 +63,6 @@ def test_help_and_version_import_no_torch(args):
     assert not {"torch", "onnx", "onnxruntime", "huggingface_hub", "transformers"} & set(report["loaded"])
 
 
-# On main, formats.gguf, formats.peft_lycoris, lora.algorithms.*, lora.pieces and lora.llamacpp import
-# torch at module level, and every format reader is imported to detect what PATH is; making inspect
-# read headers only is the main session's part. strict: these start passing (and the marks must go)
-# when that lands.
-TORCH_AT_IMPORT_ON_MAIN = pytest.mark.xfail(strict=True, reason="format modules on main import torch at the top")
-
-
-@TORCH_AT_IMPORT_ON_MAIN
 @pytest.mark.parametrize("path", ["tiny-llama", "tiny-llama/model.safetensors"])
 def test_inspect_of_a_checkpoint_reads_headers_without_torch(path, tmp_path):
     report = probe("inspect", FIXTURES / path, "--json")
@@ -78,7 +70,6 @@ def test_inspect_of_a_checkpoint_reads_headers_without_torch(path, tmp_path):
     assert probe("inspect", FIXTURES / path)["loaded"] == [m for m in report["loaded"] if m != "torch"]
 
 
-@TORCH_AT_IMPORT_ON_MAIN
 def test_inspect_of_a_sharded_checkpoint_without_torch(tmp_path, run_cli):
     sharded = tmp_path / "sharded"
     assert run_cli("merge", FIXTURES / "tiny-llama", FIXTURES / "lora-llama", "--max-shard-size", "100KB",
@@ -86,6 +77,32 @@ def test_inspect_of_a_sharded_checkpoint_without_torch(tmp_path, run_cli):
     report = probe("inspect", sharded, "--json", "--tensors")
     assert report["code"] == 0 and "torch" not in report["loaded"], report
     assert "torch" in probe("inspect", sharded, "--check")["loaded"]  # the NaN scan does need torch
+
+
+def _adapters_without_config(tmp_path, run_cli) -> dict[str, Path]:
+    """The adapter files people inspect: a PEFT folder, its weights alone, kohya and diffusers files."""
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((FIXTURES / "lora-llama" / "adapter_model.safetensors").read_bytes())
+    assert run_cli("convert", FIXTURES / "lora-llama-qv", "--to", "kohya", "-o", tmp_path / "k.safetensors").code == 0
+    assert run_cli("convert", FIXTURES / "lora-llama-qv", "--to", "diffusers", "--component", "text_encoder",
+                   "-o", tmp_path / "d.safetensors").code == 0
+    return {"peft": FIXTURES / "lora-llama-qv", "bare": bare, "kohya": tmp_path / "k.safetensors",
+            "diffusers": tmp_path / "d.safetensors"}
+
+
+def test_inspect_of_adapters_reads_headers_without_torch(tmp_path, run_cli):
+    """PEFT, bare PEFT weights, kohya and diffusers LoRA files are described from their headers, and the
+    description is the one a full read gives (`--check` reads every tensor, with torch)."""
+    for kind, path in _adapters_without_config(tmp_path, run_cli).items():
+        report = probe("inspect", path, "--json", "--tensors")
+        assert report["code"] == 0 and "torch" not in report["loaded"], (kind, report)
+        fast = json.loads(subprocess.run([sys.executable, "-m", "loratool", "inspect", str(path), "--json",
+                                          "--tensors"], capture_output=True, text=True, env=child_env()).stdout)
+        full = json.loads(subprocess.run([sys.executable, "-m", "loratool", "inspect", str(path), "--json",
+                                          "--tensors", "--check"], capture_output=True, text=True,
+                                         env=child_env()).stdout)
+        assert full.pop("nonfinite") == {}
+        assert fast == full, kind
 
 
 def test_cli_choice_lists_match_the_registries():

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..formats import EMBEDDED, detect_format, load_adapter
+from ..dtypes import code_of
 from ..formats.gguf import GGUF_SUFFIX
 from ..layouts import KOHYA_PREFIXES, layout_of, open_base
 from ..layouts.families import adapter_family
@@ -132,8 +133,6 @@ def _algorithms(adapter: Adapter) -> dict[str, int]:
 
 
 def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False) -> dict:
-    from ..dtypes import TORCH_TO_SAFETENSORS
-
     named = adapter.named_tensors()
     layers = sorted({int(m.group(1)) for name in adapter.modules if (m := _LAYER_INDEX.search(f".{name}."))})
     config = adapter.config
@@ -168,12 +167,12 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         "parameters": sum(t.numel() for t in named.values()),
         "bytes": sum(t.numel() * t.element_size() for t in named.values()),
         "dtypes": _dtype_breakdown(
-            (TORCH_TO_SAFETENSORS[t.dtype], t.numel(), t.numel() * t.element_size()) for t in named.values()
+            (code_of(t), t.numel(), t.numel() * t.element_size()) for t in named.values()
         ),
     }
     if tensors:
         report["tensor_list"] = [
-            {"name": name, "dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+            {"name": name, "dtype": code_of(t), "shape": list(t.shape),
              "bytes": t.numel() * t.element_size()}
             for name, t in sorted(named.items())
         ]
@@ -192,7 +191,8 @@ def inspect(path: str | os.PathLike, check: bool = False, tensors: bool = False,
         return inspect_gguf(path, check=check, tensors=tensors, schema=SCHEMA_VERSION)
     fmt = detect_format(path, allow_pickle)
     if fmt is not None and fmt not in EMBEDDED:
-        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle, need_alpha=False), check=check,
+        return inspect_adapter(load_adapter(path, format=fmt, allow_pickle=allow_pickle, need_alpha=False,
+                                           header_only=not check), check=check,
                               tensors=tensors)
     if path.is_dir() and (path / "model_index.json").is_file():
         return inspect_pipeline(path, check=check, tensors=tensors, allow_pickle=allow_pickle, progress=progress)

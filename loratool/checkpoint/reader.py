@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidCheckpointError, LoratoolError, summarize
 from .header import TensorInfo, read_header
+from .header_tensor import HeaderTensor
 from .pickled import PICKLE_SUFFIXES, load_pickle_state_dict, refuse_pickle
 
 if TYPE_CHECKING:
@@ -89,6 +90,19 @@ class Checkpoint(Mapping[str, TensorInfo]):
         if not self.is_folder:
             return []
         return [self.path / name for name in COMPANION_FILES if (self.path / name).is_file()]
+
+    def load_all(self, header_only: bool = False) -> dict:
+        """Every tensor: read into memory, or with `header_only` as `HeaderTensor`s (a pickle has no
+        header, so it is read either way)."""
+        fetch = self.header_tensor if header_only and self.pickled is None else self.read
+        return {name: fetch(name) for name in self.tensors}
+
+    def header_tensor(self, name: str) -> HeaderTensor:
+        """Shape and dtype of a tensor without its data (and without torch); see header_tensor.py."""
+        info = self.tensors[name]
+        if self.pickled is not None:
+            raise InvalidCheckpointError(f"{info.path}: a pickle file has no header to read tensors from")
+        return HeaderTensor(info.path, info.data_start, info.dtype, info.shape)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh CPU memory."""

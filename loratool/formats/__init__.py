@@ -62,11 +62,12 @@ def detect_format(path: str | os.PathLike, allow_pickle: bool = False) -> str | 
 
 
 def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickle: bool = False,
-                 alpha: float | None = None, need_alpha: bool = True) -> Adapter:
+                 alpha: float | None = None, need_alpha: bool = True, header_only: bool = False) -> Adapter:
     """Read an adapter in any known format, with the module names it stores (kohya's stay flattened
     until `canonicalize` maps them through a base). `alpha` supplies the lora_alpha that loralib,
     bare PEFT state dicts and PEFT weights without their config lack; `need_alpha=False` reads those
-    with alpha unknown (for inspect)."""
+    with alpha unknown, and `header_only=True` describes PEFT, kohya LoRA and diffusers files from their
+    headers, without reading data or importing torch (both for inspect)."""
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"{path}: no such file or folder")
@@ -78,14 +79,15 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickl
     if format == "peft":
         folder = find_peft_folder(path)
         if folder is None:
-            return read_bare_peft_adapter(path, alpha=alpha, allow_pickle=allow_pickle, need_alpha=need_alpha)
+            return read_bare_peft_adapter(path, alpha=alpha, allow_pickle=allow_pickle, need_alpha=need_alpha,
+                                          header_only=header_only)
         if peft_type_of(folder) is not None:
             return read_peft_lycoris_adapter(path, allow_pickle=allow_pickle)
-        return read_peft_adapter(path, allow_pickle=allow_pickle)
+        return read_peft_adapter(path, allow_pickle=allow_pickle, header_only=header_only)
     if format == "kohya":
-        return read_kohya_adapter(path, allow_pickle=allow_pickle)
+        return read_kohya_adapter(path, allow_pickle=allow_pickle, header_only=header_only)
     if format == "diffusers":
-        return read_diffusers_adapter(path, allow_pickle=allow_pickle)
+        return read_diffusers_adapter(path, allow_pickle=allow_pickle, header_only=header_only)
     if format == "loralib":
         return read_loralib_adapter(path, alpha=alpha, allow_pickle=allow_pickle)
     return read_peft_state_adapter(path, alpha=alpha, allow_pickle=allow_pickle)

@@ -70,11 +70,9 @@ def _component_configs(metadata: dict[str, str], source: Path) -> dict[str, dict
     return configs
 
 
-def read_diffusers_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
-    import torch
-
+def read_diffusers_adapter(path: Path, allow_pickle: bool = False, header_only: bool = False) -> Adapter:
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
-        state = {name: checkpoint.read(name) for name in checkpoint}
+        state = checkpoint.load_all(header_only)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     configs = _component_configs(metadata, path)
     groups: dict[str, dict[str, torch.Tensor]] = {}

@@ -19,13 +19,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, InvalidCheckpointError, MismatchError, UsageError, summarize
 from ..lora.llamacpp import folded_factors, interleave_rope_rows
 from ..lora.module import Adapter, LayerKind, LoraModule
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_SUFFIX = ".gguf"
 LORA_A, LORA_B = ".lora_a", ".lora_b"
@@ -52,7 +53,8 @@ ARCHITECTURES: dict[str, ArchRule] = {
 
 #: `--dtype` name -> GGML tensor type. `auto` keeps each tensor's own float type.
 GGUF_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
-_TORCH_TO_GGML = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+#: torch dtype name -> GGML tensor type, for `auto`.
+_TORCH_TO_GGML = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: GGML type -> the `LlamaFileType` recorded as `general.file_type`.
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -220,6 +222,8 @@ def _shape_mismatch(module: LoraModule, name: str, base: GgufBase) -> str | None
 def _check_full_tensors(adapter: Adapter, base: GgufBase, refuse) -> list[str]:
     """PEFT saves the whole embedding next to an embedding LoRA; a copy equal to the base changes
     nothing and is dropped. Anything else (`modules_to_save`, resized vocabularies) is refused."""
+    import torch
+
     dropped = []
     for name, value in sorted(adapter.full_tensors.items()):
         if base.shapes is not None and tuple(base.shapes.get(name, ())) == tuple(value.shape) \
@@ -243,7 +247,7 @@ class GgufWriteReport:
 def gguf_type_for(source: torch.Tensor, dtype: str | None) -> str:
     """The GGML type `--dtype` asks for; `None` (auto) keeps the adapter tensor's own float type
     (F32 for any other), also where lora_b was rescaled."""
-    return GGUF_DTYPES[dtype] if dtype else _TORCH_TO_GGML.get(source.dtype, "F32")
+    return GGUF_DTYPES[dtype] if dtype else _TORCH_TO_GGML.get(str(source.dtype).removeprefix("torch."), "F32")
 
 
 def write_gguf_adapter(path: Path, pairs: list[GgufPair], alpha: float, base: GgufBase, dtype: str | None,
@@ -314,6 +318,8 @@ class GgufFile:
     _reader: Any = field(repr=False)
 
     def read(self, name: str) -> torch.Tensor:
+        import torch
+
         gguf = import_gguf()
         raw = next(t for t in self._reader.tensors if t.name == name)
         values = gguf.quants.dequantize(raw.data, raw.tensor_type)

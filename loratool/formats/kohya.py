@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
-from ..lora.algorithms import SHARED_ROLES, build_module, split_key
-from ..lora.module import Adapter, LayerKind, LoraModule
 from ..layouts import KOHYA_PREFIXES as PREFIXES
 from ..layouts import flatten
 from ..layouts.clip import with_text_model
+from ..lora.algorithms import SHARED_ROLES, build_module, split_key
+from ..lora.module import Adapter, LayerKind, LoraModule
 from .names import split_component
+
+if TYPE_CHECKING:
+    import torch
 
 
 #: Dotted (unflattened) prefixes of ComfyUI's own LoRA saver, with kohya's tensor suffixes.
@@ -47,11 +49,17 @@ def looks_like_kohya(keys: list[str]) -> bool:
         (parts := split_key(k)) is not None and parts[1] not in SHARED_ROLES for k in keys)
 
 
-def read_kohya_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+#: Roles of plain LoRA files, which `header_only` can describe from shapes alone.
+PLAIN_ROLES = frozenset({"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"})
+
+
+def read_kohya_adapter(path: Path, allow_pickle: bool = False, header_only: bool = False) -> Adapter:
     """LoRA, LoCon, LoHa, LoKr, full and norm diffs, with LyCORIS' DoRA; every module through the one
-    role table and builder in `lora/algorithms`, so a bad module is named with its algorithm."""
+    role table and builder in `lora/algorithms`, so a bad module is named with its algorithm.
+    `header_only` applies to plain LoRA files; the other algorithms are read in full."""
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
-        state = {name: checkpoint.read(name) for name in checkpoint}
+        plain = all((parts := split_key(k)) is not None and parts[1] in PLAIN_ROLES for k in checkpoint)
+        state = checkpoint.load_all(header_only and plain)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -94,6 +102,8 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
 
 def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None = None) -> list[Path]:
     """One `.safetensors` file. rsLoRA folds into alpha (alpha' = s·r), since kohya has no such flag."""
+    import torch
+
     refused = []
     if adapter.full_tensors:
         refused.append(f"whole tensors (modules_to_save) {summarize(sorted(adapter.full_tensors))}")
@@ -137,6 +147,8 @@ def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None 
 def _lycoris_tensors(module, lora_name: str, cast) -> dict[str, torch.Tensor]:
     """A LyCORIS module's tensors under its kohya name, refused where a reader would get another scale
     (a PEFT LoKr with both halves full has scale alpha/r; LyCORIS files define it as 1)."""
+    import torch
+
     parts = {key[len(module.name) + 1:]: tensor for key, tensor in module.named_tensors().items()}
     if "bias" in parts:
         raise AdapterError(f"{module.name}: kohya/LyCORIS files have no place for a {module.algorithm} bias")

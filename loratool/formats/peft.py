@@ -116,7 +116,7 @@ def load_config_json(path: Path) -> dict:
     return config
 
 
-def read_peft_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+def read_peft_adapter(path: Path, allow_pickle: bool = False, header_only: bool = False) -> Adapter:
     folder = find_peft_folder(path)
     if folder is None:
         raise AdapterError(f"{path}: no {CONFIG_NAME} found, so this is not a PEFT adapter")
@@ -125,7 +125,7 @@ def read_peft_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     _check_config(config, config_path)
     weights_path = _weights_file(folder, path)
     with open_checkpoint(weights_path, allow_pickle=allow_pickle) as checkpoint:
-        state = {name: checkpoint.read(name) for name in checkpoint}
+        state = checkpoint.load_all(header_only)
     modules, full = _group_keys(state, weights_path)
     return Adapter(
         path=folder,
@@ -158,12 +158,12 @@ def _metadata_alpha(metadata: dict[str, str]) -> float | None:
 
 
 def read_bare_peft_adapter(path: Path, alpha: float | None = None, allow_pickle: bool = False,
-                           need_alpha: bool = True) -> Adapter:
+                           need_alpha: bool = True, header_only: bool = False) -> Adapter:
     """PEFT weights downloaded or renamed without their adapter_config.json: ranks from the shapes,
     lora_alpha from `alpha` or the file's metadata. Without either, a command that computes fails
     naming --alpha; `need_alpha=False` (inspect) reads it with alpha unknown."""
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
-        state = {name: checkpoint.read(name) for name in checkpoint}
+        state = checkpoint.load_all(header_only)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     known = alpha if alpha is not None else _metadata_alpha(metadata)
     if known is None and need_alpha:
@@ -181,8 +181,6 @@ def read_bare_peft_adapter(path: Path, alpha: float | None = None, allow_pickle:
 
 
 def _group_keys(state: dict[str, torch.Tensor], source: Path):
-    import torch
-
     modules: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, LayerKind] = {}
     full: dict[str, torch.Tensor] = {}

@@ -22,8 +22,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import LazyTensor, write_safetensors
@@ -31,8 +30,19 @@ from ..errors import AdapterError, summarize
 from ..lora.algorithms import LoHa, LoKr, split_key, tucker_to_flat
 from ..lora.module import Adapter
 from ..lora.scaling import pattern_value
-from .peft import (CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _most_common, _number, _weights_file, find_peft_folder,
-                   load_config_json)
+from .peft import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    _most_common,
+    _number,
+    _weights_file,
+    find_peft_folder,
+    load_config_json,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 #: Roles whose first dimension is PEFT's r.
 RANK_ROLES = ("hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b")
@@ -77,6 +87,7 @@ def _load_config(folder: Path) -> dict:
 
 def read_peft_lycoris_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
     """A PEFT LoHa/LoKr folder (or its weights file) as the canonical Adapter of LoHa/LoKr modules."""
+
     folder = find_peft_folder(Path(path))
     if folder is None:
         raise AdapterError(f"{path}: no {CONFIG_NAME} found, so this is not a PEFT adapter")
@@ -206,6 +217,8 @@ def _decompose_factor(modules: Mapping[str, LoKr], shapes) -> int:
 
 
 def _lokr_layout(modules: Mapping[str, LoKr]):
+    import torch
+
     shapes = {name: _layer_shape(m) for name, m in modules.items()}
     for name, m in modules.items():
         (a, c), out, inp = m.w1_shape, *shapes[name][:2]
@@ -275,6 +288,7 @@ def write_peft_lycoris_adapter(folder: Path, modules: Mapping[str, LoHa | LoKr],
     Conv modules from LyCORIS files that keep the kernel flattened must be `fit_to` their base first,
     or they are written as Linear layers.
     """
+
     classes = {type(m) for m in modules.values()}
     if classes not in ({LoHa}, {LoKr}):
         names = sorted({m.algorithm for m in modules.values()})

@@ -18,12 +18,7 @@ COMPUTE_DTYPE = torch.float32
 
 def expected_base_shape(module: LoraModule, transposed: bool = False) -> tuple[int, ...]:
     """The base weight shape the module fits; `transposed` is HF `Conv1D` storage, (in, out)."""
-    A, B = module.lora_A, module.lora_B
-    if module.kind is LayerKind.EMBEDDING:
-        return (A.shape[1], B.shape[0])
-    if module.kind is LayerKind.CONV:
-        return (B.shape[0], *A.shape[1:])
-    return (A.shape[1], B.shape[0]) if transposed else (B.shape[0], A.shape[1])
+    return module.expected_base_shape(transposed)
 
 
 def norm_over_rows(module: LoraModule, transposed: bool) -> bool:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from .module import LoraModule
+
+if TYPE_CHECKING:
+    import torch
 
 
 def llamacpp_scale(alpha: float, rank: int) -> float:
@@ -27,6 +29,8 @@ def shared_alpha(modules: Iterable[LoraModule]) -> float:
     seen), so that as many `lora_b` tensors as possible are written without any rescaling. It is
     rounded to float32 here, as the file stores it, so that every ratio is taken against the value
     llama.cpp will read."""
+    import torch
+
     counts = Counter(m.scale * m.rank for m in modules if m.scale != 0)
     alpha = counts.most_common(1)[0][0] if counts else 1.0
     return torch.tensor(alpha, dtype=torch.float32).item()

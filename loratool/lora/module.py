@@ -81,9 +81,13 @@ class LoraModule:
         return sum(t.numel() for t in (self.lora_A, self.lora_B, self.magnitude, self.bias) if t is not None)
 
     def expected_base_shape(self, transposed: bool = False) -> tuple[int, ...]:
-        from .delta import expected_base_shape
-
-        return expected_base_shape(self, transposed)
+        """The base weight shape the module fits; `transposed` is HF `Conv1D` storage, (in, out)."""
+        A, B = self.lora_A, self.lora_B
+        if self.kind is LayerKind.EMBEDDING:
+            return (A.shape[1], B.shape[0])
+        if self.kind is LayerKind.CONV:
+            return (B.shape[0], *A.shape[1:])
+        return (A.shape[1], B.shape[0]) if transposed else (B.shape[0], A.shape[1])
 
     def fits(self, shape, transposed: bool = False) -> bool:
         return tuple(shape) == self.expected_base_shape(transposed)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
 from .module import LoraModule
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _rows(tensor: torch.Tensor | None, rows: tuple[int, int] | None, swap: bool) -> torch.Tensor | None:
+    import torch
+
     if tensor is None:
         return None
     if rows is not None:

@@ -13,13 +13,14 @@ shape once names are resolved; until then `expected_base_shape()` is the natural
 from __future__ import annotations
 
 import math
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ...errors import AdapterError, MismatchError
 from ..module import LayerKind
 from .dora import apply_lycoris_dora, dora_axis
+
+if TYPE_CHECKING:
+    import torch
 
 
 def kind_of(shape) -> LayerKind:
@@ -128,16 +129,23 @@ class AlgorithmModule:
                 raise MismatchError(f"{self.name}: {e}") from None
         self.base_shape = tuple(shape)
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """ΔW, scaled, in the base weight's shape, computed in `dtype`."""
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """ΔW, scaled, in the base weight's shape, computed in `dtype` (float32 by default)."""
+        import torch
+
+        dtype = dtype or torch.float32
         return (self.unscaled_delta(dtype, device) * self.scale).reshape(self.expected_base_shape())
 
-    def bias_delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """The update to add to the base bias as is (`.diff_b`, `.b_norm`), or None."""
-        return None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+    def bias_delta(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The update to add to the base bias as is (`.diff_b`, `.b_norm`, float32 by default), or None."""
+        import torch
+
+        return None if self.bias is None else self.bias.to(device=device, dtype=dtype or torch.float32)
 
     def apply_to(self, base: torch.Tensor) -> torch.Tensor:
         """The merged weight: W + ΔW, or LyCORIS' DoRA of it, in float32 (or wider if `base` is)."""
+        import torch
+
         dtype = torch.promote_types(base.dtype, torch.float32)
         delta = self.delta(dtype, base.device).reshape(base.shape)
         if self.magnitude is None:

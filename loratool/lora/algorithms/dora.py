@@ -9,9 +9,12 @@ value per output unit, otherwise the input axis.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import MismatchError
+
+if TYPE_CHECKING:
+    import torch
 
 OUT, IN = "out", "in"
 
@@ -34,6 +37,8 @@ def lycoris_dora_factor(base: torch.Tensor, delta: torch.Tensor, dora_scale: tor
     LyCORIS adds the dtype's epsilon to ‖V‖; that is below float32 rounding for any non-degenerate
     weight, so it is left out here, as PEFT's DoRA leaves it out.
     """
+    import torch
+
     dtype = torch.promote_types(torch.promote_types(base.dtype, delta.dtype), torch.float32)
     V = base.to(dtype) + delta.to(device=base.device, dtype=dtype).reshape(base.shape)
     magnitude = dora_scale.to(device=base.device, dtype=dtype).reshape(-1)

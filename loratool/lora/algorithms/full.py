@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import AlgorithmModule, problem
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FullDiff(AlgorithmModule):

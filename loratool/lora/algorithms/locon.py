@@ -8,11 +8,14 @@ kept in this class only when its `.dora_scale` normalises per input channel.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..module import LayerKind
 from .base import AlgorithmModule, alpha_or, problem
 from .factors import tucker_rebuild
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "LoCon"
 

@@ -7,10 +7,13 @@ half is `tucker_rebuild(t, w_a, w_b)`.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import AlgorithmModule, alpha_or, problem
 from .factors import tucker_rebuild
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "LoHa"
 

@@ -12,10 +12,13 @@ derived: `build_module` derives it by LyCORIS' rule, the PEFT reader sets it fro
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import AlgorithmModule, problem
 from .factors import kron, product, tucker_rebuild
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "LoKr"
 

@@ -8,7 +8,7 @@ so they are refused by name rather than reported as unknown.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import AdapterError
 from ..module import LayerKind, LoraModule
@@ -18,6 +18,9 @@ from .full import FullDiff, NormDiff
 from .locon import LoCon
 from .loha import LoHa
 from .lokr import LoKr
+
+if TYPE_CHECKING:
+    import torch
 
 #: Roles every low-rank algorithm may carry next to its own.
 SHARED_ROLES = ("alpha", "dora_scale")
