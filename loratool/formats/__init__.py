@@ -23,7 +23,7 @@ from ..errors import AdapterError, LoratoolError, summarize
 from ..layouts import BaseLayout, open_base
 from ..lora.algorithms import LoHa, LoKr
 from ..lora.module import Adapter, LoraModule
-from ..lora.pieces import renamed, restrict
+from ..lora.pieces import restrict
 from .diffusers import looks_like_diffusers, read_diffusers_adapter, write_diffusers_adapter
 from .kohya import looks_like_kohya, read_kohya_adapter, write_kohya_adapter
 from .loralib import looks_like_loralib, read_loralib_adapter

@@ -125,7 +125,6 @@ def write_diffusers_adapter(path: Path, adapter: Adapter, component: str = "unet
                             dtype: torch.dtype | None = None) -> list[Path]:
     """One `.safetensors` with PEFT-style keys under component prefixes and per-component configs in
     the metadata. Modules without a component prefix get `component`."""
-    import torch
 
     if adapter.full_tensors:
         raise AdapterError(f"diffusers LoRA files cannot hold whole tensors (modules_to_save): "

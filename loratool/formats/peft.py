@@ -305,7 +305,6 @@ def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | LazyTensor]:
     """Tensors under the keys PEFT saves, the factors cast to `dtype` when given; `full_tensors` (which
     may be lazy) keep their own dtype and are named as in the model (`model.norm.weight`)."""
-    import torch
 
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state: dict[str, torch.Tensor] = {}

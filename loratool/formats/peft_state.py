@@ -86,7 +86,6 @@ def read_peft_state_adapter(path: Path, alpha: float | None = None, allow_pickle
 
 
 def _collect(checkpoint: Checkpoint):
-    import torch
 
     parts: dict[str, dict] = {}
     saved: dict[str, torch.Tensor] = {}
