@@ -58,11 +58,12 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="loratool")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
-    """Inspect, merge, extract, resize and combine LoRA adapters and model checkpoints.
+    """Inspect, merge, convert, extract, resize and combine LoRA adapters and model checkpoints.
 
-    Every command reads .safetensors files, sharded folders (model.safetensors.index.json) and PEFT
-    adapter folders lazily, and writes its output atomically and durably: nothing half-written is
-    ever left, and a finished output is on disk (fsynced) before the command returns.
+    Every command reads .safetensors files, sharded folders (model.safetensors.index.json), diffusers
+    pipeline folders and single-file SD/SDXL/Flux checkpoints lazily; adapters may be PEFT (LoRA,
+    LoHa, LoKr), kohya/LyCORIS or diffusers files. Outputs are written atomically and durably: nothing
+    half-written is ever left, and a finished output is on disk (fsynced) before the command returns.
     """
     from .output import Output
 
