@@ -502,7 +502,9 @@ def test_names_that_match_no_layout_are_one_line_and_nothing_is_written(run_cli,
     save_file(text_only, str(tmp_path / "te.safetensors"))
     missing = run_cli("merge", folder / "unet", tmp_path / "te.safetensors", "-o", tmp_path / "m2")
     assert missing.code == 2 and "no text_encoder" in missing.stderr
-    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m2").exists()
+    as_file = run_cli("merge", folder / "unet", tmp_path / "te.safetensors", "-o", tmp_path / "m3.safetensors")
+    assert as_file.code == 2 and "OUT is a folder too" in as_file.stderr
+    assert not any((tmp_path / name).exists() for name in ("m.safetensors", "m2", "m3.safetensors"))
 
 
 def test_sd2_open_clip_text_encoder_rows(run_cli, tmp_path):

@@ -245,6 +245,8 @@ def merge(
         single_file = None in checkpoints and not checkpoints[None].is_folder
         if single_file and output.suffix != ".safetensors":
             raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")
+        if not single_file and output.suffix == ".safetensors":
+            raise UsageError(f"BASE is a folder, so OUT is a folder too; give a folder name, not {output}")
         plans = plan_merge(layout, checkpoints, loaded, weights, out_dtype, allow_nonfinite)
         layouts = {source: _layout(checkpoint, out_dtype, max_shard_bytes) for source, checkpoint in checkpoints.items()}
         total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
