@@ -8,28 +8,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-#: Public name -> the `loratool.api` submodule defining it.
-_API = {
-    "CombineResult": "combine", "combine": "combine",
-    "ConvertResult": "convert", "convert": "convert",
-    "ExtractResult": "extract", "extract": "extract",
-    "LowRankResult": "report",
-    "MergeResult": "merge", "merge": "merge",
-    "inspect": "inspect",
-    "resize": "resize",
-    "svd_extract": "svd_extract",
-}
+#: The public API is `loratool.api`'s (a lazy package itself); these names are looked up there.
+_API = ("CombineResult", "ConvertResult", "ExtractResult", "LowRankResult", "MergeResult", "combine", "convert",
+        "extract", "inspect", "merge", "resize", "svd_extract")
 
 __all__ = sorted([*_API, "__version__"])
 
 
 def __getattr__(name: str):
-    module = _API.get(name)
-    if module is None:
+    if name not in _API:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
+    from . import api
 
-    value = getattr(importlib.import_module(f"{__name__}.api.{module}"), name)
+    value = getattr(api, name)
     globals()[name] = value
     return value
 

@@ -289,3 +289,10 @@ def test_force_replacing_an_output_is_durable_too(run_cli, tmp_path, fsync_log):
     assert run_cli(*args, "--force").code == 0
     assert_durable(fsync_log, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_package_exports_the_api_names():
+    import loratool
+    import loratool.api
+
+    assert set(loratool.__all__) - {"__version__"} == set(loratool.api.__all__)
