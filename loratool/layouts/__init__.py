@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import MismatchError, summarize
 from . import build
-from .index import Component, Piece, Rows, Target, flatten
+from .index import Component, Piece, Rows, Target, flatten, name_transforms
 
 __all__ = ["BaseLayout", "Component", "Piece", "Rows", "Target", "flatten", "layout_of", "open_base",
            "DIFFUSION_COMPONENTS", "KOHYA_PREFIXES"]
@@ -139,19 +139,12 @@ class BaseLayout:
                 continue
             paths = [split_prefix(n, False)[1] for n in names]
             best, best_hits = None, -1
-            for transform in _name_transforms(component.targets):
+            for transform in name_transforms(component.targets):
                 hits = sum(transform(p) in component.targets for p in paths)
                 if hits > best_hits:
                     best, best_hits = transform, hits
             chosen[id(component)] = best
         return chosen
-
-
-def _name_transforms(targets: Mapping[str, Target]) -> list:
-    transforms = [lambda n: n, lambda n: n.split(".", 1)[1] if "." in n else n]
-    for prefix in sorted({k.split(".", 1)[0] for k in targets if "." in k}):
-        transforms.append(lambda n, p=prefix: f"{p}.{n}")
-    return transforms
 
 
 def _lookup(component: Component, path: str, flat: bool, transform) -> list[tuple[Piece, ...]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 #: A row range [start, stop) of a tensor.
@@ -48,6 +49,16 @@ class Piece:
     #: The LoRA's B rows are in the other half order than the canonical module's (a BFL-named LoRA on
     #: `final_layer.adaLN_modulation.1` read as diffusers' `norm_out.linear`).
     swap_lora: bool = False
+
+
+def name_transforms(names: Iterable[str]) -> list[Callable[[str], str]]:
+    """The renamings tried to fit an adapter's names to a plain model's: as is, without the first
+    component, or under one of the model's own top-level prefixes (an adapter names modules as the
+    trained class did, `model.layers.0…`, a base may be saved from another class, `layers.0…`)."""
+    transforms: list[Callable[[str], str]] = [lambda n: n, lambda n: n.split(".", 1)[1] if "." in n else n]
+    for prefix in sorted({k.split(".", 1)[0] for k in names if "." in k}):
+        transforms.append(lambda n, p=prefix: f"{p}.{n}")
+    return transforms
 
 
 def flatten(module: str) -> str:

@@ -6,19 +6,13 @@ Pure logic over names and shapes; the caller supplies the base checkpoint's head
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
+from ..layouts.index import name_transforms
 from .module import LayerKind, LoraModule
 
 #: transformers model types whose projections are `Conv1D`, storing W as (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
-
-
-def _name_transforms(base_keys: Iterable[str]) -> list[Callable[[str], str]]:
-    transforms: list[Callable[[str], str]] = [lambda n: n, lambda n: n.split(".", 1)[1] if "." in n else n]
-    for prefix in sorted({k.split(".", 1)[0] for k in base_keys if "." in k}):
-        transforms.append(lambda n, p=prefix: f"{p}.{n}")
-    return transforms
 
 
 def resolve_base_names(
@@ -41,7 +35,7 @@ def resolve_base_names(
         return hits
 
     best: dict[str, str] = {}
-    for transform in _name_transforms(base_keys):
+    for transform in name_transforms(base_keys):
         candidate = resolved(transform)
         if len(candidate) > len(best):
             best = candidate
