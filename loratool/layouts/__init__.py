@@ -206,8 +206,7 @@ def layout_of(shapes: Mapping[str, tuple[int, ...]], path: Path, config: dict | 
 def _ldm_single_file(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str | None) -> BaseLayout:
     unet_shapes = _under(shapes, LDM_UNET)
     components: dict[str | None, Component] = {"unet": build.ldm_unet(unet_shapes, LDM_UNET, source)}
-    family = CROSS_ATTENTION_FAMILY.get(max((s[1] for k, s in unet_shapes.items()
-                                             if k.endswith("attn2.to_k.weight") and len(s) == 2), default=0))
+    family = _unet_family(unet_shapes)
     for prefix, (name, kind) in LDM_TEXT_ENCODERS.items():
         inner = _under(shapes, prefix)
         if not inner:
