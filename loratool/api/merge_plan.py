@@ -108,6 +108,8 @@ def plan_merge(
 ) -> dict[str | None, MergePlan]:
     """One plan per checkpoint of the base (one, or one per pipeline component), keyed like `checkpoints`."""
     plans = {source: MergePlan() for source in checkpoints}
+    config = checkpoints[None].config() if None in checkpoints else None
+    model_type = config.get("model_type") if config else None
     if not allow_nonfinite:
         check_finite(adapters)
     for adapter, weight in zip(adapters, weights):
@@ -118,10 +120,8 @@ def plan_merge(
             )
         resolved = layout.resolve(adapter.modules, flat=adapter.unresolved_names, source=adapter.path)
         if None in checkpoints:
-            base = checkpoints[None]
-            config = base.config()
-            _refuse_tied_head(list(adapter.modules) + list(adapter.full_tensors), base, config, adapter)
-        _plan_modules(plans, checkpoints, adapter, weight, resolved)
+            _refuse_tied_head(list(adapter.modules) + list(adapter.full_tensors), checkpoints[None], config, adapter)
+        _plan_modules(plans, checkpoints, adapter, weight, resolved, model_type)
         _plan_full_tensors(plans, layout, checkpoints, adapter, weight)
     for source, plan in plans.items():
         _check_plan(plan, checkpoints[source], out_dtype)
@@ -172,7 +172,7 @@ def _dense_options(module, shape: tuple[int, ...], lora_rows, transposed: bool |
 
 
 def _plan_modules(plans: dict, checkpoints: Mapping[str | None, Checkpoint], adapter: Adapter, weight: float,
-                  resolved: dict[str, tuple[Piece, ...]]) -> None:
+                  resolved: dict[str, tuple[Piece, ...]], model_type: str | None) -> None:
     candidates: dict[str, list[bool]] = {}
     pieces: dict[str, tuple] = {}
     clashes: list[str] = []
@@ -203,10 +203,6 @@ def _plan_modules(plans: dict, checkpoints: Mapping[str | None, Checkpoint], ada
             pieces[key] = (part, piece, swap, base_shape)
     if clashes:
         raise MismatchError(f"{adapter.path} does not fit the base: {summarize(clashes)}")
-    model_type = None
-    if None in checkpoints:
-        config = checkpoints[None].config()
-        model_type = config.get("model_type") if config else None
     orientation, note = choose_orientation(candidates, model_type, adapter.fan_in_fan_out)
     for key, (part, piece, swap, base_shape) in pieces.items():
         target, plan = piece.target, plans[piece.target.source]
