@@ -268,6 +268,11 @@ def test_sdxl_text_encoder_loras_merge_into_fused_rows(run_cli, tmp_path, sdxl_f
         assert rel(got, expected) < 1e-6, name
     untouched = clip_g["encoder.layers.1.self_attn.q_proj.weight"]
     assert torch.equal(big_g["text_model.encoder.layers.1.self_attn.q_proj.weight"], untouched)
+    base_report = json.loads(ok(run_cli("inspect", path, "--json")).stdout)
+    assert (base_report["layout"], base_report["family"]) == ("ldm-single-file", "SDXL")
+    assert base_report["components"] == {"unet": "ldm-unet", "text_encoder": "hf-clip", "text_encoder_2": "open-clip"}
+    lora_report = json.loads(ok(run_cli("inspect", tmp_path / "te.safetensors", "--json")).stdout)
+    assert (lora_report["family"], lora_report["family_from"]) == ("SDXL", "names")  # lora_te2_, no metadata
 
 
 def test_sd1_single_file_and_pipeline_folder(run_cli, tmp_path):
@@ -450,6 +455,13 @@ def test_split_flux_lora_merges_into_fused_bfl_rows(run_cli, tmp_path):
     expected["final_layer.adaLN_modulation.1.weight"] += torch.cat([norm[width:], norm[:width]])
     for key in base:
         assert rel(merged[key], expected[key]) < 1e-6, key
+
+    # the same file as ComfyUI saves it, under model.diffusion_model.
+    save_file({f"{LDM}{k}": v for k, v in base.items()}, str(tmp_path / "comfy.safetensors"))
+    ok(run_cli("merge", tmp_path / "comfy.safetensors", tmp_path / "diffusers-lora.safetensors", "-o",
+               tmp_path / "mc.safetensors"))
+    prefixed = load_file(str(tmp_path / "mc.safetensors"))
+    assert all(torch.equal(prefixed[f"{LDM}{k}"], merged[k]) for k in base)
 
     bfl_named = random_lora({"lora_unet_double_blocks_0_img_attn_qkv": ((2, width), (3 * width, 2))}, seed=5)
     save_file(bfl_named, str(tmp_path / "bfl-lora.safetensors"))
