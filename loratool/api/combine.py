@@ -17,9 +17,10 @@ from ..formats import read_for_peft_output
 from ..formats.peft import fill_missing_biases, write_peft_adapter
 from ..lora.combine import METHODS, DenseOptions, MajoritySign, Term, dense_combine, stacked_factors
 from ..lora.delta import COMPUTE_DTYPE
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter, LoraModule
 from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
 from ..lora.targeting import compact_target_modules
+from ..lora.to_lora import dense_lora
 from .convert import lora_problems
 from .merge import resolve_device
 from .merge_plan import parse_weights
@@ -241,16 +242,10 @@ def _combine_dense_module(name: str, terms: list[Term], spec: CombineSpec, devic
         target = dense_combine(spec.method, deltas, [t.weight for t in terms], spec.dense, name)
     first = terms[0].module
     out_dtype = dtype or next(iter(first.named_tensors().values())).dtype
-    U, S, Vh = RankRule(rank=spec.rank).factorize(target)
-    B, A = (f.to(out_dtype) for f in split_factors(U, S, Vh))
-    error = relative_error(target, B.float(), A.float())
     out, rest = _shape(first)
-    rank = A.shape[0]
-    lora_A, lora_B = A.reshape(rank, *rest), B.reshape(out, rank, *[1] * (len(rest) - 1))
     biases = [t.weight * bias for t in terms if (bias := t.module.bias_delta(COMPUTE_DTYPE)) is not None]
-    kind = LayerKind.CONV if len(rest) > 1 else LayerKind.LINEAR
-    return LoraModule(name=name, kind=kind, lora_A=lora_A.cpu().contiguous(), lora_B=lora_B.cpu().contiguous(),
-                      alpha=float(rank), bias=sum(biases).to(out_dtype) if biases else None), error
+    return dense_lora(name, target, (out, *rest), RankRule(rank=spec.rank), out_dtype,
+                      sum(biases).to(out_dtype) if biases else None)
 
 
 def combine(

@@ -47,21 +47,33 @@ def to_lora(module, rank: int | None = None, energy: float | None = None, max_ra
                            "tensor")
     out_dtype = dtype or compute_dtype
     shape = tuple(module.expected_base_shape())
+    bias = module.bias_delta(out_dtype)
     if isinstance(module, LoraModule) and not module.is_dora:
         left, right = delta_factors(module)
         B, A, err = truncate_factored(left.to(compute_dtype) * module.scale, right.to(compute_dtype), rule, out_dtype)
-    else:
-        matrix = _delta_2d(module, base, compute_dtype)
-        B, A = (f.to(out_dtype) for f in split_factors(*rule.factorize(matrix, exact)))
-        err = relative_error(matrix, B, A)
+        return lora_of_factors(module.name, module.kind, shape, B, A, bias), err
+    return dense_lora(module.name, _delta_2d(module, base, compute_dtype), shape, rule, out_dtype, bias,
+                      module.kind, exact)
+
+
+def dense_lora(name: str, matrix: torch.Tensor, shape: tuple[int, ...], rule: RankRule, dtype: torch.dtype,
+               bias: torch.Tensor | None = None, kind: LayerKind = LayerKind.LINEAR,
+               exact: bool = False) -> tuple[LoraModule, float]:
+    """The LoRA (scale 1) of a dense ΔW given as a matrix (conv kernels flattened into columns) of a
+    weight of `shape`, and its relative error measured on the factors rounded to `dtype`."""
+    B, A = (f.to(dtype) for f in split_factors(*rule.factorize(matrix, exact)))
+    return lora_of_factors(name, kind, shape, B, A, bias), relative_error(matrix, B, A)
+
+
+def lora_of_factors(name: str, kind: LayerKind, shape: tuple[int, ...], B: torch.Tensor, A: torch.Tensor,
+                    bias: torch.Tensor | None) -> LoraModule:
+    """B (out, r) and A (r, in·k…) with ΔW2d = B@A, as a PEFT-layout LoraModule for a weight of `shape`."""
     r = A.shape[0]
-    if module.kind is LayerKind.EMBEDDING:  # the base layout is (vocab, dim) = (B·A)ᵀ
+    if kind is LayerKind.EMBEDDING:  # the base layout is (vocab, dim) = (B·A)ᵀ
         lora_A, lora_B = B.T, A.T
     elif len(shape) > 2:
         lora_A, lora_B = A.reshape(r, *shape[1:]), B.reshape(shape[0], r, *[1] * (len(shape) - 2))
     else:
         lora_A, lora_B = A, B
-    bias = module.bias_delta(out_dtype)
-    converted = LoraModule(name=module.name, kind=LayerKind.CONV if len(shape) > 2 else module.kind,
-                           lora_A=lora_A.contiguous(), lora_B=lora_B.contiguous(), alpha=float(r), bias=bias)
-    return converted, err
+    return LoraModule(name=name, kind=LayerKind.CONV if len(shape) > 2 else kind, lora_A=lora_A.cpu().contiguous(),
+                      lora_B=lora_B.cpu().contiguous(), alpha=float(r), bias=None if bias is None else bias.cpu())
