@@ -132,7 +132,7 @@ def convert(
         notes.append("kohya has no rsLoRA flag: alpha was rewritten as s·r, so every scale is unchanged")
     config = None
     if to == "peft":
-        model_config = _model_config(base)
+        model_config = layout.config if layout is not None else None
         config = peft_config_for(loaded, candidate_modules(layout, chosen), model_config)
     with atomic_output(output, is_folder=to == "peft") as temp:
         files = write_adapter(loaded, temp, to, config=config, dtype=out_dtype, component=component or "unet")
@@ -194,15 +194,3 @@ def module_as_lora(module: AdapterModule, rule: RankRule, dtype: torch.dtype | N
     stored = next(iter(module.named_tensors().values())).dtype
     return to_lora(module, rule.rank, rule.energy, rule.max_rank, compute_dtype=torch.promote_types(stored, torch.float32),
                    dtype=dtype or stored)
-
-
-def _model_config(base: str | os.PathLike | None) -> dict | None:
-    if base is None:
-        return None
-    from ..checkpoint import open_checkpoint
-
-    base = Path(base)
-    if (base / "model_index.json").is_file():
-        return None
-    with open_checkpoint(base) as checkpoint:
-        return checkpoint.config()

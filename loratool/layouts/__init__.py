@@ -63,6 +63,8 @@ class BaseLayout:
     kind: str
     family: str | None
     components: dict[str | None, Component] = field(default_factory=dict)
+    #: The `config.json` beside a single-checkpoint base (None for pipelines, or when there is none).
+    config: dict | None = None
 
     @property
     def denoiser(self) -> str | None:
@@ -269,4 +271,7 @@ def open_base(path: str | os.PathLike, allow_pickle: bool = False):
         return BaseLayout(path, "diffusers-pipeline", family, components), checkpoints
     checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
     shapes = {k: info.shape for k, info in checkpoint.items()}
-    return layout_of(shapes, path, checkpoint.config()), {None: checkpoint}
+    config = checkpoint.config()
+    layout = layout_of(shapes, path, config)
+    layout.config = config
+    return layout, {None: checkpoint}
