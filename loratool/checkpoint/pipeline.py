@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 _POLL = 0.1
 
@@ -59,33 +58,6 @@ class BackgroundWriter:
         self._thread.join()
 
 
-class Prefetcher:
-    """Reads the next tensor while the current one is being computed."""
-
-    def __init__(self, read: Callable[[str], object], names: list[str]):
-        self._read = read
-        self._names = names
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-reader")
-        self._pending: dict[str, Future] = {}
-        self._position = 0
-
-    def get(self, name: str):
-        future = self._pending.pop(name, None)
-        value = future.result() if future is not None else self._read(name)
-        while self._position < len(self._names) and self._names[self._position] != name:
-            self._position += 1
-        self._position += 1
-        if self._position < len(self._names):
-            upcoming = self._names[self._position]
-            self._pending[upcoming] = self._pool.submit(self._read, upcoming)
-        return value
-
-    def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pool.shutdown(wait=True)
-
-
 class Stopped(Exception):
     """The pipeline is being torn down; a blocked reader gives up."""
 
@@ -117,38 +89,44 @@ class BufferPool:
 
 
 class ReadAhead:
-    """Runs `read(request)` for each request in order on one thread, at most `depth` results ahead of
-    `get()`. A read's exception is raised by the `get()` that would have returned its result."""
+    """The one read-ahead pipeline: runs `read(request)` for each request in order on one reader thread,
+    and `get()` returns the results in the same order.
+
+    The reader runs ahead by at most `depth + 1` results: up to `depth` finished ones wait for `get()`,
+    and one more is being read (or waits, read, in the reader's hands). `depth=0` is plain double
+    buffering: the next result is read while the caller works on the current one. A read's exception
+    is raised by the `get()` that would have returned its result, and the reader stops there. A read
+    that raises `Stopped`, or `close()`, ends the reader."""
 
     def __init__(self, read: Callable[[object], object], requests: list, depth: int = 2,
                  stop: threading.Event | None = None):
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, not {depth}")
         self.stop = stop or threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._slots = threading.Semaphore(depth + 1)
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(read, requests), name="loratool-reader",
                                         daemon=True)
         self._thread.start()
 
     def _run(self, read, requests) -> None:
         for request in requests:
+            while not self._slots.acquire(timeout=_POLL):
+                if self.stop.is_set():
+                    return
             if self.stop.is_set():
                 return
             try:
-                result = (True, read(request))
+                self._results.put((True, read(request)))
             except Stopped:
                 return
             except BaseException as e:  # handed to the consumer
-                result = (False, e)
-            while not self.stop.is_set():
-                try:
-                    self._queue.put(result, timeout=_POLL)
-                    break
-                except queue.Full:
-                    continue
-            if not result[0]:
+                self._results.put((False, e))
                 return
 
     def get(self):
-        ok, value = self._queue.get()
+        ok, value = self._results.get()
+        self._slots.release()
         if not ok:
             raise value
         return value
