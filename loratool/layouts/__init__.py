@@ -25,10 +25,12 @@ from pathlib import Path
 
 from ..errors import MismatchError, summarize
 from . import build
+from .families import cross_attention_family
 from .index import Component, Piece, Rows, Target, flatten, name_transforms
 
 __all__ = ["BaseLayout", "Component", "Piece", "Rows", "Target", "flatten", "layout_of", "open_base",
-           "DIFFUSION_COMPONENTS", "KOHYA_PREFIXES"]
+           "DIFFUSION_COMPONENTS", "KOHYA_PREFIXES", "COMFYUI_PREFIXES", "DOTTED_PREFIXES", "kohya_prefix",
+           "split_prefix"]
 
 LDM_UNET = "model.diffusion_model."
 #: LDM single-file text-encoder prefixes -> (component, builder, family hint).
@@ -43,18 +45,24 @@ REFINER_TEXT_ENCODER = "conditioner.embedders.0.model."
 DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior",
                         "controlnet")
 DENOISERS = ("unet", "transformer", "prior")
-#: kohya/LyCORIS name prefix -> the component it names ("denoiser": the UNet or the DiT).
+#: kohya/LyCORIS flat-name prefix -> the component it names ("denoiser": the UNet or the DiT, whichever
+#: the base has). The one prefix table, read both ways: readers accept every prefix, and the writer
+#: takes `kohya_prefix(component)`, the first prefix listed for the component.
 KOHYA_PREFIXES = {"lora_unet_": "denoiser", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
                   "lora_te3_": "text_encoder_3", "lora_te_": "text_encoder", "lora_transformer_": "denoiser",
                   "lycoris_": "denoiser"}
-#: Dotted name prefixes of other savers -> component (ComfyUI's own LoRA saver among them).
-DOTTED_PREFIXES = {"diffusion_model.": "denoiser", "model.diffusion_model.": "denoiser",
-                   "text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_l.": "text_encoder",
-                   "text_encoders.clip_g.transformer.": "text_encoder_2", "text_encoders.clip_g.": "text_encoder_2",
-                   "text_encoders.t5xxl.transformer.": "text_encoder_3",
+#: The single text encoder of SD1/SD2 is `lora_te_`; `lora_te1_` names the first of two (SDXL).
+SOLE_TEXT_ENCODER_PREFIX = "lora_te_"
+#: Dotted prefixes of ComfyUI's own LoRA saver -> component. Its files use kohya's tensor suffixes
+#: (`lora_down`/`lora_up`/`alpha`) on dotted module names, so kohya's detection accepts these too.
+COMFYUI_PREFIXES = {"diffusion_model.": "denoiser",
+                    "text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_l.": "text_encoder",
+                    "text_encoders.clip_g.transformer.": "text_encoder_2", "text_encoders.clip_g.": "text_encoder_2",
+                    "text_encoders.t5xxl.transformer.": "text_encoder_3", "text_encoders.t5xxl.": "text_encoder_3"}
+#: Every dotted (unflattened) module-name prefix -> component: ComfyUI's, the LDM single file's, and the
+#: diffusers pipeline components' own (`unet.`, `text_encoder_2.`, …).
+DOTTED_PREFIXES = {**COMFYUI_PREFIXES, "model.diffusion_model.": "denoiser",
                    **{f"{c}.": c for c in DIFFUSION_COMPONENTS}}
-#: attn2.to_k input width -> Stable Diffusion family.
-CROSS_ATTENTION_FAMILY = {768: "SD1", 1024: "SD2", 2048: "SDXL", 1280: "SDXL-refiner"}
 
 
 @dataclass
@@ -156,6 +164,18 @@ def _lookup(component: Component, path: str, flat: bool, transform) -> list[tupl
     return [pieces] if pieces else []
 
 
+def kohya_prefix(component: str | None, text_encoders: int = 1) -> str | None:
+    """The flat-name prefix kohya's writer uses for a pipeline component (`KOHYA_PREFIXES` read
+    backwards): `lora_unet_` for the denoiser (UNet, DiT or prior), `lora_te_` for the text encoder of a
+    one-encoder model and `lora_te1_` when there are `text_encoders` > 1, `lora_te2_`/`lora_te3_`
+    after it; None for a component kohya has no prefix for."""
+    if component in DENOISERS:
+        component = "denoiser"
+    if component == "text_encoder" and text_encoders < 2:
+        return SOLE_TEXT_ENCODER_PREFIX
+    return next((prefix for prefix, named in KOHYA_PREFIXES.items() if named == component), None)
+
+
 def split_prefix(name: str, flat: bool) -> tuple[str | None, str]:
     """(component hint, module path) of an adapter module name."""
     table = KOHYA_PREFIXES if flat else DOTTED_PREFIXES
@@ -173,8 +193,8 @@ def _under(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tupl
 
 
 def _unet_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    widths = {shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight") and len(shape) == 2}
-    return CROSS_ATTENTION_FAMILY.get(max(widths)) if widths else None
+    return cross_attention_family(shape[1] for key, shape in shapes.items()
+                                  if key.endswith("attn2.to_k.weight") and len(shape) == 2)
 
 
 def _is_clip(shapes: Mapping[str, tuple[int, ...]]) -> bool:

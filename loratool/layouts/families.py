@@ -5,7 +5,7 @@ names and shapes."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 #: `ss_base_model_version` prefixes (sd-scripts) -> family.
 SS_BASE_VERSIONS = (("sdxl", "SDXL"), ("sd_v1", "SD1"), ("sd_v2", "SD2"), ("sd3", "SD3"), ("flux", "Flux"),
@@ -17,8 +17,16 @@ _FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_block
 #: SDXL's UNet has ten transformer blocks in its deepest levels; SD1/SD2 have one.
 _SDXL_NAMES = re.compile(r"(input_blocks|output_blocks|down_blocks|up_blocks|attentions)[._]\d+[._].*"
                          r"transformer_blocks[._]9[._]|lora_te2_")
-#: attn2.to_k input width (the text encoder's hidden size) -> family.
-CROSS_WIDTHS = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
+#: attn2.to_k input width (the text encoder's hidden size) -> Stable Diffusion family. The one rule for
+#: bases (`layouts.layout_of`) and adapters (`adapter_family`) alike.
+CROSS_ATTENTION_FAMILIES = {768: "SD1", 1024: "SD2", 2048: "SDXL", 1280: "SDXL-refiner"}
+
+
+def cross_attention_family(widths: Iterable[int]) -> str | None:
+    """The SD family of a UNet from the input widths of its `attn2.to_k` layers (the widest one is the
+    text encoder's hidden size); None when there are none, or for a width of no known family."""
+    widths = set(widths)
+    return CROSS_ATTENTION_FAMILIES.get(max(widths)) if widths else None
 
 
 def _from_prefixes(value: str, table) -> str | None:
@@ -40,7 +48,6 @@ def adapter_family(names: list[str], input_widths: Mapping[str, int], metadata: 
         return "Flux", "names"
     if any(_SDXL_NAMES.search(n) for n in names):
         return "SDXL", "names"
-    widths = {w for n, w in input_widths.items() if re.search(r"attn2[._]to_k$", n)}
-    if widths and (family := CROSS_WIDTHS.get(max(widths))):
+    if family := cross_attention_family(w for n, w in input_widths.items() if re.search(r"attn2[._]to_k$", n)):
         return family, "names"
     return None, None
