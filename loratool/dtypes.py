@@ -50,11 +50,6 @@ def code_of(tensor) -> str:
     return __getattr__("TORCH_TO_SAFETENSORS")[tensor.dtype]
 
 
-def dtype_name(code: str) -> str:
-    """`BF16` -> `bfloat16`, without torch."""
-    return _CODES[code][0]
-
-
 def _tables() -> dict[str, object]:
     import torch
 

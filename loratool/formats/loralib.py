@@ -24,10 +24,6 @@ def looks_like_loralib(keys: list[str]) -> bool:
     return any(k.endswith(A_SUFFIX) and f"{k[: -len(A_SUFFIX)]}.weight" in key_set for k in keys)
 
 
-def lora_keys(checkpoint: Checkpoint) -> set[str]:
-    return {k for k in checkpoint if k.endswith((A_SUFFIX, B_SUFFIX))}
-
-
 def _alpha(path: Path, checkpoint: Checkpoint, alpha: float | None) -> float:
     if alpha is not None:
         return float(alpha)

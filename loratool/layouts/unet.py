@@ -35,7 +35,6 @@ RESNET_LEAVES = {
     "out_layers.3": "conv2",
     "skip_connection": "conv_shortcut",
 }
-_RESNET_PARENTS = ("mid_block.resnets.", ".resnets.")
 
 _LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)(?:\.(.*))?$")
 _DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)"
