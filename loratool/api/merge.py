@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, read_paths
 from ..checkpoint.pipeline import BackgroundWriter, BufferPool, ReadAhead
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
@@ -190,10 +190,19 @@ def _update_config(path: Path, dtype: torch.dtype) -> None:
 
 def default_output(base: Path, adapters: Sequence[Path], folder: Path | None = None) -> Path:
     """`<base>+<adapter>[+…]` in `folder` (the current directory), with the base's suffix, and a
-    numbered suffix where that name is taken: merging never overwrites anything by default."""
+    numbered suffix where that name is taken: merging never overwrites anything by default.
+
+    Each name is the real name of the path: a file's stem, a folder's own name even when it was given as
+    `.`, `..` or `dir/` (so a PEFT adapter read from `./adapter_model.safetensors`, whose path is its
+    folder, is named after that folder). Symlinks keep the name the user gave them."""
     folder = folder or Path.cwd()
-    stem = lambda p: p.name[: -len(p.suffix)] if p.is_file() and p.suffix else p.name  # noqa: E731
-    names = [stem(base)] + [stem(a) for a in adapters]
+
+    def stem(path: Path, fallback: str) -> str:
+        path = Path(os.path.abspath(path))
+        name = path.name[: -len(path.suffix)] if path.is_file() and path.suffix else path.name
+        return name or fallback
+
+    names = [stem(base, "base")] + [stem(a, "adapter") for a in adapters]
     suffix = base.suffix if base.is_file() else ""
     name = "+".join(names)
     if len(name) > 120:
@@ -241,7 +250,8 @@ def merge(
                   for a in adapters]
         weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
         output = Path(output) if output is not None else default_output(base, [a.path for a in loaded])
-        check_output_path(output, [base] + [a.path for a in loaded], force)
+        check_output_path(output, [base, *(p for g, a in zip(adapters, loaded) for p in read_paths(g, a.path))],
+                          force)
         single_file = None in checkpoints and not checkpoints[None].is_folder
         if single_file and output.suffix != ".safetensors":
             raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")

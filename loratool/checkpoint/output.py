@@ -24,8 +24,34 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def read_paths(given: object, read_as: Path) -> list[Path]:
+    """The paths a command really reads for one input, for `check_output_path`.
+
+    `given` is what the user named; `read_as` is what the reader took as the input (an `Adapter`'s
+    `path`). A folder the user named is read as a whole, so it is the input. A file the user named is
+    that file, and when the reader took the file's folder as the unit (PEFT's `adapter_model.safetensors`,
+    read with the `adapter_config.json` beside it), also the folder's JSON side files, never the whole
+    folder: a new file beside a one-file adapter harms nothing it reads. Anything else (an `Adapter`
+    object passed from Python, a file read as some other folder) is `read_as`, judged as a whole.
+    """
+    read_as = Path(read_as)
+    if not isinstance(given, (str, os.PathLike)):
+        return [read_as]
+    given = Path(given)
+    if not given.is_file() or read_as.resolve() == given.resolve():
+        return [given]
+    if read_as.resolve() == given.absolute().parent.resolve():
+        return [given, *sorted(p for p in read_as.glob("*.json") if p.is_file())]
+    return [given, read_as]
+
+
 def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Refuse an OUT that is an input, lies inside one, or contains one; and an existing OUT without --force."""
+    """Refuse an OUT that is an input, lies inside one, or contains one; and an existing OUT without --force.
+
+    Each input is judged as what it is: a folder input keeps OUT out of the whole folder, a file input
+    only refuses OUT being that file (or a folder holding it). Pass the paths that are actually read
+    (`read_paths`), not a folder that merely holds a one-file input.
+    """
     target = out.resolve()
     for given in inputs:
         source = Path(given).resolve()
