@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,30 +24,10 @@ from ..lora.module import Adapter, LayerKind, LoraModule
 from ..lora.svd import RankRule
 from ..lora.to_lora import to_lora
 from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
+from .report import ConvertResult
 
 #: Every `--to`: the adapter formats, and llama.cpp's GGUF, which needs the base to write.
 CONVERT_TARGETS = (*WRITABLE, "gguf")
-
-
-@dataclass
-class ConvertResult:
-    output: Path
-    source_format: str
-    target_format: str
-    modules: int
-    files: list[str]
-    notes: list[str] = field(default_factory=list)
-    #: With --rank/--energy: module -> relative Frobenius error of its LoRA approximation; else None.
-    errors: dict[str, float] | None = None
-
-    @property
-    def max_error(self) -> float | None:
-        return max(self.errors.values(), default=0.0) if self.errors is not None else None
-
-    def to_json(self) -> dict:
-        return {"output": str(self.output), "from": self.source_format, "to": self.target_format,
-                "modules": self.modules, "files": self.files, "notes": self.notes, "errors": self.errors,
-                "max_error": self.max_error}
 
 
 def candidate_modules(layout: BaseLayout | None, component: str | None) -> set[str] | None:

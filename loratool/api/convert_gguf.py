@@ -13,7 +13,7 @@ from ..errors import UsageError, summarize
 from ..formats import base_layout, load_adapter, require_resolved, select_component
 from ..formats.gguf import GGUF_DTYPES, GGUF_SUFFIX, plan_gguf, read_gguf_base, write_gguf_adapter
 from ..lora.llamacpp import scale_ratio, shared_alpha
-from .convert import ConvertResult
+from .report import ConvertResult
 
 
 @dataclass

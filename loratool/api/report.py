@@ -1,4 +1,5 @@
-"""Result objects shared by the commands that write low-rank adapters (svd-extract, resize, combine)."""
+"""Result objects shared by several commands: `LowRankResult` by those that write low-rank adapters
+(svd-extract, resize, combine), `ConvertResult` by convert and its GGUF export."""
 
 from __future__ import annotations
 
@@ -79,3 +80,24 @@ class LowRankResult:
             "seconds": round(self.seconds, 3),
             "notes": self.notes,
         }
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    source_format: str
+    target_format: str
+    modules: int
+    files: list[str]
+    notes: list[str] = field(default_factory=list)
+    #: With --rank/--energy: module -> relative Frobenius error of its LoRA approximation; else None.
+    errors: dict[str, float] | None = None
+
+    @property
+    def max_error(self) -> float | None:
+        return max(self.errors.values(), default=0.0) if self.errors is not None else None
+
+    def to_json(self) -> dict:
+        return {"output": str(self.output), "from": self.source_format, "to": self.target_format,
+                "modules": self.modules, "files": self.files, "notes": self.notes, "errors": self.errors,
+                "max_error": self.max_error}
