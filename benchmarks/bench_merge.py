@@ -254,8 +254,7 @@ PROFILE_SCRIPT = r"""
 import json, os, sys, threading, time
 from collections import defaultdict
 import torch
-import loratool.api.merge
-m = sys.modules["loratool.api.merge"]  # the package attribute `loratool.api.merge` is the function
+import loratool.api.merge as m
 import loratool.checkpoint.reader as reader
 import loratool.checkpoint.writer as writer
 import loratool.checkpoint.output as output

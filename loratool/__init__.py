@@ -1,26 +1,37 @@
 """loratool: inspect, merge, convert, extract, resize and combine LoRA adapters and model checkpoints.
 
-`import loratool` is instant: it imports no torch. Each API function is imported, with what it needs,
-on first use (`loratool.merge`, `from loratool import inspect`).
+`import loratool` is instant: it imports no torch. The public API is this package's names
+(`loratool.merge`, `from loratool import inspect, MergeResult`); each is imported, with what it needs,
+on first use from the `loratool.api` module that defines it. `loratool.api.<command>` is always that
+module (`loratool.api.merge` defines `merge` and `MergeResult`).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-#: The public API is `loratool.api`'s (a lazy package itself); these names are looked up there.
-_API = ("CombineResult", "ConvertResult", "ExtractResult", "LowRankResult", "MergeResult", "combine", "convert",
-        "extract", "inspect", "merge", "resize", "svd_extract")
+#: Public name -> the `loratool.api` module that defines it.
+_API = {
+    "CombineResult": "combine", "combine": "combine",
+    "ConvertResult": "report", "convert": "convert",
+    "ExtractResult": "extract", "extract": "extract",
+    "LowRankResult": "report",
+    "MergeResult": "merge", "merge": "merge",
+    "inspect": "inspect",
+    "resize": "resize",
+    "svd_extract": "svd_extract",
+}
 
 __all__ = sorted([*_API, "__version__"])
 
 
 def __getattr__(name: str):
-    if name not in _API:
+    module = _API.get(name)
+    if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import api
+    from importlib import import_module
 
-    value = getattr(api, name)
+    value = getattr(import_module(f"{__name__}.api.{module}"), name)
     globals()[name] = value
     return value
 

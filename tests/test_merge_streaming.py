@@ -4,8 +4,6 @@ last-place rounding that BLAS kernels of other shapes may give, and no changed t
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from peft import LoraConfig
@@ -14,9 +12,9 @@ from safetensors.torch import load_file
 from helpers import LLAMA_LINEARS, make_adapter, peft_merged_state, tiny_gpt2, tiny_llama
 
 def _merge_module():
-    import loratool.api.merge  # noqa: F401 - the package attribute of that name is the function
+    import loratool.api.merge
 
-    return sys.modules["loratool.api.merge"]
+    return loratool.api.merge
 
 
 @pytest.fixture(scope="module")
