@@ -17,7 +17,8 @@ import click
 from .. import __version__, env, interrupts
 from ..errors import LoratoolError
 
-_state = {"debug": False}
+#: debug: print tracebacks; json: the command was given --json, so errors also go to stdout as JSON.
+_state = {"debug": False, "json": False}
 
 #: Command name -> (module in loratool.cli, attribute). The one list of commands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,8 +72,15 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj = Output(quiet=quiet)
 
 
-def _fail(message: str, code: int) -> int:
-    click.echo(f"Error: {message}", err=True)
+def _fail(message: str, code: int, hint: str | None = None, line: bool = True) -> int:
+    """One `Error: …` line on stderr (unless `line` is False: --debug printed the traceback instead), and
+    with --json also `{"error": …, "hint": …, "exit_code": …}` on stdout, for scripts."""
+    if line:
+        click.echo(f"Error: {message.rstrip('.') + f'. {hint[0].upper()}{hint[1:]}' if hint else message}", err=True)
+    if _state["json"]:
+        from .output import error_json
+
+        error_json(message, hint, code)
     return code
 
 
@@ -117,6 +125,10 @@ def _exit_code(e: BaseException) -> int:
         return e.exit_code
     if isinstance(e, click.ClickException):
         e.show()
+        if _state["json"]:
+            from .output import error_json
+
+            error_json(e.format_message(), getattr(e, "hint", None), e.exit_code)
         return e.exit_code
     if isinstance(e, (KeyboardInterrupt, click.exceptions.Abort)):
         return _interrupted()
@@ -128,12 +140,12 @@ def _exit_code(e: BaseException) -> int:
     if _state["debug"]:
         traceback.print_exception(e)
     if isinstance(e, LoratoolError):
-        return _fail(str(e), e.exit_code)
+        return _fail(str(e), e.exit_code, getattr(e, "hint", None))
     if isinstance(e, OSError):
         return _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 2)
     if _state["debug"]:
-        return 1
-    return _fail(f"unexpected {type(e).__name__}: {e}. Rerun with --debug for the traceback", 1)
+        return _fail(f"unexpected {type(e).__name__}: {e}", 1, line=False)
+    return _fail(f"unexpected {type(e).__name__}: {e}", 1, "rerun with --debug for the traceback")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     or SIGTERM). The signal handlers are put back as they were on return, for in-process callers."""
     previous = interrupts.install()
     _state["debug"] = env.debug_enabled()
+    _state["json"] = False
     try:
         with interrupts.armed():
             return _run(argv)

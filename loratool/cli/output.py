@@ -14,6 +14,16 @@ from functools import cached_property
 from .. import env
 
 
+def error_json(message: str, hint: str | None, exit_code: int) -> None:
+    """A failed `--json` run's result on stdout: `{"error", "hint", "exit_code"}` (the `Error:` line still
+    goes to stderr). `hint` is null when the message itself says what to do."""
+    try:
+        sys.stdout.write(json.dumps({"error": message, "hint": hint, "exit_code": exit_code}, indent=2) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        pass
+
+
 class Output:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet

@@ -102,8 +102,19 @@ def device_option(f):
                         help="Where the arithmetic runs; auto picks CUDA when torch sees one.")(f)
 
 
+def _json_errors(ctx, param, value):
+    """--json is eager, so even a bad value in a later option is reported as JSON on stdout."""
+    if value:
+        from . import _state
+
+        _state["json"] = True
+    return value
+
+
 def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON to stdout.")(f)
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_json_errors,
+                        help="Print machine-readable JSON to stdout; a failure prints {error, hint, exit_code} "
+                             "there too.")(f)
 
 
 def adapter_format_options(f):
