@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -13,6 +14,58 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen2ForCausalLM)
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+# -- checks shared by the test files ------------------------------------------------------------------
+
+
+def ok(result):
+    """A CLI result that succeeded (exit 0), returned for chaining."""
+    assert result.code == 0, result
+    return result
+
+
+def assert_refused(result, out=None, *needles) -> str:
+    """A refusal: exit 2, one `Error:` line on stderr naming each needle, no traceback, and, given OUT,
+    nothing written: neither OUT nor a temp sibling. Returns the line."""
+    from loratool.checkpoint.output import TEMP_MARK
+
+    assert result.code == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result
+    assert "Traceback" not in result.stderr, result
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if out is not None:
+        assert not out.exists(), out
+        assert not [p for p in out.parent.iterdir() if TEMP_MARK in p.name], "a temp output was left behind"
+    return lines[0]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of `a` against `b`, in float64 (0 when both are zero)."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / max(torch.linalg.vector_norm(b), 1e-30))
+
+
+def optimal_error(matrix: torch.Tensor, rank: int) -> float:
+    """The Frobenius error of the best rank-`rank` approximation (Eckart-Young)."""
+    s = torch.linalg.svdvals(matrix.double())
+    return float(s[rank:].square().sum().sqrt())
+
+
+def fixture_base() -> LlamaForCausalLM:
+    """The base the committed fixture adapters were trained on."""
+    return LlamaForCausalLM.from_pretrained(FIXTURES / "tiny-llama")
+
+
+def assert_unbroken(text: str, words, width: int = 80) -> None:
+    """Rich output that fits `width` columns and shows each of `words` whole, on one line."""
+    lines = text.splitlines()
+    assert all(len(line.rstrip()) <= width for line in lines), "\n".join(lines)
+    for word in words:
+        assert any(word in line for line in lines), (word, text)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

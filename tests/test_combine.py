@@ -9,17 +9,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import merge_utils
-from transformers import LlamaForCausalLM
 
-from helpers import LLAMA_LINEARS, make_adapter
+from helpers import LLAMA_LINEARS, fixture_base, make_adapter, optimal_error, rel
 from loratool.lora.combine import module_seed
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PREFIX = "base_model.model."
-
-
-def fixture_base() -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(FIXTURES / "tiny-llama")
 
 
 def peft_deltas(adapter) -> dict[str, torch.Tensor]:
@@ -31,15 +26,6 @@ def peft_deltas(adapter) -> dict[str, torch.Tensor]:
             delta = module.get_delta_weight("default").double()
             deltas[name.removeprefix(PREFIX)] = delta.T if "embed" in name else delta
     return deltas
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def optimal_error(matrix: torch.Tensor, rank: int) -> float:
-    s = torch.linalg.svdvals(matrix.double())
-    return float(s[rank:].square().sum().sqrt())
 
 
 @pytest.fixture(scope="module")

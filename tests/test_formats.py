@@ -12,32 +12,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
 
-from helpers import (LLAMA_LINEARS, load_folder, lora_deltas, randomize_adapter, save_loralib_checkpoints, tiny_llama,
-                     tiny_unet)
+from helpers import (LLAMA_LINEARS, fixture_base, load_folder, lora_deltas, ok, randomize_adapter, rel,
+                     save_loralib_checkpoints, tiny_llama, tiny_unet)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
-
-
-def fixture_base() -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(FIXTURES / "tiny-llama")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
 
 
 def assert_same_deltas(ours: dict, oracle: dict, tolerance: float = 1e-6) -> None:
     assert set(ours) == set(oracle) and oracle
     for name in oracle:
         assert rel(ours[name], oracle[name]) < tolerance, name
-
-
-def ok(result):
-    assert result.code == 0, result
-    return result
 
 
 # --- PEFT <-> kohya <-> diffusers on a Llama -------------------------------------------------------------

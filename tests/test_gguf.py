@@ -23,9 +23,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from helpers import (LLAMA_LINEARS, make_adapter, peft_merged_state, randomize_adapter, tiny_gpt2, tiny_llama,
-                     tiny_qwen2)
-from loratool.checkpoint.output import TEMP_MARK
+from helpers import (LLAMA_LINEARS, assert_refused, make_adapter, ok, peft_merged_state, randomize_adapter, rel,
+                     tiny_gpt2, tiny_llama, tiny_qwen2)
 
 #: GGUF target -> HF module suffix: our own reading of llama.cpp's names, not loratool's.
 HF_NAMES = {
@@ -35,15 +34,6 @@ HF_NAMES = {
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output": "lm_head"}
 TOLERANCE = {"F32": 1e-5, "F16": 2e-3, "BF16": 1.5e-2, "Q8_0": 1.5e-2}
-
-
-def ok(result):
-    assert result.code == 0, result
-    return result
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def field_value(reader: GGUFReader, key: str):
@@ -109,10 +99,6 @@ def assert_matches_peft(gguf_path: Path, base_dir: Path, adapter_dir: Path, head
     worst = max(rel(ours[k], oracle[k]) for k in oracle)
     assert worst < tolerance, worst
     return worst
-
-
-def no_output(path: Path) -> bool:
-    return not path.exists() and not [p for p in path.parent.iterdir() if TEMP_MARK in p.name]
 
 
 # --- models and adapters, built once --------------------------------------------------------------------
@@ -350,15 +336,6 @@ def test_inspect_reads_gguf_models_too(run_cli, tmp_path):
 
 
 # --- refusals ---------------------------------------------------------------------------------------------
-
-
-def assert_refused(result, out: Path, *needles):
-    assert result.code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert no_output(out)
 
 
 @pytest.mark.parametrize("name, config, needles", [

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from helpers import load_folder
+from helpers import load_folder, ok
 from hub_server import FakeHub
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -33,11 +33,6 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True, raising=False)
     yield server
     server.close()
-
-
-def ok(result):
-    assert result.code == 0, result
-    return result
 
 
 def test_push_then_pull_is_byte_identical(run_cli, hub, tmp_path):

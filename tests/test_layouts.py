@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import load_folder
+from helpers import load_folder, ok, rel
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 LDM = "model.diffusion_model."
@@ -29,15 +29,6 @@ UNET_CONFIGS = {
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                  use_linear_projection=True, transformer_layers_per_block=(1, 1, 2)),
 }
-
-
-def ok(result):
-    assert result.code == 0, result
-    return result
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a.double() - b.double()) / max(torch.linalg.vector_norm(b.double()), 1e-30))
 
 
 def flat(module: str) -> str:

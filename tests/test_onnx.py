@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from helpers import LLAMA_LINEARS, make_adapter, tiny_gpt2, tiny_llama, tiny_qwen2
+from helpers import LLAMA_LINEARS, make_adapter, ok, tiny_gpt2, tiny_llama, tiny_qwen2
 from loratool.export.runtime import greedy_generate, run_options_with
 
 CASES = {
@@ -26,11 +26,6 @@ CASES = {
                                    init_lora_weights=False)),
 }
 SHAPES = ((1, 6), (2, 13))
-
-
-def ok(result):
-    assert result.code == 0, result
-    return result
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from helpers import LLAMA_LINEARS, make_adapter, tiny_gpt2, tiny_llama
+from helpers import LLAMA_LINEARS, assert_refused, make_adapter, tiny_gpt2, tiny_llama
 from loratool import merge
 from loratool.checkpoint.output import TEMP_MARK
 from loratool.errors import LoratoolError
@@ -27,18 +27,6 @@ def digest(path) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def assert_refused(result, out, *needles, inputs=()):
-    assert result.code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if TEMP_MARK in p.name]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from helpers import LLAMA_LINEARS, TinyConvNet, lora_deltas, make_adapter, tiny_llama
+from helpers import LLAMA_LINEARS, TinyConvNet, fixture_base, lora_deltas, make_adapter, rel, tiny_llama
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PREFIX = "base_model.model."
@@ -28,19 +28,10 @@ def truncated(delta: torch.Tensor, rank: int) -> torch.Tensor:
     return ((U[:, :rank] * S[:rank]) @ Vh[:rank]).reshape(delta.shape)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
 def resize_cli(run_cli, adapter, out, *args):
     result = run_cli("resize", adapter, "-o", out, *args)
     assert result.code == 0, result
     return result
-
-
-def fixture_base() -> LlamaForCausalLM:
-    """The base the committed fixture adapters were trained on."""
-    return LlamaForCausalLM.from_pretrained(FIXTURES / "tiny-llama")
 
 
 @pytest.mark.parametrize("fixture", ["lora-llama", "lora-llama-qv"])

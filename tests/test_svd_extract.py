@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
-from helpers import TinyConvNet, load_folder, tiny_gpt2, tiny_llama, tiny_qwen2
+from helpers import TinyConvNet, load_folder, optimal_error, rel, tiny_gpt2, tiny_llama, tiny_qwen2
 from loratool.lora.svd import truncated_svd
 
 PREFIX = "base_model.model."
@@ -61,15 +61,6 @@ def adapter_products(folder) -> dict[str, torch.Tensor]:
                 assert config["rank_pattern"].get(module, config["r"]) == rank
                 products[module] = (B.reshape(B.shape[0], rank) @ A.reshape(rank, -1)) * alpha / rank
     return products
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
-
-
-def optimal_error(matrix: torch.Tensor, rank: int) -> float:
-    s = torch.linalg.svdvals(matrix.double())
-    return float(s[rank:].square().sum().sqrt())
 
 
 @pytest.fixture(scope="session")
