@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lycoris.kohya import LycorisNetworkKohya
 
-from helpers import tiny_clip_text, tiny_unet
+from helpers import assert_refused, assert_unbroken, tiny_clip_text, tiny_unet
 from loratool.formats import load_adapter
 from loratool.lora.algorithms import split_key
 from lycoris_oracle import PRESET, applied_preset, quiet_lycoris, randomize
@@ -76,18 +76,6 @@ def sd(tmp_path_factory):
     return folder / "unet", files, outputs
 
 
-def refused(result, output, *patterns: str) -> str:
-    """A refusal: exit 2, one `Error:` line naming each pattern, and nothing written."""
-    assert result.code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for pattern in patterns:
-        assert pattern in lines[0], lines[0]
-    assert not output.exists()
-    assert not list(output.parent.glob(f".{output.name}*")), "a temp output was left behind"
-    return lines[0]
-
-
 def modules_in(path) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(path)).items():
@@ -97,6 +85,15 @@ def modules_in(path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 # -- inspect ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_tables_fit_80_columns_without_breaking_a_word(run_cli, sd, monkeypatch):
+    _, files, _ = sd
+    monkeypatch.setenv("COLUMNS", "80")
+    for path in files.values():
+        report = json.loads(run_cli("inspect", path, "--json").stdout)
+        words = {word for g in report["groups"] for word in (g["target"], g["kind"], *g["algorithm"].split())}
+        assert_unbroken(run_cli("inspect", path).stdout, ["target", "algorithm", "modules", *sorted(words)])
 
 
 @pytest.mark.parametrize("network", ["loha-tucker", "lokr-factor-4", "locon-tucker"])
@@ -110,9 +107,9 @@ def test_inspect_names_algorithm_rank_factor_tucker_and_parameters(run_cli, sd, 
                      else "locon" if roles["lora_down.weight"].dim() == 4 else "lora")
         expected[algorithm] = expected.get(algorithm, 0) + 1
     assert report["algorithms"] == expected and report["modules"] == len(groups)
-    # kohya's flattened names group by what follows the last block index
-    assert {"attn2_to_k", "conv1", "conv_in"} <= set(report["targets"])
-    assert all(any(name.endswith("_" + target) for target in report["targets"]) for name in groups)
+    # kohya's flattened names group by the base's leaf they end with, in the base's (dotted) terms
+    assert {"attn2.to_k", "conv1", "conv_in"} <= set(report["targets"])
+    assert all(any(name.endswith("_" + target.replace(".", "_")) for target in report["targets"]) for name in groups)
     assert not any(t.startswith("lora_") for t in report["targets"])
     assert sum(g["modules"] for g in report["groups"]) == len(groups)
     assert sum(g["parameters"] for g in report["groups"]) == sum(
@@ -167,14 +164,14 @@ def test_peft_folder_holds_one_algorithm(run_cli, sd, tmp_path):
     out = tmp_path / "out"
     mixed = load_adapter(files["loha-lokr-mix"])
     assert {m.algorithm for m in mixed.modules.values()} == {"loha", "lokr"}  # LyCORIS' module_algo_map
-    refused(run_cli("convert", files["loha-lokr-mix"], "--to", "peft", "--base", base, "-o", out),
-            out, "a PEFT adapter has one peft_type", "loha on", "lokr on", "--rank R")
-    refused(run_cli("convert", files["locon-tucker"], "--to", "peft", "--base", base, "-o", out),
-            out, "one peft_type", "locon (Tucker) on", "lora on", "--rank")
-    refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--base", base, "-o", out),
-            out, "PEFT's LoHa/LoKr have no DoRA")
-    refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--rank", 4, "--base", base, "-o", out),
-            out, "cannot convert to LoRA", "DoRA loha module's magnitude rescales W + ΔW")
+    assert_refused(run_cli("convert", files["loha-lokr-mix"], "--to", "peft", "--base", base, "-o", out),
+                   out, "a PEFT adapter has one peft_type", "loha on", "lokr on", "--rank R")
+    assert_refused(run_cli("convert", files["locon-tucker"], "--to", "peft", "--base", base, "-o", out),
+                   out, "one peft_type", "locon (Tucker) on", "lora on", "--rank")
+    assert_refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--base", base, "-o", out),
+                   out, "PEFT's LoHa/LoKr have no DoRA")
+    assert_refused(run_cli("convert", files["loha-dora"], "--to", "peft", "--rank", 4, "--base", base, "-o", out),
+                   out, "cannot convert to LoRA", "DoRA loha module's magnitude rescales W + ΔW")
     converted = run_cli("convert", files["loha-lokr-mix"], "--to", "peft", "--rank", 4, "--base", base,
                         "-o", tmp_path / "as-lora", "--json")
     assert converted.code == 0, converted
@@ -183,10 +180,11 @@ def test_peft_folder_holds_one_algorithm(run_cli, sd, tmp_path):
     assert written.source_format == "peft" and len(written.modules) == len(mixed.modules)
     assert {m.algorithm for m in written.modules.values()} <= {"lora", "locon"}
     # LyCORIS splits 4 channels as 1×4 with factor 4, PEFT as 4×1 under every decompose_factor
-    refused(run_cli("convert", files["lokr-factor-4"], "--to", "peft", "--base", base, "-o", out), out,
-            "no PEFT decompose_factor reproduces its Kronecker split")
-    refused(run_cli("convert", files["loha"], "--to", "diffusers", "--base", base, "-o", tmp_path / "x.safetensors"),
-            tmp_path / "x.safetensors", "a diffusers LoRA file holds plain LoRA only", "loha on", "--rank")
+    assert_refused(run_cli("convert", files["lokr-factor-4"], "--to", "peft", "--base", base, "-o", out), out,
+                   "no PEFT decompose_factor reproduces its Kronecker split")
+    assert_refused(run_cli("convert", files["loha"], "--to", "diffusers", "--base", base, "-o",
+                           tmp_path / "x.safetensors"),
+                   tmp_path / "x.safetensors", "a diffusers LoRA file holds plain LoRA only", "loha on", "--rank")
 
 
 # -- convert --rank: any module as a plain LoRA ------------------------------------------------------------
@@ -270,10 +268,10 @@ def test_rank_conversion_error_is_the_optimal_truncation_error(run_cli, tmp_path
 def test_rank_conversion_needs_the_base_for_flattened_convs(run_cli, tmp_path):
     folder, _ = peft_folder(tmp_path, LoHaConfig(r=3, alpha=6, target_modules=["conv", "fc"]))
     out = tmp_path / "r"
-    refused(run_cli("convert", folder, "--to", "peft", "--rank", 2, "-o", out), out,
-            "2 loha module(s) (conv; fc) store conv kernels flattened", "pass --base")
-    refused(run_cli("convert", folder, "--to", "peft", "--max-rank", 2, "-o", out), out, "--max-rank caps")
-    refused(run_cli("resize", folder, "--rank", 2, "-o", out), out, "cannot resize to LoRA", "pass --base")
+    assert_refused(run_cli("convert", folder, "--to", "peft", "--rank", 2, "-o", out), out,
+                   "2 loha module(s) (conv; fc) store conv kernels flattened", "pass --base")
+    assert_refused(run_cli("convert", folder, "--to", "peft", "--max-rank", 2, "-o", out), out, "--max-rank caps")
+    assert_refused(run_cli("resize", folder, "--rank", 2, "-o", out), out, "cannot resize to LoRA", "pass --base")
 
 
 def test_rank_conversion_of_lycoris_files_norms_and_loras(run_cli, sd, tmp_path):
@@ -292,8 +290,8 @@ def test_rank_conversion_of_lycoris_files_norms_and_loras(run_cli, sd, tmp_path)
     expected = outputs["loha-tucker"]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     norm_out = tmp_path / "norm-peft"
-    refused(run_cli("convert", files["lora-train-norm"], "--to", "peft", "--rank", 4, "--base", base, "-o", norm_out),
-            norm_out, "norm layer's 1-D full update has no LoRA form", "--to kohya")
+    assert_refused(run_cli("convert", files["lora-train-norm"], "--to", "peft", "--rank", 4, "--base", base, "-o",
+                           norm_out), norm_out, "norm layer's 1-D full update has no LoRA form", "--to kohya")
     kept = run_cli("convert", files["lora-train-norm"], "--to", "kohya", "--rank", 4, "-o", tmp_path / "k.safetensors",
                    "--base", base, "--json")
     assert kept.code == 0, kept
@@ -327,8 +325,9 @@ def test_peft_lokr_to_kohya_keeps_or_refuses_the_scale(run_cli, tmp_path):
     # r large enough that PEFT keeps both Kronecker halves full: its scale alpha/r, a LyCORIS file's 1
     full, _ = peft_folder(tmp_path, LoKrConfig(r=16, alpha=4, target_modules=["fc"]), seed=4)
     assert {split_key(k)[1] for k in load_file(str(full / "adapter_model.safetensors"))} == {"lokr_w1", "lokr_w2"}
-    refused(run_cli("convert", full, "--to", "kohya", "-o", tmp_path / "x.safetensors"), tmp_path / "x.safetensors",
-            "fc: a lokr module with scale 0.25 reads back from a LyCORIS file with scale 1")
+    assert_refused(run_cli("convert", full, "--to", "kohya", "-o", tmp_path / "x.safetensors"),
+                   tmp_path / "x.safetensors",
+                   "fc: a lokr module with scale 0.25 reads back from a LyCORIS file with scale 1")
 
 
 # -- resize and combine --------------------------------------------------------------------------------------
@@ -370,9 +369,10 @@ def test_combine_takes_lycoris_modules_on_their_delta(run_cli, tmp_path, net_bas
     assert ties.code == 0, ties
     assert json.loads((tmp_path / "ties" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     for method in ("cat", "linear"):
-        refused(run_cli("combine", loha, lokr, "--method", method, "--base", net_base, "-o", tmp_path / method),
-                tmp_path / method, f"{method} without --rank stacks LoRA factors", "loha", "--method svd --rank R")
-    refused(run_cli("combine", loha, lokr, "--method", "svd", "--base", net_base, "-o", tmp_path / "n"), tmp_path / "n",
-            "give the output --rank R")
-    refused(run_cli("combine", loha, lokr, "--method", "svd", "--rank", 2, "-o", tmp_path / "n"), tmp_path / "n",
-            "pass --base")
+        assert_refused(run_cli("combine", loha, lokr, "--method", method, "--base", net_base, "-o", tmp_path / method),
+                       tmp_path / method, f"{method} without --rank stacks LoRA factors", "loha",
+                       "--method svd --rank R")
+    assert_refused(run_cli("combine", loha, lokr, "--method", "svd", "--base", net_base, "-o", tmp_path / "n"),
+                   tmp_path / "n", "give the output --rank R")
+    assert_refused(run_cli("combine", loha, lokr, "--method", "svd", "--rank", 2, "-o", tmp_path / "n"), tmp_path / "n",
+                   "pass --base")

@@ -17,6 +17,8 @@ from ..dtypes import code_of
 from ..formats.gguf import GGUF_SUFFIX
 from ..layouts import KOHYA_PREFIXES, layout_of, open_base
 from ..layouts.families import adapter_family
+from ..layouts import clip, flux, unet
+from ..layouts.index import flatten
 from ..lora.module import Adapter, LayerKind
 
 if TYPE_CHECKING:
@@ -87,12 +89,52 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
 
 _FLAT_BLOCK_INDEX = re.compile(r"_\d+_")
 
+#: Transformer-block leaves of a diffusion UNet (the same in LDM and diffusers names), which no layout
+#: table lists because they are never renamed. attn1 is self-attention, attn2 cross-attention.
+_ATTENTION_LEAVES = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")) + (
+    "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "downsamplers.0.conv", "upsamplers.0.conv", "conv", "op")
 
-def _leaf(name: str) -> str:
-    """The module's own name: the last dotted part, or for kohya's flattened names (no dots) what
-    follows the last block index (`…_transformer_blocks_0_attn2_to_k` -> `attn2_to_k`)."""
+
+def _diffusion_leaves() -> tuple[str, ...]:
+    """Module leaves in the bases' own terms, for naming diffusion adapters' modules: the UNet's
+    attention and resnet leaves (both namings), its top-level modules, CLIP's encoder-layer leaves
+    (both namings) and Flux's block leaves (BFL and diffusers), read off the layout tables."""
+    leaves = {*_ATTENTION_LEAVES, *unet.RESNET_LEAVES, *unet.RESNET_LEAVES.values(), *clip.IN_PROJ,
+              *clip.RESBLOCK_LEAVES, *clip.RESBLOCK_LEAVES.values(), *flux.TOP_LEVEL, *flux.TOP_LEVEL.values()}
+    leaves |= {k for k, v in unet.FIXED.items() if not v.startswith("mid_block.")}
+    leaves |= {v for v in unet.FIXED.values() if not v.startswith("mid_block.")}
+    for table in (flux.DOUBLE_BLOCK, flux.SINGLE_BLOCK):
+        leaves |= set(table) | {leaf for parts in table.values() for leaf in parts}
+    return tuple(sorted(leaves, key=lambda leaf: (-len(leaf), leaf)))  # longest first: attn2.to_k before to_k
+
+
+_DIFFUSION_LEAVES = _diffusion_leaves()
+
+
+def _base_leaf(name: str) -> str | None:
+    """The longest known base leaf that `name` (dotted, or kohya-flattened) ends with, in dotted form:
+    `…_transformer_blocks_0_attn2_to_k` -> `attn2.to_k`, `…input_blocks_1_1_proj_in` -> `proj_in`."""
+    flat = flatten(name)
+    for leaf in _DIFFUSION_LEAVES:
+        spelled = flatten(leaf)
+        if flat == spelled or flat.endswith("_" + spelled):
+            return leaf
+    return None
+
+
+def _leaf(name: str, diffusion: bool = False) -> str:
+    """The module's name as a target, in the base's terms where loratool can tell them: for a diffusion
+    adapter (and every kohya name) the longest known base leaf it ends with (`attn2.to_k`, `proj_in`,
+    `ff.net.0.proj`, `self_attn.q_proj`, `img_attn.qkv`); otherwise the last dotted part (`q_proj`),
+    with its parent when that part is a number (`to_out.0`), or for a kohya name no table knows, what
+    follows the last block index."""
+    if diffusion or "." not in name:
+        known = _base_leaf(name)
+        if known is not None:
+            return known
     if "." in name:
-        return name.rsplit(".", 1)[-1]
+        parent, last = name.rsplit(".", 1)
+        return f"{parent.rsplit('.', 1)[-1]}.{last}" if last.isdigit() else last
     tail = _FLAT_BLOCK_INDEX.split(name)[-1]
     if tail != name:
         return tail
@@ -102,12 +144,12 @@ def _leaf(name: str) -> str:
     return name
 
 
-def _groups(adapter: Adapter) -> list[dict]:
+def _groups(adapter: Adapter, diffusion: bool) -> list[dict]:
     """One group per (target leaf, kind, rank, alpha, scale, DoRA, algorithm, Tucker, LoKr factor), read
     off each module's `info()`, so every algorithm is described the same way."""
     groups: dict[tuple, dict] = {}
     for name, module in adapter.modules.items():
-        leaf = _leaf(name)
+        leaf = _leaf(name, diffusion)
         info = module.info()
         factor = tuple(info["factor"]) if info["factor"] is not None else None
         key = (leaf, info["kind"], info["rank"], info["alpha"], info["scale"], info["dora"], info["algorithm"],
@@ -132,6 +174,12 @@ def _algorithms(adapter: Adapter) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _uniform(groups: list[dict], key: str):
+    """The value every module shares (full diffs, which have none, aside), or None."""
+    values = {g[key] for g in groups if g[key] is not None}
+    return values.pop() if len(values) == 1 else None
+
+
 def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False) -> dict:
     named = adapter.named_tensors()
     layers = sorted({int(m.group(1)) for name in adapter.modules if (m := _LAYER_INDEX.search(f".{name}."))})
@@ -140,6 +188,10 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         list(adapter.modules), {n: shape[1] for n, m in adapter.modules.items()
                                 if m.kind is not LayerKind.EMBEDDING and len(shape := m.expected_base_shape()) >= 2},
         config.get("kohya_metadata") or config.get("metadata") or {})
+    diffusion = family is not None or adapter.source_format in ("kohya", "diffusers")
+    groups = _groups(adapter, diffusion)
+    alpha_known = not config.get("alpha_unknown", False)
+    alpha = config.get("lora_alpha", config.get("alpha"))  # PEFT LoHa/LoKr configs call it alpha
     report: dict = {
         "schema": SCHEMA_VERSION,
         "kind": "adapter",
@@ -148,18 +200,19 @@ def inspect_adapter(adapter: Adapter, check: bool = False, tensors: bool = False
         "base_model": adapter.base_model,
         "peft_version": config.get("peft_version"),
         "task_type": config.get("task_type"),
-        "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha", config.get("alpha")),  # PEFT LoHa/LoKr configs call it alpha
-        "lora_alpha_known": not config.get("alpha_unknown", False),
+        # The config's defaults; without a config (kohya, diffusers files), the value every module shares.
+        "r": config["r"] if config.get("r") is not None else _uniform(groups, "rank"),
+        "lora_alpha": alpha if alpha is not None or not alpha_known else _uniform(groups, "alpha"),
+        "lora_alpha_known": alpha_known,
         "family": family,
         "family_from": family_from,
         "use_rslora": adapter.use_rslora,
         "use_dora": adapter.use_dora,
         "modules": len(adapter.modules),
         "algorithms": _algorithms(adapter),
-        "targets": sorted({_leaf(name) for name in adapter.modules}),
+        "targets": sorted({_leaf(name, diffusion) for name in adapter.modules}),
         "layers": layers,
-        "groups": _groups(adapter),
+        "groups": groups,
         "rank_pattern": config.get("rank_pattern") or {},
         "alpha_pattern": config.get("alpha_pattern") or {},
         "modules_to_save": sorted(adapter.full_tensors),

@@ -12,8 +12,8 @@ def _summary(report: dict):
     from rich.table import Table
 
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # wraps at spaces; only a path longer than the line is folded
     rows = [("path", report["path"]), ("kind", report["kind"]), ("format", report["format"])]
     if report.get("architecture"):
         rows.append(("architecture", f"{report['architecture']} (llama.cpp)"))
@@ -25,7 +25,7 @@ def _summary(report: dict):
             ("algorithms", ", ".join(f"{name} ({count})" for name, count in report["algorithms"].items())),
             ("targets", ", ".join(report["targets"])),
             ("layers", _ranges(report["layers"]) or "-"),
-            ("r / alpha", f"{report['r']} / {report['lora_alpha'] if report['lora_alpha_known'] else 'unknown (pass --alpha)'}"),
+            ("r / alpha", _r_alpha(report)),
             ("rsLoRA", "yes" if report["use_rslora"] else "no"),
             ("DoRA", "yes" if report["use_dora"] else "no"),
         ]
@@ -51,6 +51,14 @@ def _summary(report: dict):
     return table
 
 
+def _r_alpha(report: dict) -> str:
+    """`8 / 16`; a value that differs between modules is `per target` (the table below has each)."""
+    rank = _or_dash(report["r"], "g", "per target")
+    alpha = (_or_dash(report["lora_alpha"], "g", "per target") if report["lora_alpha_known"]
+             else "unknown (pass --alpha)")
+    return f"{rank} / {alpha}"
+
+
 def _ranges(values: list[int]) -> str:
     parts, start = [], None
     for i, v in enumerate(values):
@@ -73,28 +81,58 @@ def _dtypes(report: dict):
     return table
 
 
-def _groups(report: dict):
+def _groups(report: dict, width: int = 80):
+    """The modules-by-target table, laid out for `width` columns without breaking a word: the numbers
+    never wrap; when the table is too wide, the algorithm wraps at its spaces, then the table drops its
+    borders, and only then is the target column narrowed, folding the longest names (the only cells
+    that may ever be split)."""
     from rich.table import Table
 
-    table = Table(title="modules by target", title_justify="left")
-    lycoris = any(g["algorithm"] not in ("lora", "locon") or g["tucker"] for g in report["groups"])
-    columns = ["target", "algorithm", "kind", "modules", "rank", "alpha", "scale", "DoRA"] + (["params"] if lycoris else [])
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("target", "algorithm", "kind") else "right",
-                         overflow="fold")
-    for g in report["groups"]:
+    groups = report["groups"]
+    lycoris = any(g["algorithm"] not in ("lora", "locon") or g["tucker"] for g in groups)
+    dora = any(g["dora"] for g in groups)
+    columns = ["target", "algorithm", "kind", "modules", "rank", "alpha", "scale", *(["DoRA"] if dora else []),
+               *(["params"] if lycoris else [])]
+    rows = []
+    for g in groups:
         algorithm = g["algorithm"] + (" Tucker" if g["tucker"] else "")
         if g["factor"]:
             algorithm += " " + "×".join(map(str, g["factor"]))
-        row = [g["target"], algorithm, g["kind"], str(g["modules"]), _or_dash(g["rank"]), _or_dash(g["alpha"], "g"),
-               f"{g['scale']:.4g}", "yes" if g["dora"] else ""]
-        table.add_row(*row, *([f"{g['parameters']:,}"] if lycoris else []))
+        rows.append([g["target"], algorithm, g["kind"], str(g["modules"]), _or_dash(g["rank"]),
+                     _or_dash(g["alpha"], "g"), f"{g['scale']:.4g}", *(["yes" if g["dora"] else ""] if dora else []),
+                     *([f"{g['parameters']:,}"] if lycoris else [])])
+    natural = [max(len(cell) for cell in (column, *(row[i] for row in rows))) for i, column in enumerate(columns)]
+    floors = [(1, max(len(word) for cell in ("algorithm", *(row[1] for row in rows)) for word in cell.split()))]
+    # With borders: padding and a border per cell, and one more border; without: the padding between cells.
+    for overhead, style in ((3 * len(columns) + 1, {}), (2 * (len(columns) - 1), {"box": None, "pad_edge": False})):
+        fitted, excess = _fit(natural, floors, overhead, width)
+        if excess <= 0:
+            break
+    else:
+        fitted, excess = _fit(natural, [*floors, (0, 8)], overhead, width)
+    table = Table(title="modules by target", title_justify="left", **style)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < 3 else "right", no_wrap=i > 1, overflow="fold" if i == 0 else "ellipsis",
+                         width=fitted[i] if i < 2 and fitted[i] < natural[i] else None)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
-def _or_dash(value, spec: str = "") -> str:
+def _fit(natural: list[int], floors, overhead: int, width: int) -> tuple[list[int], int]:
+    """Column widths that fit `width`, narrowing the columns in `floors` ((index, narrowest), in order)
+    by what is too much; and how much is still too much."""
+    fitted, excess = list(natural), sum(natural) + overhead - width
+    for index, floor in floors:
+        cut = max(0, min(excess, fitted[index] - floor))
+        fitted[index] -= cut
+        excess -= cut
+    return fitted, excess
+
+
+def _or_dash(value, spec: str = "", none: str = "-") -> str:
     """A number, or "-" where the algorithm has none (a full diff's rank and alpha)."""
-    return "-" if value is None else format(value, spec)
+    return none if value is None else format(value, spec)
 
 
 def _tensors(report: dict):
@@ -102,7 +140,8 @@ def _tensors(report: dict):
 
     table = Table(title="tensors", title_justify="left")
     for column in ("name", "dtype", "shape", "size"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+        table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column != "name",
+                         overflow="fold" if column == "name" else "ellipsis")
     for t in report["tensor_list"]:
         table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", format_bytes(t["bytes"]))
     return table
@@ -134,7 +173,7 @@ def inspect_cmd(out, path, as_json, tensors, check, allow_pickle):
         out.print(_summary(report))
         out.print(_dtypes(report))
         if report["kind"] == "adapter":
-            out.print(_groups(report))
+            out.print(_groups(report, out.stdout.width))
         if tensors:
             out.print(_tensors(report))
         metadata = report.get("metadata") or {}
