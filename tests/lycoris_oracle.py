@@ -8,7 +8,7 @@ import logging
 import torch
 
 from loratool.lora.algorithms import build_module, split_key
-from loratool.lora.module import LoraModule
+from loratool.lora.algorithms import LoraModule
 
 
 def quiet_lycoris() -> None:

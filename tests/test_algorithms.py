@@ -12,7 +12,8 @@ from lycoris.modules.lokr import LokrModule
 from lycoris.modules.norms import NormModule
 
 from loratool.lora.algorithms import FullDiff, LoCon, LoHa, LoKr, NormDiff, build_module
-from loratool.lora.module import LayerKind, LoraModule
+from loratool.lora.kinds import LayerKind
+from loratool.lora.algorithms import LoraModule
 from lycoris_oracle import check_module, lycoris_parts, quiet_lycoris, randomize
 
 quiet_lycoris()

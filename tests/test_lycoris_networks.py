@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lycoris.kohya import LycorisNetworkKohya
 
 from loratool.lora.algorithms import split_key
-from loratool.lora.module import LoraModule
+from loratool.lora.algorithms import LoraModule
 from lycoris_oracle import (applied_preset, check_module, modules_from_state_dict, quiet_lycoris, randomize,
                             tiny_sd_models)
 

@@ -9,7 +9,8 @@ import torch
 
 from loratool.errors import AdapterError, UsageError
 from loratool.lora.algorithms import build_module
-from loratool.lora.module import LayerKind, LoraModule
+from loratool.lora.kinds import LayerKind
+from loratool.lora.algorithms import LoraModule
 from loratool.lora.to_lora import to_lora
 
 

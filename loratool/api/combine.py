@@ -16,14 +16,13 @@ from ..errors import AdapterError, MismatchError, UsageError, summarize
 from ..formats import read_for_peft_output
 from ..formats.peft import fill_missing_biases, write_peft_adapter
 from ..lora.combine import METHODS, DenseOptions, MajoritySign, Term, dense_combine, stacked_factors
+from ..lora.algorithms import LoraModule
 from ..lora.delta import COMPUTE_DTYPE
-from ..lora.module import Adapter, LoraModule
+from ..lora.module import Adapter
 from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
 from ..lora.targeting import compact_target_modules
-from ..lora.to_lora import dense_lora
-from .convert import lora_problems
-from .merge import resolve_device
-from .merge_plan import parse_weights
+from ..lora.to_lora import dense_lora, logical_shape, lora_problems
+from ..options import parse_weights, resolve_device
 
 #: Config keys that restrict targets in ways a union of adapters cannot keep; their presence makes the
 #: output list full module names instead.
@@ -130,16 +129,14 @@ def _check_inputs(adapters: list[Adapter], spec: CombineSpec) -> None:
 
 def _shape(module) -> tuple[int, tuple[int, ...]]:
     """(out, the rest of the weight's shape) as the combined LoRA will have it."""
-    if isinstance(module, LoraModule):
-        return module.lora_B.shape[0], tuple(module.lora_A.shape[1:])
-    shape = module.expected_base_shape()
+    shape = logical_shape(module)
     return shape[0], tuple(shape[1:])
 
 
 def _check_algorithms(adapters: list[Adapter], spec: CombineSpec) -> None:
-    """LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) have no LoRA factors: only the methods
+    """LyCORIS modules without factors (LoHa, LoKr, full diffs) have no LoRA factors: only the methods
     defined on the dense ΔW take them, and the output rank must be given (their ΔW's rank is not r)."""
-    lycoris = {f"{m.algorithm} ({a.path})" for a in adapters for m in a.modules.values() if not isinstance(m, LoraModule)}
+    lycoris = {f"{m.algorithm} ({a.path})" for a in adapters for m in a.modules.values() if not m.factored}
     if not lycoris:
         return
     held = summarize(sorted(lycoris), 3)
@@ -200,10 +197,10 @@ def _output_config(adapters: list[Adapter], module_names: list[str], notes: list
 def _combine_module(name: str, terms: list[Term], spec: CombineSpec, device: torch.device,
                     dtype: torch.dtype | None) -> tuple[LoraModule, float | None]:
     """The combined module (scale 1, PEFT layout) and its compression error (None when exact)."""
-    if any(not isinstance(t.module, LoraModule) for t in terms):
+    if any(not t.module.factored for t in terms):
         return _combine_dense_module(name, terms, spec, device, dtype)
     template = terms[0].module
-    out_dtype = dtype or template.lora_A.dtype
+    out_dtype = dtype or template.dtype
     error: float | None = None
     if spec.exact:
         B, A = (f.to(out_dtype) for f in stacked_factors(terms))
@@ -218,17 +215,14 @@ def _combine_module(name: str, terms: list[Term], spec: CombineSpec, device: tor
         U, S, Vh = RankRule(rank=rank).factorize(target)
         B, A = (f.to(out_dtype) for f in split_factors(U, S, Vh))
         error = relative_error(target, B.float(), A.float())
-    biases = [t.weight * t.module.scale * t.module.bias.float() for t in terms if t.module.bias is not None]
-    rank = A.shape[0]
-    module = LoraModule(
-        name=name,
-        kind=template.kind,
-        lora_A=A.reshape(rank, *template.lora_A.shape[1:]).cpu().contiguous(),
-        lora_B=B.reshape(B.shape[0], rank, *template.lora_B.shape[2:]).cpu().contiguous(),
-        alpha=float(rank),
-        bias=sum(biases).to(out_dtype) if biases else None,
-    )
-    return module, error
+    bias = _weighted_bias(terms, out_dtype)
+    return LoraModule.from_factors(name, template.kind, logical_shape(template), B, A, bias), error
+
+
+def _weighted_bias(terms: list[Term], dtype: torch.dtype) -> torch.Tensor | None:
+    """Σ wᵢ·(each module's bias update), or None when no module has one."""
+    biases = [t.weight * bias for t in terms if (bias := t.module.bias_delta(COMPUTE_DTYPE)) is not None]
+    return sum(biases).to(dtype) if biases else None
 
 
 def _combine_dense_module(name: str, terms: list[Term], spec: CombineSpec, device: torch.device,
@@ -241,11 +235,9 @@ def _combine_dense_module(name: str, terms: list[Term], spec: CombineSpec, devic
     else:
         target = dense_combine(spec.method, deltas, [t.weight for t in terms], spec.dense, name)
     first = terms[0].module
-    out_dtype = dtype or next(iter(first.named_tensors().values())).dtype
-    out, rest = _shape(first)
-    biases = [t.weight * bias for t in terms if (bias := t.module.bias_delta(COMPUTE_DTYPE)) is not None]
-    return dense_lora(name, target, (out, *rest), RankRule(rank=spec.rank), out_dtype,
-                      sum(biases).to(out_dtype) if biases else None)
+    out_dtype = dtype or first.dtype
+    return dense_lora(name, target, logical_shape(first), RankRule(rank=spec.rank), out_dtype,
+                      _weighted_bias(terms, out_dtype), first.kind)
 
 
 def combine(

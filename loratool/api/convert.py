@@ -6,7 +6,6 @@ LoCon and full diffs -> PEFT LoRA or diffusers)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,40 +13,18 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import OUTPUT_DTYPE_CHOICES, parse_output_dtype
 from ..errors import AdapterError, UsageError, summarize
-from ..formats import (WRITABLE, base_layout, fit_to_base, load_adapter, require_resolved, select_component,
-                       write_adapter)
+from ..formats import (WRITABLE, base_layout, candidate_modules, load_adapter, peft_config_for, resolve_names,
+                       select_component, write_adapter)
 from ..formats.names import components_of
 from ..formats.peft import fill_missing_biases
-from ..layouts import BaseLayout
-from ..lora.algorithms import AdapterModule
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.kinds import LayerKind
+from ..lora.module import Adapter
 from ..lora.svd import RankRule
-from ..lora.to_lora import to_lora
-from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
+from ..lora.to_lora import lora_problems, module_as_lora
 from .report import ConvertResult
 
 #: Every `--to`: the adapter formats, and llama.cpp's GGUF, which needs the base to write.
 CONVERT_TARGETS = (*WRITABLE, "gguf")
-
-
-def candidate_modules(layout: BaseLayout | None, component: str | None) -> set[str] | None:
-    """Every module of the base component a PEFT adapter will be loaded into (for short target_modules)."""
-    if layout is None:
-        return None
-    found = layout.components.get(component)
-    if found is None and len(layout.components) == 1:
-        found = next(iter(layout.components.values()))
-    return set(found.targets) if found is not None else None
-
-
-def peft_config_for(adapter: Adapter, candidates: set[str] | None = None, model_config: dict | None = None) -> dict:
-    """The non-scaling fields of adapter_config.json for an adapter that did not come from PEFT."""
-    if adapter.source_format in ("peft", "peft-state") and adapter.config.get("target_modules") is not None:
-        kept = {k: v for k, v in adapter.config.items() if k not in ("rank_pattern", "alpha_pattern")}
-        return kept
-    targets = compact_target_modules(adapter.modules, candidates)
-    model_type = (model_config or {}).get("model_type")
-    return {"target_modules": targets, "fan_in_fan_out": model_type in CONV1D_MODEL_TYPES}
 
 
 def convert(
@@ -96,8 +73,7 @@ def convert(
     check_output_path(output, [Path(adapter)] + ([Path(base)] if base is not None else []), force)
     notes = []
     if to != "kohya" or layout is not None:
-        loaded = require_resolved(loaded, layout)
-    loaded = fit_to_base(loaded, layout)
+        loaded = resolve_names(loaded, layout)
     errors = None
     if rule is not None:
         errors = as_lora(loaded, rule, keep_norms=to == "kohya", dtype=out_dtype, notes=notes)
@@ -127,24 +103,6 @@ def _rank_rule(rank: int | None, energy: float | None, max_rank: int | None) -> 
     return RankRule(rank, energy, max_rank)
 
 
-def lora_problems(modules: Mapping[str, AdapterModule], keep_norms: bool = False) -> list[str]:
-    """Why modules cannot become plain LoRA: norm diffs (no low-rank form; allowed when the target keeps
-    them as they are), one line each, and one line for all LoHa/LoKr updates whose layer shape only the
-    base knows (a flat 2-D update may be a flattened Conv2d)."""
-    problems, ambiguous = [], {}
-    for name, module in sorted(modules.items()):
-        if module.kind is LayerKind.NORM and not keep_norms:
-            problems.append(f"{name}: a norm layer's 1-D {module.algorithm} update has no LoRA form "
-                            "(only --to kohya keeps it, as it is)")
-        elif module.shape_ambiguous:
-            ambiguous[name] = module.algorithm
-    if ambiguous:
-        algorithms = "/".join(sorted(set(ambiguous.values())))
-        problems.insert(0, f"{len(ambiguous)} {algorithms} module(s) ({summarize(list(ambiguous), 2)}) store conv "
-                           "kernels flattened, so only the base tells a Linear from a Conv2d: pass --base")
-    return problems
-
-
 def as_lora(adapter: Adapter, rule: RankRule, keep_norms: bool = False, dtype: torch.dtype | None = None,
             notes: list[str] | None = None) -> dict[str, float]:
     """Replace every module of `adapter` by its plain-LoRA approximation under `rule`, in place, and
@@ -166,10 +124,3 @@ def as_lora(adapter: Adapter, rule: RankRule, keep_norms: bool = False, dtype: t
     if kept and notes is not None:
         notes.append(f"norm-layer diffs have no LoRA form and were kept as they are: {summarize(kept)}")
     return errors
-
-
-def module_as_lora(module: AdapterModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, float]:
-    """`to_lora` computed in float32 (float64 for float64 tensors), written in `dtype` or the module's own."""
-    stored = next(iter(module.named_tensors().values())).dtype
-    return to_lora(module, rule.rank, rule.energy, rule.max_rank, compute_dtype=torch.promote_types(stored, torch.float32),
-                   dtype=dtype or stored)

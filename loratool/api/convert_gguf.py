@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.output import atomic_output, check_output_path
-from ..errors import UsageError, summarize
-from ..formats import base_layout, load_adapter, require_resolved, select_component
+from ..errors import MismatchError, UsageError, summarize
+from ..formats import base_layout, load_adapter, resolve_names, select_component
 from ..formats.gguf import GGUF_DTYPES, GGUF_SUFFIX, plan_gguf, read_gguf_base, write_gguf_adapter
 from ..lora.llamacpp import scale_ratio, shared_alpha
+from ..resolve import resolve
 from .report import ConvertResult
 
 
@@ -48,10 +49,13 @@ def convert_to_gguf(
         raise UsageError(f"--dtype for gguf must be auto or one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     gguf_base = read_gguf_base(base)
     loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, alpha=alpha)
-    if loaded.unresolved_names:  # kohya: names resolve against the base's weights (a config-only base has none)
-        loaded = require_resolved(loaded, base_layout(base, allow_pickle))
+    layout = base_layout(base, allow_pickle) if gguf_base.shapes is not None else None  # a config-only folder has none
+    if loaded.unresolved_names:  # kohya names map back only through the base's weights
+        loaded = _against_base(loaded, layout, resolve_names)
     loaded = select_component(loaded, None)
     pairs, notes = plan_gguf(loaded, gguf_base)
+    if layout is not None:  # every pair's shape and orientation, from the one resolver
+        _against_base(loaded, layout, resolve)
     check_output_path(output, [Path(adapter), Path(base)], force)
     file_alpha = shared_alpha(p.module for p in pairs)
     folded = [p.module.name for p in pairs if scale_ratio(p.module, file_alpha) != 1.0]
@@ -71,6 +75,13 @@ def convert_to_gguf(
     types = dict(sorted(Counter(report.types.values()).items()))
     return GgufConvertResult(output, loaded.source_format, "gguf", len(pairs), [output.name], notes,
                              architecture=gguf_base.arch_name, alpha=file_alpha, tensor_types=types)
+
+
+def _against_base(adapter, layout, resolver):
+    try:
+        return resolver(adapter, layout)
+    except MismatchError as e:
+        raise MismatchError(f"{e} (wrong --base?)") from None
 
 
 def _adapter_name(path: Path) -> str:

@@ -26,7 +26,8 @@ from ..export.graph import (TASKS, attach_lora_slots, export_to_folder, features
                             model_config, require_onnx_stack, sample_inputs, sample_lora)
 from ..export.runtime import VALIDATION_SHAPES, max_diff_against_torch, session, write_onnx_adapter
 from ..formats import read_for_peft_output
-from ..lora.module import Adapter, LayerKind
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
 from .merge import merge
 
 FACTS_NAME = "loratool_export.json"

@@ -13,15 +13,14 @@ import torch
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.output import atomic_output, check_output_path
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, write_index
-from ..errors import AdapterError, UsageError
-from ..formats import EMBEDDED, detect_format, load_adapter
+from ..errors import AdapterError, MismatchError, UsageError
+from ..formats import EMBEDDED, detect_format, load_adapter, peft_config_for
 from ..formats.names import modules_of
 from ..formats.peft import write_peft_adapter
 from ..formats.peft_state import clean_base_name
-from ..lora.delta import COMPUTE_DTYPE, delta_weight
-from ..lora.module import Adapter, LayerKind
+from ..lora.delta import COMPUTE_DTYPE
+from ..lora.module import Adapter
 from ..lora.targeting import compact_target_modules
-from .convert import peft_config_for
 
 
 @dataclass
@@ -42,9 +41,17 @@ class ExtractResult:
 
 
 def _transposed(module, weight_shape) -> bool:
-    """loralib's fan_in_fan_out stores a Linear weight as (in, out)."""
-    expected = (module.lora_B.shape[0], module.lora_A.shape[1])
-    return module.kind is LayerKind.LINEAR and tuple(weight_shape) != expected
+    """Whether the checkpoint stores the weight as (in, out) (loralib's fan_in_fan_out)."""
+    options = module.orientations(weight_shape)
+    if not options:
+        raise MismatchError(f"{module.name}: the LoRA update fits {list(module.expected_base_shape())}, but the "
+                            f"checkpoint's weight is {list(weight_shape)}")
+    return options[0]
+
+
+def _delta(module, weight_shape) -> torch.Tensor:
+    """ΔW in the stored weight's layout."""
+    return module.delta(COMPUTE_DTYPE, "cpu", _transposed(module, weight_shape))
 
 
 def detect_merged(checkpoint: Checkpoint, adapter: Adapter, base: Checkpoint) -> bool:
@@ -57,7 +64,7 @@ def detect_merged(checkpoint: Checkpoint, adapter: Adapter, base: Checkpoint) ->
             raise AdapterError(f"--base has no {key}, so it is not this model's base")
         weight = checkpoint.read(key).to(COMPUTE_DTYPE)
         plain = base.read(key).to(COMPUTE_DTYPE)
-        delta = delta_weight(module, _transposed(module, weight.shape))
+        delta = _delta(module, weight.shape)
         nearer_plain += float(torch.linalg.vector_norm(weight - plain)) ** 2
         nearer_merged += float(torch.linalg.vector_norm(weight - plain - delta)) ** 2
     return nearer_merged < nearer_plain
@@ -152,7 +159,7 @@ def _write_clean_base(source: Checkpoint, adapter: Adapter, fmt: str, output: Pa
                     if clean in unmerge:
                         module = unmerge[clean]
                         weight = source.read(key)
-                        delta = delta_weight(module, _transposed(module, weight.shape))
+                        delta = _delta(module, weight.shape)
                         writer.write(clean, (weight.to(COMPUTE_DTYPE) - delta).to(weight.dtype))
                     elif source.pickled is None:
                         writer.copy_raw(clean, source.fd(source[key].path), source[key])

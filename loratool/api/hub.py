@@ -16,9 +16,9 @@ from ..formats import load_adapter
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, find_peft_folder, write_peft_adapter
 from ..hub.card import adapter_card
 from ..hub.client import ADAPTER_PATTERNS, HubError, download, hub_call, quiet_progress_unless_terminal
-from .convert import peft_config_for
+from ..formats import peft_config_for
 from .merge import merge
-from .merge_plan import check_finite
+from ..options import check_finite
 
 CARD_NAME = "README.md"
 

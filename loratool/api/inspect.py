@@ -19,7 +19,8 @@ from ..layouts import KOHYA_PREFIXES, layout_of, open_base
 from ..layouts.families import adapter_family
 from ..layouts import clip, flux, unet
 from ..layouts.index import flatten
-from ..lora.module import Adapter, LayerKind
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
 
 if TYPE_CHECKING:
     import torch

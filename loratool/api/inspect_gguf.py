@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..formats.gguf import LORA_A, LORA_B, GgufFile, read_gguf
-from ..lora.llamacpp import llamacpp_scale
+from ..lora.scaling import llamacpp_scale
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _EMBEDDING = "token_embd"

@@ -23,11 +23,10 @@ from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
 from ..formats import load_adapter
 from ..layouts import open_base
-from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, apply_dora_, as_2d, delta_factors
-from ..lora.algorithms import lycoris_dora_factor
-from ..lora.module import Adapter, LoraModule
-from ..lora.pieces import swap_halves
-from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, parse_weights, plan_merge
+from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, as_2d
+from ..lora.module import Adapter
+from ..options import parse_weights, resolve_device
+from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, plan_merge
 
 INDEX_NAME = "model.safetensors.index.json"
 #: Changed tensors stream through the merge in row chunks of at most this many bytes...
@@ -66,14 +65,6 @@ class MergeResult:
         }
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def _layout(base: Checkpoint, out_dtype: torch.dtype | None, max_shard_bytes: int | None) -> dict[str, list[PlannedTensor]]:
     """Output file name -> tensors in write order. By default each base file maps to a file of the
     same name holding the same tensors; `max_shard_bytes` (or a pickle base) re-plans HF-style shards."""
@@ -103,33 +94,15 @@ def fits_dtype(low: float, high: float, dtype: torch.dtype) -> bool:
     return math.isfinite(low) and math.isfinite(high) and max(-low, high) <= limit
 
 
-def _is_dense(op) -> bool:
-    """A LyCORIS update (LoHa, LoKr, LoCon with a mid, diffs): ΔW is formed, not a product of factors."""
-    return not isinstance(op.module, LoraModule)
-
-
-def _rows_of(tensor: torch.Tensor, op: DeltaOp | BiasOp) -> torch.Tensor:
-    if op.lora_rows is not None:
-        tensor = tensor[op.lora_rows[0]:op.lora_rows[1]]
-    return swap_halves(tensor) if op.swap else tensor
-
-
 def _term(op: DeltaOp | BiasOp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """A plain LoRA op as alpha·left@right on the 2-D view of its tensor, from row `offset` on; a bias
+    """A streamable op as alpha·left@right on the 2-D view of its tensor, from row `offset` on; a bias
     update is a rank-1 column."""
     offset = op.rows[0] if op.rows else 0
     if isinstance(op, BiasOp):
-        bias = _rows_of(op.module.bias_delta(COMPUTE_DTYPE, device), op)
+        bias = op.module.bias_delta(COMPUTE_DTYPE, device)
         return bias.reshape(-1, 1), torch.ones(1, 1, device=device), op.weight, offset
-    left, right = delta_factors(op.module, op.transposed, device)
+    left, right = op.module.factors(op.transposed, device)
     return left, right, op.weight * op.module.scale, offset
-
-
-def _dense_delta(op: DeltaOp, device: torch.device) -> torch.Tensor:
-    """weight·ΔW of a LyCORIS op as the 2-D block it adds to (its rows, oriented like the base)."""
-    delta = _rows_of(op.module.delta(COMPUTE_DTYPE, device), op)
-    delta = as_2d(delta)
-    return (delta.T if op.transposed else delta) * op.weight
 
 
 def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.device,
@@ -142,7 +115,7 @@ def _merged_tensor(original: torch.Tensor, name: str, ops: list, device: torch.d
         if first.weight != 1.0 and not torch.equal(first.tensor.to(device=device, dtype=original.dtype), original):
             raise _unscalable(name, first)
         weight = first.tensor.to(device)
-    if any(isinstance(op, DeltaOp) and (op.module.is_dora or _is_dense(op)) for op in ops):
+    if any(isinstance(op, DeltaOp) and not op.module.streams for op in ops):
         return _merged_whole(weight, ops, out_dtype)
     terms = [_term(op, device) for op in ops]
     in_place = weight is original and weight.dtype == out_dtype
@@ -157,22 +130,15 @@ def _unscalable(name: str, op: ReplaceOp) -> UsageError:
 
 
 def _merged_whole(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """DoRA rescales whole rows (or columns) by norms of the full update, and LyCORIS updates are formed
-    as dense ΔW, so these work on the full float32 weight. Every DoRA norm is taken over the unmerged
-    weight plus that adapter's own ΔW, as PEFT and LyCORIS compute it."""
+    """DoRA rescales whole rows (or columns) by norms of the full update, and modules without factors
+    (LoHa, LoKr, full diffs) form their dense ΔW, so these work on the full float32 weight. Every DoRA
+    norm is taken over the unmerged weight plus that adapter's own ΔW, as PEFT and LyCORIS compute it."""
     acc = weight.to(COMPUTE_DTYPE, copy=True)
     unmerged = acc.clone() if any(isinstance(op, DeltaOp) and op.module.is_dora for op in ops) else acc
     for op in ops:
-        if isinstance(op, DeltaOp) and _is_dense(op):
-            delta = _dense_delta(op, acc.device)
-            if op.module.is_dora:
-                delta = delta.reshape(acc.shape)
-                acc.add_(delta).mul_(lycoris_dora_factor(unmerged, delta, op.module.magnitude))
-                continue
-            start = op.rows[0] if op.rows else 0
-            as_2d(acc)[start:start + delta.shape[0]].add_(delta)
-        elif isinstance(op, DeltaOp) and op.module.is_dora:
-            apply_dora_(acc, unmerged, op.module, op.transposed)
+        rows = slice(*op.rows) if op.rows else slice(None)
+        if isinstance(op, DeltaOp):
+            op.module.merge_into(acc[rows], unmerged[rows], op.weight, op.transposed)
         else:
             left, right, alpha, offset = _term(op, acc.device)
             as_2d(acc)[offset:offset + left.shape[0]].addmm_(left, right, alpha=alpha)
@@ -294,17 +260,16 @@ def merge(
 
 
 def _streamable(checkpoint: Checkpoint, name: str, ops: list) -> bool:
-    """Plain LoRA updates, bare casts and replacements (modules_to_save, PEFT's saved embedding
-    `base_layer`) are row-local, so they can stream in row chunks; DoRA (norms of the whole update),
-    LyCORIS (dense ΔW) and pickle bases go whole. A new kind of op must be added here (and to `_term`)
+    """Factored updates (LoRA, LoCon), bare casts and replacements (modules_to_save, PEFT's saved
+    embedding `base_layer`) are row-local, so they can stream in row chunks; DoRA (norms of the whole
+    update), modules without factors (dense ΔW) and pickle bases go whole. A new kind of op must be added here (and to `_term`)
     before it can stream."""
     info = checkpoint[name]
     if checkpoint.pickled is not None or not info.shape or not info.shape[0] or not checkpoint.row_bytes(name):
         return False
     if ops and type(ops[0]) is ReplaceOp:
         ops = ops[1:]
-    return all(type(op) is BiasOp or (type(op) is DeltaOp and not _is_dense(op) and not op.module.is_dora)
-               for op in ops)
+    return all(type(op) is BiasOp or (type(op) is DeltaOp and op.module.streams) for op in ops)
 
 
 def _row_chunks(checkpoint: Checkpoint, name: str) -> list[tuple[int, int]]:

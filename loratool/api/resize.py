@@ -1,8 +1,8 @@
 """`resize`: re-rank an adapter through QR of its factors, never forming ΔW.
 
-LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) have no LoRA factors to re-rank: they become
-plain rank-R LoRAs by a truncated SVD of their ΔW (`lora/to_lora.py`), so resize always writes plain
-LoRA, whatever algorithm it read.
+LyCORIS modules without factors (LoHa, LoKr, full diffs) become plain rank-R LoRAs by a truncated SVD
+of their ΔW, and LoCon (a Tucker mid flattens into a factor pair) is re-ranked like a LoRA
+(`lora/to_lora.py`), so resize always writes plain LoRA, whatever algorithm it read.
 
 For ΔW = s·B@A (out×in, rank r): B = Q_b R_b and Aᵀ = Q_a R_a, so ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ and the
 SVD of the r×r core gives ΔW's exact singular triplets in O((out + in)·r²). Truncating them is the best
@@ -24,36 +24,23 @@ from ..errors import AdapterError, summarize
 from ..formats import read_for_peft_output
 from ..formats.peft import fill_missing_biases, write_peft_adapter
 from ..formats.peft_lycoris import as_lora_config
-from ..lora.module import Adapter, LoraModule
-from ..lora.svd import RankRule, energy_of, factored_norm, truncate_factored
+from ..lora.algorithms import AdapterModule, LoraModule
+from ..lora.module import Adapter
+from ..lora.svd import RankRule, energy_of, factored_norm
+from ..lora.to_lora import logical_factors, logical_shape, lora_problems, module_as_lora
 from ..lora.targeting import compact_target_modules
-from .convert import lora_problems, module_as_lora
 from .report import LowRankResult, ModuleReport
 
 
-def _lycoris_report(name: str, module, lora: LoraModule, error: float) -> ModuleReport:
-    shape = module.expected_base_shape()
-    return ModuleReport(name=name, kind=lora.kind.value, shape=[shape[0], math.prod(shape[1:])], rank=lora.rank,
-                        energy=energy_of(error), relative_error=error,
-                        delta_norm=float(torch.linalg.vector_norm(module.delta(torch.float64))))
-
-
-def resize_module(module: LoraModule, rule: RankRule, dtype: torch.dtype | None = None) -> tuple[LoraModule, float]:
-    """The module re-ranked with scale 1 (alpha = new r), and its relative Frobenius error as written."""
-    out_features = module.lora_B.shape[0]
-    B, A, error = truncate_factored(module.lora_B.reshape(out_features, module.rank) * module.scale,
-                                    module.lora_A.reshape(module.rank, -1), rule, dtype or module.lora_A.dtype)
-    rank = A.shape[0]
-    resized = LoraModule(
-        name=module.name,
-        kind=module.kind,
-        lora_A=A.reshape(rank, *module.lora_A.shape[1:]).contiguous(),
-        lora_B=B.reshape(out_features, rank, *module.lora_B.shape[2:]).contiguous(),
-        alpha=float(rank),
-        # the old scale moves into the bias, since the new scale is 1
-        bias=(module.bias * module.scale).to(B.dtype) if module.bias is not None else None,
-    )
-    return resized, error
+def _report(name: str, module: AdapterModule, resized: LoraModule, error: float) -> ModuleReport:
+    shape = logical_shape(module)
+    pair = logical_factors(module)
+    if pair is not None:
+        norm = factored_norm(pair[0].double() * module.scale, pair[1].double())
+    else:
+        norm = float(torch.linalg.vector_norm(module.delta(torch.float64)))
+    return ModuleReport(name=name, kind=resized.kind.value, shape=[shape[0], math.prod(shape[1:])], rank=resized.rank,
+                        energy=energy_of(error), relative_error=error, delta_norm=norm)
 
 
 def resize(
@@ -88,26 +75,15 @@ def resize(
     modules, reports, notes = {}, [], []
     kept_exact = []
     for name, module in sorted(loaded.modules.items()):
-        if not isinstance(module, LoraModule):
-            modules[name], error = module_as_lora(module, rule, out_dtype)
-            reports.append(_lycoris_report(name, module, modules[name], error))
-            continue
-        resized, error = resize_module(module, rule, out_dtype)
-        modules[name] = resized
-        if rule.rank is not None and rule.rank >= module.rank:
+        modules[name], error = module_as_lora(module, rule, out_dtype)
+        reports.append(_report(name, module, modules[name], error))
+        if rule.rank is not None and module.rank is not None and rule.rank >= module.rank and module.factored:
             kept_exact.append(name)
-        out_features, in_features = module.lora_B.shape[0], math.prod(module.lora_A.shape[1:])
-        reports.append(ModuleReport(
-            name=name, kind=module.kind.value, shape=[out_features, in_features], rank=resized.rank,
-            energy=energy_of(error), relative_error=error,
-            delta_norm=factored_norm(module.lora_B.reshape(out_features, -1) * module.scale,
-                                     module.lora_A.reshape(module.rank, -1)),
-        ))
-    converted = sorted({m.algorithm for m in loaded.modules.values() if not isinstance(m, LoraModule)})
+    converted = sorted({m.algorithm for m in loaded.modules.values() if not m.factored})
     if converted:
         notes.append(f"{', '.join(converted)} modules have no LoRA factors: each became a plain LoRA by truncated SVD "
                      "of its ΔW")
-        fill_missing_biases(modules)
+    fill_missing_biases(modules)
     if kept_exact:
         notes.append(f"--rank is at or above the current rank of {summarize(kept_exact)}; those are exact")
     config = {k: v for k, v in as_lora_config(loaded.config, loaded.source_format).items()

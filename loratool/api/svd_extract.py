@@ -19,16 +19,18 @@ import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.output import atomic_output, check_output_path
-from ..checkpoint.pipeline import Prefetcher
+from ..checkpoint.pipeline import ReadAhead
 from ..checkpoint.writer import LazyTensor
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype
 from ..errors import MismatchError, NonFiniteError, UsageError, summarize
 from ..formats.peft import task_type_for, write_peft_adapter
 from ..lora.delta import COMPUTE_DTYPE
-from ..lora.module import LayerKind, LoraModule
+from ..lora.kinds import LayerKind
+from ..lora.algorithms import LoraModule
 from ..lora.svd import RankRule, energy_of, relative_error, split_factors
 from ..lora.targeting import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, OUTPUT_HEAD_LEAVES, compact_target_modules, leaf
-from .merge import ProgressCallback, resolve_device
+from ..options import resolve_device
+from .merge import ProgressCallback
 from .report import FullTensorReport, LowRankResult, ModuleReport
 
 WEIGHT_SUFFIX = ".weight"
@@ -36,7 +38,8 @@ WEIGHT_SUFFIX = ".weight"
 
 @dataclass(frozen=True)
 class Target:
-    """A weight to low-rank: its module, layer kind and how ΔW is turned into PEFT's (out, in) matrix."""
+    """A weight to low-rank: its module, layer kind and how ΔW is turned into PEFT's (out, in) matrix
+    (whose factors `LoraModule.from_factors` takes)."""
 
     tensor: str
     module: str
@@ -47,13 +50,6 @@ class Target:
         if self.kind is LayerKind.CONV:
             return delta.reshape(delta.shape[0], -1)
         return delta.T if self.transposed else delta
-
-    def factors(self, B: torch.Tensor, A: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """PEFT's tensor shapes: conv A (r, in, *k) and B (out, r, 1, ...)."""
-        if self.kind is LayerKind.CONV:
-            rank = A.shape[0]
-            return B.reshape(shape[0], rank, *[1] * (len(shape) - 2)), A.reshape(rank, *shape[1:])
-        return B, A
 
 
 def _compile(pattern: str | None, option: str) -> re.Pattern | None:
@@ -193,10 +189,10 @@ class _Extraction:
     def run(self, progress: ProgressCallback | None) -> None:
         order = sorted(self.finetuned, key=lambda n: (str(self.finetuned[n].path), self.finetuned[n].data_start))
         total = sum(self.finetuned[n].nbytes for n in order)
-        prefetch = Prefetcher(self._read_pair, order)
+        prefetch = ReadAhead(self._read_pair, order, depth=0)  # the next pair is read during this one's SVD
         try:
             for name in order:
-                before, after = prefetch.get(name)
+                before, after = prefetch.get()
                 if name in self.planned:
                     if not self._extract(self.planned[name], before, after):
                         self.unchanged += 1
@@ -235,9 +231,8 @@ class _Extraction:
         dtype = _factor_dtype(self.out_dtype, self.finetuned[target.tensor].torch_dtype)
         B, A = (f.to(dtype) for f in split_factors(U, S, Vh))
         error = relative_error(matrix, B.to(COMPUTE_DTYPE), A.to(COMPUTE_DTYPE), norm)
-        B, A = target.factors(B.cpu(), A.cpu(), tuple(delta.shape))
         rank = A.shape[0]
-        self.modules[target.module] = LoraModule(target.module, target.kind, lora_A=A, lora_B=B, alpha=float(rank))
+        self.modules[target.module] = LoraModule.from_factors(target.module, target.kind, tuple(delta.shape), B, A)
         self.reports.append(ModuleReport(
             name=target.module, kind=target.kind.value, shape=list(delta.shape), rank=rank,
             energy=energy_of(error), relative_error=error, delta_norm=norm,

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..errors import AdapterError, LoratoolError, summarize
 from ..layouts import BaseLayout, open_base
-from ..lora.algorithms import LoHa, LoKr
-from ..lora.module import Adapter, LoraModule
-from ..lora.pieces import restrict
+from ..lora.module import Adapter
+from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
+from ..resolve import resolved_modules
 from .diffusers import looks_like_diffusers, read_diffusers_adapter, write_diffusers_adapter
 from .kohya import looks_like_kohya, read_kohya_adapter, write_kohya_adapter
 from .loralib import looks_like_loralib, read_loralib_adapter
@@ -64,7 +64,7 @@ def detect_format(path: str | os.PathLike, allow_pickle: bool = False) -> str | 
 def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickle: bool = False,
                  alpha: float | None = None, need_alpha: bool = True, header_only: bool = False) -> Adapter:
     """Read an adapter in any known format, with the module names it stores (kohya's stay flattened
-    until `canonicalize` maps them through a base). `alpha` supplies the lora_alpha that loralib,
+    until `resolve_names` maps them through a base). `alpha` supplies the lora_alpha that loralib,
     bare PEFT state dicts and PEFT weights without their config lack; `need_alpha=False` reads those
     with alpha unknown, and `header_only=True` describes PEFT, kohya LoRA and diffusers files from their
     headers, without reading data or importing torch (both for inspect)."""
@@ -93,32 +93,12 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_pickl
     return read_peft_state_adapter(path, alpha=alpha, allow_pickle=allow_pickle)
 
 
-def canonicalize(adapter: Adapter, layout: BaseLayout) -> Adapter:
-    """The adapter under the base's canonical module names (diffusers names for diffusion models,
-    the stored names for plain models). A LoRA on a fused module (Flux `qkv`, `linear1`) becomes one
-    module per part, each with its rows of B and the shared A, so nothing is approximated."""
-    resolved = layout.resolve(adapter.modules, flat=adapter.unresolved_names, source=adapter.path)
-    modules: dict[str, LoraModule] = {}
-    clashes = []
-    for name, module in adapter.modules.items():
-        for piece in resolved[name]:
-            part = restrict(module, piece.module, piece.lora_rows, piece.swap_lora)
-            if not isinstance(part, LoraModule) and piece.target.module_shape is not None:
-                part.fit_to(piece.target.module_shape)  # LoHa/LoKr files store conv kernels flattened
-            if part.name in modules:
-                clashes.append(f"{part.name} (from {name} and another module)")
-            modules[part.name] = part
-    if clashes:
-        raise AdapterError(f"{adapter.path}: several modules update the same base module: {summarize(clashes)}")
-    adapter.modules = modules
-    adapter.unresolved_names = False
-    return adapter
-
-
-def require_resolved(adapter: Adapter, layout: BaseLayout | None) -> Adapter:
-    """Map names through the base where that is needed or useful: kohya's flattened names always
-    (they need a base), and any dialect against a diffusion base. Plain-model adapters that already
-    name real modules keep their names, which are what PEFT loads them by."""
+def resolve_names(adapter: Adapter, layout: BaseLayout | None) -> Adapter:
+    """The adapter's modules as they land on the base (`resolve.py`), for commands that write adapters:
+    kohya's flattened names are always mapped (they need a base), and any dialect against a diffusion
+    base becomes the base's canonical names (diffusers'); plain-model adapters keep the names PEFT loads
+    them by. Every module gets its base weight's shape (a LoHa/LoKr file stores conv kernels flattened),
+    and a LoRA on a fused module (Flux `qkv`) becomes one module per part, nothing approximated."""
     if layout is None:
         if adapter.unresolved_names:
             raise AdapterError(
@@ -126,8 +106,9 @@ def require_resolved(adapter: Adapter, layout: BaseLayout | None) -> Adapter:
                 "with the base model: pass --base"
             )
         return adapter
-    if adapter.unresolved_names or layout.kind != "transformers":
-        return canonicalize(adapter, layout)
+    canonical = adapter.unresolved_names or layout.kind != "transformers"
+    adapter.modules = resolved_modules(adapter, layout, canonical_names=canonical)
+    adapter.unresolved_names = False
     return adapter
 
 
@@ -164,43 +145,43 @@ def select_component(adapter: Adapter, component: str | None) -> Adapter:
     return adapter
 
 
-def fit_to_base(adapter: Adapter, layout: BaseLayout | None) -> Adapter:
-    """Give every LyCORIS module not yet fitted its base weight's shape (`fit_to`), for adapters whose
-    names `require_resolved` keeps (plain models), so a LoHa/LoKr update stored flat is known to be a
-    Linear (or a Conv2d). `canonicalize` already does this for the names it maps. Headers only."""
-    pending = {n: m for n, m in adapter.modules.items() if m.shape_ambiguous}
-    if layout is None or not pending:
-        return adapter
-    resolved = layout.resolve(pending, flat=adapter.unresolved_names, source=adapter.path)
-    for name, pieces in resolved.items():
-        shape = pieces[0].target.module_shape if len(pieces) == 1 else None
-        if shape is None:
-            continue
-        module = pending[name]
-        if pieces[0].target.transposed is None and not module.fits(shape) and module.fits(shape[::-1]):
-            shape = shape[::-1]  # HF Conv1D stores (in, out)
-        module.fit_to(shape)
-    return adapter
-
-
 def read_for_peft_output(path: str | os.PathLike, format: str | None, alpha: float | None,
                          base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter whose result will be written as PEFT: real module names, one model."""
     adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, alpha=alpha)
     layout = base_layout(base, allow_pickle)
-    return select_component(fit_to_base(require_resolved(adapter, layout), layout), None)
+    return select_component(resolve_names(adapter, layout), None)
+
+
+def candidate_modules(layout: BaseLayout | None, component: str | None) -> set[str] | None:
+    """Every module of the base component a PEFT adapter will be loaded into (for short target_modules)."""
+    if layout is None:
+        return None
+    found = layout.components.get(component)
+    if found is None and len(layout.components) == 1:
+        found = next(iter(layout.components.values()))
+    return set(found.targets) if found is not None else None
+
+
+def peft_config_for(adapter: Adapter, candidates: set[str] | None = None, model_config: dict | None = None) -> dict:
+    """The non-scaling fields of adapter_config.json for an adapter that did not come from PEFT."""
+    if adapter.source_format in ("peft", "peft-state") and adapter.config.get("target_modules") is not None:
+        return {k: v for k, v in adapter.config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    targets = compact_target_modules(adapter.modules, candidates)
+    model_type = (model_config or {}).get("model_type")
+    return {"target_modules": targets, "fan_in_fan_out": model_type in CONV1D_MODEL_TYPES}
 
 
 def lora_only_refusal(modules: Mapping[str, object], why: str) -> AdapterError | None:
     """The one error for an adapter with LyCORIS modules (LoHa, LoKr, Tucker LoCon, full diffs) written
     where only plain LoRA fits (`why` says where), naming every algorithm it holds and the way out
     (`--rank`); None when every module is a plain LoRA."""
-    if all(isinstance(m, LoraModule) for m in modules.values()):
+    if all(m.plain_lora for m in modules.values()):
         return None
     found: dict[str, list[str]] = {}
     for name, module in sorted(modules.items()):
         label = module.algorithm
-        if not isinstance(module, LoraModule) and module.algorithm in ("lora", "locon"):
+        if not module.plain_lora and module.algorithm in ("lora", "locon"):
             label += " (Tucker)" if module.tucker else " (DoRA on the input axis)"
         found.setdefault(label, []).append(name)
     held = ", ".join(f"{label} on {summarize(names, 2)}" for label, names in sorted(found.items()))
@@ -215,11 +196,11 @@ def write_adapter(adapter: Adapter, output: Path, format: str, config: dict | No
     PEFT holds one `peft_type` per adapter: plain LoRA goes to a LoRA folder, all-LoHa or all-LoKr
     modules to a PEFT LoHa/LoKr folder; other mixes are refused (`--rank` makes them all LoRA)."""
     if format == "peft":
-        classes = {type(m) for m in adapter.modules.values()}
-        if classes in ({LoHa}, {LoKr}):
+        algorithms = {m.algorithm for m in adapter.modules.values()}
+        if algorithms in ({"loha"}, {"lokr"}):
             ambiguous = [n for n, m in adapter.modules.items() if m.shape_ambiguous]
             # PEFT's LoKr layout depends on the layer type, and so does LoHa's once any conv is Tucker
-            if ambiguous and (classes == {LoKr} or any(m.tucker for m in adapter.modules.values())):
+            if ambiguous and (algorithms == {"lokr"} or any(m.tucker for m in adapter.modules.values())):
                 raise AdapterError(f"{summarize(sorted(ambiguous))}: PEFT's layout depends on whether the layer is a "
                                    "Linear or a Conv2d, and the file stores conv kernels flattened: pass --base")
             lycoris_config = {k: v for k, v in (config or {}).items() if k != "fan_in_fan_out"}

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
+from ..lora.algorithms import LoraModule
 from ..lora.scaling import pattern_value
 from .names import COMPONENTS, split_component
-from .peft import scaling_fields
+from .peft import lora_config_fields, lora_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -131,7 +133,6 @@ def write_diffusers_adapter(path: Path, adapter: Adapter, component: str = "unet
                            f"{summarize(sorted(adapter.full_tensors))}; convert to peft instead")
     if component not in COMPONENTS:
         raise AdapterError(f"unknown diffusers component {component!r}; known: {', '.join(COMPONENTS)}")
-    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     by_component: dict[str, dict[str, LoraModule]] = {}
     for name, module in adapter.modules.items():
         owner, inner = split_component(name)
@@ -139,18 +140,8 @@ def write_diffusers_adapter(path: Path, adapter: Adapter, component: str = "unet
     state: dict[str, torch.Tensor] = {}
     metadata: dict[str, object] = {}
     for owner, modules in sorted(by_component.items()):
-        for inner, module in sorted(modules.items()):
-            key = f"{owner}.{inner}"
-            embedding = module.kind is LayerKind.EMBEDDING
-            state[f"{key}.lora_embedding_A" if embedding else f"{key}.lora_A.weight"] = cast(module.lora_A).contiguous()
-            state[f"{key}.lora_embedding_B" if embedding else f"{key}.lora_B.weight"] = cast(module.lora_B).contiguous()
-            if module.bias is not None:
-                state[f"{key}.lora_B.bias"] = cast(module.bias).contiguous()
-            if module.magnitude is not None:
-                state[f"{key}.lora_magnitude_vector"] = cast(module.magnitude).contiguous()
-        fields = {**scaling_fields(modules), "target_modules": sorted(modules), "peft_type": "LORA",
-                  "use_dora": any(m.is_dora for m in modules.values()),
-                  "lora_bias": any(m.bias is not None for m in modules.values())}
+        state.update(lora_tensors(modules, f"{owner}.", dtype))
+        fields = {**lora_config_fields(modules), "target_modules": sorted(modules), "peft_type": "LORA"}
         metadata.update({f"{owner}.{k}": v for k, v in fields.items()})
     write_safetensors(path, state, {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
     return [path]

@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, InvalidCheckpointError, MismatchError, UsageError, summarize
 from ..lora.llamacpp import folded_factors, interleave_rope_rows
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
+from ..lora.algorithms import LoraModule
+from ..lora.targeting import head_is_tied
 
 if TYPE_CHECKING:
     import torch
@@ -122,8 +125,7 @@ def read_gguf_base(base: str | os.PathLike) -> GgufBase:
     return GgufBase(
         path=base, architecture=architecture, rule=rule, arch_name=gguf.MODEL_ARCH_NAMES[member], n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)) or (
-            shapes is not None and "lm_head.weight" not in shapes),
+        tied_embeddings=head_is_tied(config, shapes),
         shapes=shapes, name_map=gguf.get_tensor_name_map(member, n_layers),
     )
 
@@ -169,7 +171,7 @@ def plan_gguf(adapter: Adapter, base: GgufBase) -> tuple[list[GgufPair], list[st
 
     pairs: list[GgufPair] = []
     for name, module in sorted(adapter.modules.items()):
-        if not isinstance(module, LoraModule):
+        if not module.plain_lora:
             refuse(f"LyCORIS {module.algorithm} modules (llama.cpp applies only lora_a/lora_b pairs)", name)
             continue
         if module.is_dora:
@@ -186,10 +188,6 @@ def plan_gguf(adapter: Adapter, base: GgufBase) -> tuple[list[GgufPair], list[st
         if kind == tensor.OUTPUT and base.tied_embeddings:
             refuse("lm_head of a tied-embedding base (its GGUF has no output.weight to apply the LoRA to)", name)
             continue
-        mismatch = _shape_mismatch(module, name, base)
-        if mismatch:
-            refuse(mismatch, name)
-            continue
         heads = None
         if base.rule.permute_qk and kind in (tensor.ATTN_Q, tensor.ATTN_K):
             heads = base.n_heads if kind == tensor.ATTN_Q else base.n_kv_heads
@@ -202,21 +200,6 @@ def plan_gguf(adapter: Adapter, base: GgufBase) -> tuple[list[GgufPair], list[st
         parts = [f"{reason}: {summarize(sorted(names), 3)}" for reason, names in problems.items()]
         raise AdapterError(f"{adapter.path}: cannot be written as a llama.cpp GGUF adapter: {'; '.join(parts)}")
     return pairs, notes
-
-
-def _shape_mismatch(module: LoraModule, name: str, base: GgufBase) -> str | None:
-    if base.shapes is None:
-        return None
-    shape = base.shapes.get(f"{name}.weight")
-    if shape is None:
-        return "modules the base does not have (wrong --base?)"
-    if module.kind is LayerKind.EMBEDDING:
-        expected = (module.lora_A.shape[1], module.lora_B.shape[0])
-    else:
-        expected = (module.lora_B.shape[0], module.lora_A.shape[1])
-    if tuple(shape) != expected:
-        return f"modules whose shape differs from the base weight (wrong --base?), e.g. {expected} vs {tuple(shape)}"
-    return None
 
 
 def _check_full_tensors(adapter: Adapter, base: GgufBase, refuse) -> list[str]:

@@ -18,34 +18,36 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
-from ..layouts import KOHYA_PREFIXES as PREFIXES
-from ..layouts import flatten
+from ..layouts import COMFYUI_PREFIXES, KOHYA_PREFIXES, flatten, kohya_prefix
 from ..layouts.clip import with_text_model
 from ..lora.algorithms import SHARED_ROLES, build_module, split_key
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
 from .names import split_component
 
 if TYPE_CHECKING:
     import torch
 
 
-#: Dotted (unflattened) prefixes of ComfyUI's own LoRA saver, with kohya's tensor suffixes.
-DOTTED_PREFIXES = ("diffusion_model.", "text_encoders.")
+#: Name prefixes of files in kohya's scheme: sd-scripts'/LyCORIS' flat ones and ComfyUI's dotted ones
+#: (both tables in `layouts`, which also maps them to components).
+FLAT_PREFIXES = tuple(KOHYA_PREFIXES)
+COMFYUI_DOTTED = tuple(COMFYUI_PREFIXES)
 
 
 def split_kohya_name(name: str) -> tuple[str | None, str]:
     """('denoiser', 'down_blocks_0_...') for 'lora_unet_down_blocks_0_...'."""
-    for prefix, component in PREFIXES.items():
+    for prefix, component in KOHYA_PREFIXES.items():
         if name.startswith(prefix):
             return component, name[len(prefix):]
-    if name.startswith(DOTTED_PREFIXES):
+    if name.startswith(COMFYUI_DOTTED):
         return None, name
-    raise AdapterError(f"{name!r} does not start with a kohya prefix ({', '.join(PREFIXES)})")
+    raise AdapterError(f"{name!r} does not start with a kohya prefix ({', '.join(FLAT_PREFIXES)})")
 
 
 def looks_like_kohya(keys: list[str]) -> bool:
     """kohya/LyCORIS names, and at least one tensor of an algorithm loratool knows or refuses by name."""
-    return bool(keys) and all(k.startswith(tuple(PREFIXES) + DOTTED_PREFIXES) for k in keys) and any(
+    return bool(keys) and all(k.startswith(FLAT_PREFIXES + COMFYUI_DOTTED) for k in keys) and any(
         (parts := split_key(k)) is not None and parts[1] not in SHARED_ROLES for k in keys)
 
 
@@ -83,7 +85,7 @@ def read_kohya_adapter(path: Path, allow_pickle: bool = False, header_only: bool
     if not modules:
         raise AdapterError(f"{path}: holds no adapter tensors")
     return Adapter(path=path, source_format="kohya", modules=modules, config={"kohya_metadata": dict(metadata)},
-                   unresolved_names=any(not n.startswith(DOTTED_PREFIXES) for n in modules))
+                   unresolved_names=any(not n.startswith(COMFYUI_DOTTED) for n in modules))
 
 
 def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
@@ -91,12 +93,11 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
     if module_name.startswith("lora_") and "." not in module_name:
         return module_name  # already a kohya name (read without a base)
     component, rest = split_component(module_name)
-    if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        prefix = {"text_encoder": "lora_te1_" if has_second_text_encoder else "lora_te_",
-                  "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
+    prefix = kohya_prefix(component, text_encoders=2 if has_second_text_encoder else 1)
+    if prefix is None:  # no component (bare denoiser names), or one kohya has no prefix for
+        prefix, rest = kohya_prefix("denoiser"), module_name
+    elif component.startswith("text_encoder"):
         rest = with_text_model(rest)  # the CLIP names A1111, ComfyUI and sd-scripts read (transformers 4's)
-    else:
-        prefix, rest = "lora_unet_", rest if component in ("unet", "transformer") else module_name
     return prefix + flatten(rest)
 
 
@@ -108,13 +109,11 @@ def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None 
     if adapter.full_tensors:
         refused.append(f"whole tensors (modules_to_save) {summarize(sorted(adapter.full_tensors))}")
     for module in adapter.modules.values():
-        if not isinstance(module, LoraModule):
-            continue
         if module.kind is LayerKind.EMBEDDING:
             refused.append(f"embedding LoRA on {module.name}")
-        if module.bias is not None:
+        if module.plain_lora and module.bias is not None:
             refused.append(f"a lora_B bias on {module.name}")
-        if module.is_dora:
+        if module.plain_lora and module.is_dora:
             refused.append(f"DoRA on {module.name} (sd-scripts has no DoRA; LyCORIS' dora_scale layouts differ)")
     if refused:
         raise AdapterError(f"kohya files cannot hold {summarize(refused)}; convert to peft instead")
@@ -127,15 +126,10 @@ def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None 
             raise AdapterError(f"{name} and {names[lora_name]} both flatten to {lora_name}")
         names[lora_name] = name
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        if not isinstance(module, LoraModule):
-            state.update(_lycoris_tensors(module, lora_name, cast))
-            continue
-        state[f"{lora_name}.lora_down.weight"] = cast(module.lora_A).contiguous()
-        state[f"{lora_name}.lora_up.weight"] = cast(module.lora_B).contiguous()
-        state[f"{lora_name}.alpha"] = torch.tensor(module.plain_alpha, dtype=torch.float32)
+        state.update(_file_tensors(module, lora_name, cast))
     ranks = sorted({m.rank for m in adapter.modules.values() if m.rank is not None}) or [0]
     alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
-    lycoris = {m.algorithm for m in adapter.modules.values() if not isinstance(m, LoraModule)}
+    lycoris = {m.algorithm for m in adapter.modules.values() if not m.plain_lora}
     metadata = {"format": "pt", "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
                 "ss_network_dim": str(ranks[-1]), "ss_network_alpha": str(alphas[0] if alphas else ranks[-1])}
     if len(lycoris) == 1:
@@ -144,16 +138,19 @@ def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None 
     return [path]
 
 
-def _lycoris_tensors(module, lora_name: str, cast) -> dict[str, torch.Tensor]:
-    """A LyCORIS module's tensors under its kohya name, refused where a reader would get another scale
-    (a PEFT LoKr with both halves full has scale alpha/r; LyCORIS files define it as 1)."""
+def _file_tensors(module, lora_name: str, cast) -> dict[str, torch.Tensor]:
+    """A module's tensors under its kohya name (the roles its class owns, `.alpha`, `.dora_scale`),
+    refused where a reader would get another scale (a PEFT LoKr with both halves full has scale alpha/r;
+    LyCORIS files define it as 1) or where the file has no place for a tensor."""
     import torch
 
-    parts = {key[len(module.name) + 1:]: tensor for key, tensor in module.named_tensors().items()}
-    if "bias" in parts:
+    parts = dict(module.tensors())
+    if module.bias is not None and not any(t is module.bias for t in parts.values()):
         raise AdapterError(f"{module.name}: kohya/LyCORIS files have no place for a {module.algorithm} bias")
-    if module.alpha is not None:
-        parts["alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    if module.magnitude is not None:
+        parts["dora_scale"] = module.magnitude
+    if module.plain_alpha is not None:
+        parts["alpha"] = torch.tensor(float(module.plain_alpha), dtype=torch.float32)
     reread = build_module(lora_name, parts)
     if abs(reread.scale - module.scale) > 1e-6 * max(1.0, abs(module.scale)):
         raise AdapterError(f"{module.name}: a {module.algorithm} module with scale {module.scale:g} reads back from a "

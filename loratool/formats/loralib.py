@@ -13,7 +13,9 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import AdapterError, summarize
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
+from ..lora.algorithms import LoraModule
 from ..lora.targeting import EMBEDDING_LEAVES, leaf
 
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"

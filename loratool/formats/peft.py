@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import LazyTensor, write_safetensors
 from ..errors import AdapterError, summarize
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
+from ..lora.algorithms import LoraModule
 from ..lora.scaling import pattern_value
 
 if TYPE_CHECKING:
@@ -301,15 +303,16 @@ def scaling_fields(modules: Mapping[str, LoraModule]) -> dict:
     }
 
 
-def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor | LazyTensor],
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | LazyTensor]:
-    """Tensors under the keys PEFT saves, the factors cast to `dtype` when given; `full_tensors` (which
-    may be lazy) keep their own dtype and are named as in the model (`model.norm.weight`)."""
-
+def lora_tensors(modules: Mapping[str, LoraModule], prefix: str = "",
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The one PEFT-style writer loop, shared by PEFT folders and diffusers files: each module's tensors
+    under `<prefix><module>` and PEFT's names (`lora_A.weight`/`lora_B.weight`, `lora_embedding_A/B`
+    for embeddings, `lora_B.bias`, `lora_magnitude_vector`), cast to `dtype` when given, detached,
+    on the CPU and contiguous."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     state: dict[str, torch.Tensor] = {}
     for name, module in sorted(modules.items()):
-        key = KEY_PREFIX + name
+        key = prefix + name
         if module.kind is LayerKind.EMBEDDING:
             state[f"{key}.lora_embedding_A"] = cast(module.lora_A)
             state[f"{key}.lora_embedding_B"] = cast(module.lora_B)
@@ -320,13 +323,28 @@ def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[
             state[f"{key}.lora_B.bias"] = cast(module.bias)
         if module.magnitude is not None:
             state[f"{key}.lora_magnitude_vector"] = cast(module.magnitude)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def lora_config_fields(modules: Mapping[str, LoraModule]) -> dict:
+    """The LoraConfig fields that follow from the modules themselves: `scaling_fields`, `use_dora`
+    and `lora_bias`, for PEFT's adapter_config.json and diffusers' per-component metadata alike."""
+    return {**scaling_fields(modules), "use_dora": any(m.is_dora for m in modules.values()),
+            "lora_bias": any(m.bias is not None for m in modules.values())}
+
+
+def adapter_state_dict(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor | LazyTensor],
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | LazyTensor]:
+    """Tensors under the keys PEFT saves, the factors cast to `dtype` when given; `full_tensors` (which
+    may be lazy) keep their own dtype and are named as in the model (`model.norm.weight`)."""
+    state: dict[str, torch.Tensor | LazyTensor] = lora_tensors(modules, KEY_PREFIX, dtype)
     for name, tensor in sorted(full_tensors.items()):
         module, _, param = name.rpartition(".")
         # A LoRA-wrapped module keeps its own tensors under `base_layer` (PEFT's bias="lora_only", and the
         # embedding weights it saves alongside embedding LoRA).
         key = f"{module}.base_layer.{param}" if module in modules else name
-        state[KEY_PREFIX + key] = tensor
-    return {k: v if isinstance(v, LazyTensor) else v.detach().to("cpu").contiguous() for k, v in state.items()}
+        state[KEY_PREFIX + key] = tensor if isinstance(tensor, LazyTensor) else tensor.detach().to("cpu").contiguous()
+    return state
 
 
 def write_peft_adapter(folder: Path, modules: Mapping[str, LoraModule],
@@ -351,9 +369,7 @@ def write_peft_adapter(folder: Path, modules: Mapping[str, LoraModule],
         "init_lora_weights": True,
         "modules_to_save": None,
         **config,
-        **scaling_fields(modules),
-        "use_dora": any(m.is_dora for m in modules.values()),
-        "lora_bias": biased == {True},
+        **lora_config_fields(modules),
     }
     weights = folder / WEIGHTS_NAME
     write_safetensors(weights, adapter_state_dict(modules, full_tensors, dtype))
@@ -369,7 +385,7 @@ def fill_missing_biases(modules: Mapping[str, LoraModule]) -> list[str]:
         return []
     filled = []
     for module in modules.values():
-        if isinstance(module, LoraModule) and module.bias is None and module.kind is not LayerKind.EMBEDDING:
-            module.bias = torch.zeros(module.lora_B.shape[0], dtype=module.lora_B.dtype)
+        if module.plain_lora and module.bias is None and module.kind is not LayerKind.EMBEDDING:
+            module.bias = torch.zeros(module.natural_shape()[0], dtype=module.dtype)
             filled.append(module.name)
     return filled

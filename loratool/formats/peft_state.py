@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import AdapterError, summarize
-from ..lora.module import Adapter, LayerKind, LoraModule
+from ..lora.module import Adapter
+from ..lora.kinds import LayerKind
+from ..lora.algorithms import LoraModule
 from ..lora.scaling import pattern_value
 from .peft import CONFIG_NAME, KEY_PREFIX, _check_config
 

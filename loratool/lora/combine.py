@@ -20,39 +20,35 @@ from typing import Literal
 
 import torch
 
+from .algorithms import AdapterModule
 from .delta import COMPUTE_DTYPE
-from .module import LoraModule
+from .to_lora import logical_delta, logical_factors
 
 MajoritySign = Literal["total", "frequency"]
 
 
 @dataclass(frozen=True)
 class Term:
-    """One adapter's weighted update of a module. `factors()` needs a `LoraModule`; `delta()` takes any
-    adapter module (LoHa, LoKr, … through their own ΔW)."""
+    """One adapter's weighted update of a module, in PEFT's orientation (out × in·k…)."""
 
     weight: float
-    module: LoraModule
+    module: AdapterModule
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(left, right) in PEFT's (out × in) view with w·s folded into left: w·ΔW = left @ right."""
-        m = self.module
-        left = m.lora_B.reshape(m.lora_B.shape[0], m.rank).to(COMPUTE_DTYPE) * (self.weight * m.scale)
-        return left, m.lora_A.reshape(m.rank, -1).to(COMPUTE_DTYPE)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left, right) with w·s folded into left: w·ΔW = left @ right; None for a dense module."""
+        pair = logical_factors(self.module)
+        if pair is None:
+            return None
+        return pair[0].to(COMPUTE_DTYPE) * (self.weight * self.module.scale), pair[1].to(COMPUTE_DTYPE)
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """s·B@A in PEFT's (out × in) view, float32, without the weight. A LyCORIS module (LoHa, LoKr,
-        full diff) has no such factors: its own ΔW, with conv kernels flattened into columns."""
-        m = self.module
-        if not isinstance(m, LoraModule):
-            delta = m.delta(COMPUTE_DTYPE, device)
-            return delta.reshape(delta.shape[0], -1)
-        B = m.lora_B.reshape(m.lora_B.shape[0], m.rank).to(device, COMPUTE_DTYPE)
-        return (B @ m.lora_A.reshape(m.rank, -1).to(device, COMPUTE_DTYPE)) * m.scale
+        """s·ΔW, float32, without the weight (conv kernels flattened into columns)."""
+        return logical_delta(self.module, COMPUTE_DTYPE, device)
 
 
 def stacked_factors(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ wᵢ·ΔWᵢ = left @ right exactly, rank Σrᵢ; each scale is applied once, inside left."""
+    """Σ wᵢ·ΔWᵢ = left @ right exactly, rank Σrᵢ; each scale is applied once, inside left. Every term
+    must be factored (`Term.factors` not None)."""
     pairs = [t.factors() for t in terms]
     return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 0)
 

@@ -1,8 +1,9 @@
-"""ΔW per layer kind, and DoRA, as pure functions on tensors. All arithmetic is float32 or wider.
+"""The streamed merge arithmetic as pure functions on tensors. All arithmetic is float32 or wider.
 
-Every kind reduces to one matrix product in the base weight's own layout: ΔW2d = s · left @ right,
-where ΔW2d is the base weight viewed as 2-D (conv kernels flattened into columns). That lets merge add
-the update with `addmm_` a block of rows at a time and never materialise ΔW for plain LoRA.
+A factored module (`AdapterModule.factors`) reduces to one matrix product in the base weight's own
+layout: ΔW2d = s · left @ right, where ΔW2d is the base weight viewed as 2-D (conv kernels flattened
+into columns). That lets merge add the update with `addmm_` a block of rows at a time and never
+materialise ΔW.
 """
 
 from __future__ import annotations
@@ -11,54 +12,11 @@ import math
 
 import torch
 
-from .module import LayerKind, LoraModule
-
 COMPUTE_DTYPE = torch.float32
-
-
-def expected_base_shape(module: LoraModule, transposed: bool = False) -> tuple[int, ...]:
-    """The base weight shape the module fits; `transposed` is HF `Conv1D` storage, (in, out)."""
-    return module.expected_base_shape(transposed)
-
-
-def norm_over_rows(module: LoraModule, transposed: bool) -> bool:
-    """True when the 2-D view's rows are output units (DoRA norms each row); False when columns are."""
-    return not (transposed or module.kind is LayerKind.EMBEDDING)
-
-
-def delta_factors(module: LoraModule, transposed: bool = False, device: torch.device | str = "cpu"):
-    """(left, right) in float32 with ΔW2d = scale · left @ right in the base layout."""
-    A = module.lora_A.to(device=device, dtype=COMPUTE_DTYPE)
-    B = module.lora_B.to(device=device, dtype=COMPUTE_DTYPE)
-    if module.kind is LayerKind.CONV:
-        return B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1)
-    if module.kind is LayerKind.EMBEDDING or transposed:
-        return A.T, B.T
-    return B, A
 
 
 def as_2d(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1) if weight.dim() != 2 else weight
-
-
-def delta_weight(module: LoraModule, transposed: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """ΔW = s·B@A in the base weight's shape, float32."""
-    left, right = delta_factors(module, transposed, device)
-    return (module.scale * (left @ right)).reshape(expected_base_shape(module, transposed))
-
-
-def apply_dora_(acc: torch.Tensor, base: torch.Tensor, module: LoraModule, transposed: bool = False) -> None:
-    """acc ← (m / ‖base + ΔW‖) ⊙ (acc + ΔW), in place.
-
-    The norm is taken per output unit of the *unmerged* base (as PEFT's forward and merge do), so when
-    several adapters merge in turn, earlier ones do not leak into a later DoRA's norm.
-    """
-    delta = delta_weight(module, transposed, acc.device)
-    rows = norm_over_rows(module, transposed)
-    norm = torch.linalg.vector_norm(as_2d(base + delta), dim=1 if rows else 0)
-    factor = module.magnitude.to(device=acc.device, dtype=COMPUTE_DTYPE).reshape(-1) / norm
-    acc2d = as_2d(acc)
-    acc2d.add_(as_2d(delta)).mul_(factor.unsqueeze(1) if rows else factor.unsqueeze(0))
 
 
 def add_deltas_blockwise(

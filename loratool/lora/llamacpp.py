@@ -13,15 +13,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .module import LoraModule
+from .algorithms import LoraModule
+from .scaling import llamacpp_scale
 
 if TYPE_CHECKING:
     import torch
-
-
-def llamacpp_scale(alpha: float, rank: int) -> float:
-    """The scale llama.cpp applies to B·A: alpha / rank, or 1 when the file's alpha is 0 (unset)."""
-    return alpha / rank if alpha else 1.0
 
 
 def shared_alpha(modules: Iterable[LoraModule]) -> float:

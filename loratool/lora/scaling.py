@@ -1,4 +1,5 @@
-"""Scaling rules and PEFT's per-module pattern lookup, defined once."""
+"""Scaling rules and PEFT's per-module pattern lookup, defined once: every alpha/r, alpha/√r and
+"missing alpha" rule in loratool is one of these functions."""
 
 from __future__ import annotations
 
@@ -10,9 +11,25 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def alpha_or_rank(alpha: float | None, rank: int) -> float:
+    """LyCORIS' and kohya's rule: a missing or zero alpha means alpha = rank (scale 1)."""
+    return float(rank) if not alpha else float(alpha)
+
+
+def plain_alpha(alpha: float, rank: int, use_rslora: bool) -> float:
+    """The alpha that gives the same scale without rsLoRA (alpha' = s·r), for formats with no rsLoRA flag."""
+    return lora_scale(alpha, rank, use_rslora) * rank if use_rslora else alpha
+
+
+def llamacpp_scale(alpha: float, rank: int) -> float:
+    """The scale llama.cpp applies to B·A (`llama-adapter.h`, `get_scale`): alpha / rank, or 1 when the
+    file's alpha is 0 (unset)."""
+    return lora_scale(alpha, rank) if alpha else 1.0
 
 
 def pattern_value(patterns: Mapping[str, T], module_name: str, default: T) -> T:

@@ -9,7 +9,6 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..layouts.index import name_transforms
-from .module import LayerKind, LoraModule
 
 #: transformers model types whose projections are `Conv1D`, storing W as (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
@@ -42,29 +41,11 @@ def resolve_base_names(
     return best, [n for n in modules + tensors if n not in best]
 
 
-def _pointwise_2d(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A 1×1 conv kernel's shape as the linear weight it is; other shapes unchanged."""
-    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
-
-
-def fits(module: LoraModule, base_shape: tuple[int, ...]) -> list[bool]:
-    """The orientations (False: W is (out, in); True: HF Conv1D's (in, out)) the base shape admits.
-
-    A 1×1 conv and a linear layer are the same map, and SD1 stores `proj_in`/`proj_out` as 1×1 convs
-    where SD2/SDXL store linears, so LoRA factors of one kind fit a base weight of the other."""
-    from .delta import expected_base_shape  # imports torch; module names alone do not need it
-
-    options = [False, True] if module.kind is LayerKind.LINEAR else [False]
-    exact = [t for t in options if expected_base_shape(module, t) == tuple(base_shape)]
-    if exact or module.kind is LayerKind.EMBEDDING:
-        return exact
-    return [False] if _pointwise_2d(expected_base_shape(module)) == _pointwise_2d(tuple(base_shape)) else []
-
-
 def choose_orientation(
     candidates: Mapping[str, list[bool]], model_type: str | None, fan_in_fan_out: bool
 ) -> tuple[dict[str, bool], str | None]:
     """Decide each module's orientation from the base, not from the adapter's `fan_in_fan_out`.
+    `candidates` holds each module's options, from `AdapterModule.orientations`.
 
     Non-square weights decide themselves. Square ones (GPT-2's attention c_proj) follow the model
     type when the base config names one, then the evidence of the non-square modules, and only then
@@ -89,12 +70,26 @@ EMBEDDING_LEAVES = frozenset({
     "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings", "position_embeddings",
     "token_type_embeddings", "tok_embeddings", "shared",
 })
+#: Module leaf names of the token embeddings an output head can be tied to.
+TOKEN_EMBEDDING_LEAVES = frozenset({"embed_tokens", "embed_in", "wte", "word_embeddings", "tok_embeddings"})
 #: Module leaf names of output heads tied to, or shaped like, the vocabulary.
 OUTPUT_HEAD_LEAVES = frozenset({"lm_head", "embed_out"})
 
 
 def leaf(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
+
+
+def head_is_tied(config: dict | None, tensor_names: Iterable[str] | None) -> bool:
+    """Whether the base's output head is its input embedding (`tie_word_embeddings`): so the config says,
+    or the checkpoint stores a token embedding and no head weight (the tied copy is not saved)."""
+    if config and config.get("tie_word_embeddings"):
+        return True
+    if tensor_names is None:
+        return False
+    modules = {name.removesuffix(".weight") for name in tensor_names if name.endswith(".weight")}
+    return not any(leaf(m) in OUTPUT_HEAD_LEAVES for m in modules) and any(leaf(m) in TOKEN_EMBEDDING_LEAVES
+                                                                          for m in modules)
 
 
 #: PEFT condenses a target_modules *list* of this many entries or more into shared suffixes, and the

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import AlgorithmModule, problem
+from .base import AdapterModule, problem
 
 if TYPE_CHECKING:
     import torch
 
 
-class FullDiff(AlgorithmModule):
+class FullDiff(AdapterModule):
     algorithm = "full"
     roles = ("diff", "diff_b")
     label = "full (diff)"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import AlgorithmModule, alpha_or, problem
+from ..scaling import alpha_or_rank, lora_scale
+from .base import AdapterModule, problem
 from .factors import tucker_rebuild
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 NAME = "LoHa"
 
 
-class LoHa(AlgorithmModule):
+class LoHa(AdapterModule):
     algorithm = "loha"
     stores_convs_flat = True
     roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -26,7 +27,7 @@ class LoHa(AlgorithmModule):
     def __init__(self, name: str, w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
                  t1: torch.Tensor | None = None, t2: torch.Tensor | None = None, alpha: float | None = None,
                  magnitude: torch.Tensor | None = None):
-        super().__init__(name, alpha_or(alpha, w1_b.shape[0]), magnitude)
+        super().__init__(name, alpha_or_rank(alpha, w1_b.shape[0]), magnitude)
         self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2 = w1_a, w1_b, w2_a, w2_b, t1, t2
         self._check()
 
@@ -91,4 +92,4 @@ class LoHa(AlgorithmModule):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank)

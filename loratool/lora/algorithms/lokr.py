@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import AlgorithmModule, problem
+from ..scaling import alpha_or_rank, lora_scale
+from .base import AdapterModule, problem
 from .factors import kron, product, tucker_rebuild
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 NAME = "LoKr"
 
 
-class LoKr(AlgorithmModule):
+class LoKr(AdapterModule):
     algorithm = "lokr"
     stores_convs_flat = True
     roles = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -44,10 +45,7 @@ class LoKr(AlgorithmModule):
         tensors = {role.removeprefix("lokr_"): parts.get(role) for role in cls.roles}
         dim = (tensors["w2_b"].shape[0] if tensors["w2_b"] is not None
                else tensors["w1_b"].shape[0] if tensors["w1_b"] is not None else None)
-        if dim is None:
-            alpha = None
-        elif not alpha:
-            alpha = float(dim)
+        alpha = None if dim is None else alpha_or_rank(alpha, dim)
         return cls(name, **tensors, alpha=alpha, dim=dim, magnitude=magnitude)
 
     def _check(self) -> None:
@@ -127,4 +125,4 @@ class LoKr(AlgorithmModule):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.dim if self.dim and self.alpha is not None else 1.0
+        return lora_scale(self.alpha, self.dim) if self.dim and self.alpha is not None else 1.0

@@ -11,9 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import AdapterError
-from ..module import LayerKind, LoraModule
-from .base import AlgorithmModule, problem
-from .dora import OUT
+from .base import AdapterModule
 from .full import FullDiff, NormDiff
 from .locon import LoCon
 from .loha import LoHa
@@ -25,8 +23,9 @@ if TYPE_CHECKING:
 #: Roles every low-rank algorithm may carry next to its own.
 SHARED_ROLES = ("alpha", "dora_scale")
 
-#: Algorithm name -> the class that builds it. LoRA/LoCon without a mid builds a `LoraModule`.
-ALGORITHMS: dict[str, type[AlgorithmModule]] = {"locon": LoCon, "loha": LoHa, "lokr": LoKr, "full": FullDiff,
+#: Algorithm name -> the class that builds it from a file's tensors (`from_parts`). LoCon builds a
+#: `LoraModule` where the tensors are a plain LoRA. A new algorithm is one class and one line here.
+ALGORITHMS: dict[str, type[AdapterModule]] = {"locon": LoCon, "loha": LoHa, "lokr": LoKr, "full": FullDiff,
                                                   "norm": NormDiff}
 
 #: Roles of LyCORIS algorithms whose update is not an additive ΔW loratool can form -> what they are.
@@ -61,9 +60,6 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-AdapterModule = LoraModule | AlgorithmModule
-
-
 def _scalar_alpha(name: str, parts: dict[str, torch.Tensor]) -> float | None:
     alpha = parts.get("alpha")
     if alpha is None:
@@ -71,21 +67,6 @@ def _scalar_alpha(name: str, parts: dict[str, torch.Tensor]) -> float | None:
     if alpha.numel() != 1:
         raise AdapterError(f"{name}: .alpha should be a scalar, got shape {list(alpha.shape)}")
     return float(alpha.reshape(()).item())
-
-
-def _lora(name: str, parts: dict[str, torch.Tensor], alpha: float | None,
-          magnitude: torch.Tensor | None) -> AdapterModule:
-    """`LoraModule` for plain LoRA/LoCon (and DoRA per output unit, which is PEFT's DoRA); `LoCon` for a
-    Tucker mid or a per-input-channel dora_scale."""
-    down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-    if down is None or up is None:
-        raise problem(name, "LoRA", f"lacks lora_{'down' if down is None else 'up'}.weight")
-    locon = LoCon(name, down, up, parts.get("lora_mid.weight"), alpha, magnitude)
-    if locon.tucker or (magnitude is not None and locon.dora_axis != OUT):
-        return locon
-    kind = LayerKind.CONV if down.dim() > 2 else LayerKind.LINEAR
-    return LoraModule(name=name, kind=kind, lora_A=down, lora_B=up, alpha=locon.alpha,
-                      magnitude=None if magnitude is None else magnitude.reshape(-1))
 
 
 def build_module(name: str, parts: dict[str, torch.Tensor]) -> AdapterModule:
@@ -109,8 +90,7 @@ def build_module(name: str, parts: dict[str, torch.Tensor]) -> AdapterModule:
         raise AdapterError(f"{name}: mixes tensors of {' and '.join(owners)}")
     alpha, magnitude = _scalar_alpha(name, parts), parts.get("dora_scale")
     own = {r: t for r, t in parts.items() if r not in SHARED_ROLES}
-    build = _lora if owners[0] == "locon" else ALGORITHMS[owners[0]].from_parts
-    module = build(name, own, alpha, magnitude)
+    module = ALGORITHMS[owners[0]].from_parts(name, own, alpha, magnitude)
     if magnitude is not None:
         _check_magnitude(module, magnitude)
     return module
