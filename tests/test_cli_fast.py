@@ -106,23 +106,29 @@ def test_inspect_of_adapters_reads_headers_without_torch(tmp_path, run_cli):
 
 
 def test_cli_choice_lists_match_the_registries():
-    from loratool import formats
     from loratool.api import export_onnx
     from loratool.cli import params
     from loratool.export import graph
-    from loratool.lora.combine import METHODS
-
-    assert params.ADAPTER_FORMATS == formats.FORMATS, "update loratool/cli/params.py to the formats registry"
-    assert params.WRITABLE_FORMATS == formats.WRITABLE
-    assert params.EMBEDDED_FORMATS == formats.EMBEDDED
-    from loratool.api.convert import CONVERT_TARGETS
     from loratool.formats.gguf import GGUF_DTYPES
 
-    assert params.CONVERT_TARGETS == CONVERT_TARGETS
     assert params.GGUF_DTYPES == tuple(GGUF_DTYPES)
-    assert params.COMBINE_METHODS == {m.name: m.summary for m in METHODS.values()}
     assert params.ONNX_DTYPES == tuple(export_onnx.DTYPES)
     assert params.ONNX_TASKS == tuple(graph.TASKS)
+
+
+def test_formats_and_methods_registries_drive_the_cli(run_cli):
+    """`--format`, `--to` and `--method` take their choices and help from the registries, so a new entry
+    there is a new choice here."""
+    from loratool.formats import REGISTRY, WRITABLE
+    from loratool.lora.methods import METHODS
+
+    combine_help = run_cli("combine", "--help").stdout
+    convert_help = " ".join(run_cli("convert", "--help").stdout.split())
+    assert all(m.name in combine_help and m.summary.split(";")[0] in " ".join(combine_help.split())
+               for m in METHODS.values())
+    assert all(name in convert_help for name in REGISTRY) and all(f.summary in convert_help for f in REGISTRY.values())
+    assert f"[{'|'.join((*WRITABLE, 'gguf'))}]" in convert_help.replace(" ", "")
+    assert run_cli("combine", "a", "b", "-o", "x", "--method", "nope").code == 2
 
 
 def test_lazy_api_names_are_the_functions():

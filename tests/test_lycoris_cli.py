@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from lycoris.kohya import LycorisNetworkKohya
 
 from helpers import assert_refused, assert_unbroken, tiny_clip_text, tiny_unet
-from loratool.formats import load_adapter
+from loratool.formats.adapters import load_adapter
 from loratool.lora.algorithms import split_key
 from lycoris_oracle import PRESET, applied_preset, quiet_lycoris, randomize
 

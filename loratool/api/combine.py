@@ -13,15 +13,17 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, MismatchError, UsageError, summarize
-from ..formats import read_for_peft_output
+from ..formats.adapters import read_for_peft_output
 from ..formats.peft import fill_missing_biases, write_peft_adapter
-from ..lora.combine import METHODS, DenseOptions, MajoritySign, Term, dense_combine, stacked_factors
+from ..lora.combine import DenseOptions, Term, dense_combine, stacked_factors
+from ..lora.methods import METHODS, MajoritySign
 from ..lora.algorithms import LoraModule
 from ..lora.delta import COMPUTE_DTYPE
 from ..lora.module import Adapter
 from ..lora.svd import RankRule, relative_error, split_factors, truncate_factored
 from ..lora.targeting import compact_target_modules
-from ..lora.to_lora import dense_lora, logical_shape, lora_problems
+from ..lora.conversion import lora_problems
+from ..lora.to_lora import dense_lora, logical_shape
 from ..options import parse_weights, resolve_device
 
 #: Config keys that restrict targets in ways a union of adapters cannot keep; their presence makes the

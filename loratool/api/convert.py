@@ -13,18 +13,18 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import OUTPUT_DTYPE_CHOICES, parse_output_dtype
 from ..errors import AdapterError, UsageError, summarize
-from ..formats import (WRITABLE, base_layout, candidate_modules, load_adapter, peft_config_for, resolve_names,
-                       select_component, write_adapter)
+from ..formats import CONVERT_TARGETS
+from ..formats.adapters import (base_layout, candidate_modules, load_adapter, peft_config_for, resolve_names,
+                                select_component, write_adapter)
 from ..formats.names import components_of
 from ..formats.peft import fill_missing_biases
 from ..lora.kinds import LayerKind
 from ..lora.module import Adapter
+from ..lora.conversion import lora_problems
 from ..lora.svd import RankRule
-from ..lora.to_lora import lora_problems, module_as_lora
+from ..lora.to_lora import module_as_lora
 from .report import ConvertResult
 
-#: Every `--to`: the adapter formats, and llama.cpp's GGUF, which needs the base to write.
-CONVERT_TARGETS = (*WRITABLE, "gguf")
 
 
 def convert(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..checkpoint.output import atomic_output, check_output_path
 from ..errors import MismatchError, UsageError, summarize
-from ..formats import base_layout, load_adapter, resolve_names, select_component
+from ..formats.adapters import base_layout, load_adapter, resolve_names, select_component
 from ..formats.gguf import GGUF_DTYPES, GGUF_SUFFIX, plan_gguf, read_gguf_base, write_gguf_adapter
 from ..lora.llamacpp import scale_ratio, shared_alpha
 from ..resolve import resolve

@@ -25,7 +25,7 @@ from ..errors import LoratoolError, UsageError
 from ..export.graph import (TASKS, attach_lora_slots, export_to_folder, features, graph_input_name, load_model,
                             model_config, require_onnx_stack, sample_inputs, sample_lora)
 from ..export.runtime import VALIDATION_SHAPES, max_diff_against_torch, session, write_onnx_adapter
-from ..formats import read_for_peft_output
+from ..formats.adapters import read_for_peft_output
 from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
 from .merge import merge

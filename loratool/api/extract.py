@@ -14,7 +14,8 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.output import atomic_output, check_output_path
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, write_index
 from ..errors import AdapterError, MismatchError, UsageError
-from ..formats import EMBEDDED, detect_format, load_adapter, peft_config_for
+from ..formats import EMBEDDED
+from ..formats.adapters import detect_format, load_adapter, peft_config_for
 from ..formats.names import modules_of
 from ..formats.peft import write_peft_adapter
 from ..formats.peft_state import clean_base_name

@@ -12,11 +12,10 @@ from pathlib import Path
 from .. import env
 from ..checkpoint.output import atomic_output, check_output_path
 from ..errors import AdapterError, UsageError
-from ..formats import load_adapter
+from ..formats.adapters import load_adapter, peft_config_for
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, find_peft_folder, write_peft_adapter
 from ..hub.card import adapter_card
 from ..hub.client import ADAPTER_PATTERNS, HubError, download, hub_call, quiet_progress_unless_terminal
-from ..formats import peft_config_for
 from .merge import merge
 from ..options import check_finite
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..formats import EMBEDDED, detect_format, load_adapter
+from ..formats import EMBEDDED
+from ..formats.adapters import detect_format, load_adapter
 from ..dtypes import code_of
 from ..formats.gguf import GGUF_SUFFIX
 from ..layouts import KOHYA_PREFIXES, layout_of, open_base

@@ -21,7 +21,7 @@ from ..checkpoint.pipeline import BackgroundWriter, BufferPool, ReadAhead
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError
-from ..formats import load_adapter
+from ..formats.adapters import load_adapter
 from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, as_2d
 from ..lora.module import Adapter

@@ -21,13 +21,14 @@ import torch
 from ..checkpoint.output import atomic_output, check_output_path
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, summarize
-from ..formats import read_for_peft_output
+from ..formats.adapters import read_for_peft_output
 from ..formats.peft import fill_missing_biases, write_peft_adapter
 from ..formats.peft_lycoris import as_lora_config
 from ..lora.algorithms import AdapterModule, LoraModule
 from ..lora.module import Adapter
 from ..lora.svd import RankRule, energy_of, factored_norm
-from ..lora.to_lora import logical_factors, logical_shape, lora_problems, module_as_lora
+from ..lora.conversion import lora_problems
+from ..lora.to_lora import logical_factors, logical_shape, module_as_lora
 from ..lora.targeting import compact_target_modules
 from .report import LowRankResult, ModuleReport
 

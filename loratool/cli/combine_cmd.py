@@ -5,16 +5,16 @@ from __future__ import annotations
 import click
 
 from ..units import format_bytes
-from .params import (COMBINE_METHODS, LocationType, WeightListType, adapter_format_options, allow_pickle_option,
+from .params import (METHODS, LocationType, WeightListType, adapter_format_options, allow_pickle_option,
                      base_option, device_option, dtype_option, force_option, json_option, output_option)
 
-_METHOD_HELP = "\n".join(f"{name}: {summary}." for name, summary in COMBINE_METHODS.items())
+_METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
 
 
 @click.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=LocationType("adapter"))
 @output_option
-@click.option("--method", "-m", required=True, type=click.Choice(list(COMBINE_METHODS)),
+@click.option("--method", "-m", required=True, type=click.Choice(list(METHODS)),
               help="How to combine (see below).")
 @click.option("--weights", type=WeightListType(), default=None,
               help="One weight per adapter, comma-separated (default 1 each). Negative subtracts.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..dtypes import OUTPUT_DTYPE_CHOICES
-from .params import (CONVERT_TARGETS, EMBEDDED_FORMATS, GGUF_DTYPES, LocationType, adapter_format_options,
+from .params import (CONVERT_TARGETS, EMBEDDED, GGUF_DTYPES, LocationType, adapter_format_options,
                      allow_pickle_option, base_option, force_option, json_option, output_option, rank_options)
 
 #: How many of the largest per-module errors `convert --rank` prints (all of them are in --json).
@@ -80,7 +80,7 @@ def convert_cmd(out, adapter, output, to, base, adapter_format, alpha, component
 @click.option("--base-out", type=click.Path(), default=None,
               help="Also write the clean base model here: LoRA tensors dropped, base_layer names restored, and "
                    "loralib weights unmerged when ΔW had been merged into them.")
-@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED_FORMATS), default=None,
+@click.option("--format", "adapter_format", type=click.Choice(EMBEDDED), default=None,
               help="Checkpoint dialect; detected when not given.")
 @click.option("--alpha", type=float, default=None, help="lora_alpha (loralib does not store it).")
 @click.option("--already-merged/--not-merged", default=None,

@@ -1,7 +1,9 @@
 """Shared Click options and parameter types, defined once.
 
-Nothing here imports torch, so that `loratool CMD --help` stays instant. The choice lists below are
-copies of registries whose modules import torch; tests/test_cli_fast.py fails when they drift apart.
+Nothing here imports torch, so that `loratool CMD --help` stays instant. Adapter formats and combine
+methods come from their registries (`loratool.formats`, `loratool.lora.methods`), which are torch-free;
+the lists below are copies of tables whose modules import torch or gguf, and tests/test_cli_fast.py
+fails when they drift apart.
 """
 
 from __future__ import annotations
@@ -11,24 +13,11 @@ import re
 import click
 
 from ..dtypes import OUTPUT_DTYPE_CHOICES
+from ..formats import CONVERT_TARGETS, EMBEDDED, FORMATS, REGISTRY
+from ..lora.methods import METHODS
 
-#: `loratool.formats.FORMATS`, `.WRITABLE` and `.EMBEDDED`.
-ADAPTER_FORMATS = ("peft", "kohya", "diffusers", "loralib", "peft-state")
-WRITABLE_FORMATS = ("peft", "kohya", "diffusers")
-EMBEDDED_FORMATS = ("loralib", "peft-state")
-#: `loratool.api.convert.CONVERT_TARGETS` and the names of `loratool.formats.gguf.GGUF_DTYPES`.
-CONVERT_TARGETS = (*WRITABLE_FORMATS, "gguf")
+#: The names of `loratool.formats.gguf.GGUF_DTYPES`.
 GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
-#: `loratool.lora.combine.METHODS`: name -> summary.
-COMBINE_METHODS = {
-    "cat": "exact Σ wᵢΔWᵢ by stacking factors (rank Σrᵢ)",
-    "linear": "Σ wᵢΔWᵢ: exact by stacking, or best rank-R with --rank",
-    "svd": "best rank-R approximation of Σ wᵢΔWᵢ via QR of the stacked factors",
-    "ties": "TIES: magnitude-prune, elect sign, average agreeing entries; then SVD",
-    "dare_linear": "DARE: random-prune and rescale, weighted sum; then SVD",
-    "dare_ties": "DARE pruning with TIES sign election; then SVD",
-    "magnitude_prune": "magnitude-prune each ΔWᵢ, weighted sum; then SVD",
-}
 #: `loratool.api.export_onnx.DTYPES` and `loratool.export.graph.TASKS`.
 ONNX_DTYPES = ("float32", "float16")
 ONNX_TASKS = ("causal-lm",)
@@ -121,8 +110,9 @@ def adapter_format_options(f):
     """--format and --alpha for commands that read adapters in any format."""
     f = click.option("--alpha", type=float, default=None,
                      help="lora_alpha for formats that do not store it (loralib, bare PEFT state dicts).")(f)
-    return click.option("--format", "adapter_format", type=click.Choice(ADAPTER_FORMATS), default=None,
-                        help="Adapter format; detected from the files when not given.")(f)
+    return click.option("--format", "adapter_format", type=click.Choice(FORMATS), default=None,
+                        help="Adapter format; detected from the files when not given. "
+                             + "; ".join(f"{f.name}: {f.summary}" for f in REGISTRY.values()) + ".")(f)
 
 
 def base_option(f):

@@ -22,6 +22,8 @@ from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
 from ..lora.algorithms import LoraModule
 from ..lora.scaling import pattern_value
+from ..lora.conversion import lora_only_refusal
+from . import ReadOptions, WriteOptions
 from .names import COMPONENTS, split_component
 from .peft import lora_config_fields, lora_tensors
 
@@ -42,7 +44,7 @@ LEGACY = [(re.compile(r"\.processor\.(to_[qkv])_lora$"), r".\1"), (re.compile(r"
           (re.compile(r"\.self_attn\.to_out_lora$"), ".self_attn.out_proj")]
 
 
-def looks_like_diffusers(keys: list[str]) -> bool:
+def looks_like(keys: list[str]) -> bool:
     return bool(keys) and all(split_component(k)[0] is not None for k in keys) and any(
         k.endswith(tuple(s for s, r in SUFFIXES.items() if r == "A")) for k in keys)
 
@@ -72,9 +74,9 @@ def _component_configs(metadata: dict[str, str], source: Path) -> dict[str, dict
     return configs
 
 
-def read_diffusers_adapter(path: Path, allow_pickle: bool = False, header_only: bool = False) -> Adapter:
-    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
-        state = checkpoint.load_all(header_only)
+def read(path: Path, options: ReadOptions) -> Adapter:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
+        state = checkpoint.load_all(options.header_only)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     configs = _component_configs(metadata, path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -123,11 +125,13 @@ def read_diffusers_adapter(path: Path, allow_pickle: bool = False, header_only: 
                    config={"components": configs, "metadata": dict(metadata)})
 
 
-def write_diffusers_adapter(path: Path, adapter: Adapter, component: str = "unet",
-                            dtype: torch.dtype | None = None) -> list[Path]:
+def write(path: Path, adapter: Adapter, options: WriteOptions) -> list[Path]:
     """One `.safetensors` with PEFT-style keys under component prefixes and per-component configs in
-    the metadata. Modules without a component prefix get `component`."""
-
+    the metadata (plain LoRA only). Modules without a component prefix get `options.component`."""
+    refusal = lora_only_refusal(adapter.modules, "a diffusers LoRA file holds plain LoRA only")
+    if refusal is not None:
+        raise refusal
+    component, dtype = options.component, options.dtype
     if adapter.full_tensors:
         raise AdapterError(f"diffusers LoRA files cannot hold whole tensors (modules_to_save): "
                            f"{summarize(sorted(adapter.full_tensors))}; convert to peft instead")

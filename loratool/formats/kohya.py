@@ -23,6 +23,7 @@ from ..layouts.clip import with_text_model
 from ..lora.algorithms import SHARED_ROLES, build_module, split_key
 from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
+from . import ReadOptions, WriteOptions
 from .names import split_component
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def split_kohya_name(name: str) -> tuple[str | None, str]:
     raise AdapterError(f"{name!r} does not start with a kohya prefix ({', '.join(FLAT_PREFIXES)})")
 
 
-def looks_like_kohya(keys: list[str]) -> bool:
+def looks_like(keys: list[str]) -> bool:
     """kohya/LyCORIS names, and at least one tensor of an algorithm loratool knows or refuses by name."""
     return bool(keys) and all(k.startswith(FLAT_PREFIXES + COMFYUI_DOTTED) for k in keys) and any(
         (parts := split_key(k)) is not None and parts[1] not in SHARED_ROLES for k in keys)
@@ -55,13 +56,13 @@ def looks_like_kohya(keys: list[str]) -> bool:
 PLAIN_ROLES = frozenset({"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"})
 
 
-def read_kohya_adapter(path: Path, allow_pickle: bool = False, header_only: bool = False) -> Adapter:
+def read(path: Path, options: ReadOptions) -> Adapter:
     """LoRA, LoCon, LoHa, LoKr, full and norm diffs, with LyCORIS' DoRA; every module through the one
     role table and builder in `lora/algorithms`, so a bad module is named with its algorithm.
     `header_only` applies to plain LoRA files; the other algorithms are read in full."""
-    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
         plain = all((parts := split_key(k)) is not None and parts[1] in PLAIN_ROLES for k in checkpoint)
-        state = checkpoint.load_all(header_only and plain)
+        state = checkpoint.load_all(options.header_only and plain)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -101,7 +102,7 @@ def kohya_name(module_name: str, has_second_text_encoder: bool) -> str:
     return prefix + flatten(rest)
 
 
-def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None = None) -> list[Path]:
+def write(path: Path, adapter: Adapter, options: WriteOptions) -> list[Path]:
     """One `.safetensors` file. rsLoRA folds into alpha (alpha' = s·r), since kohya has no such flag."""
     import torch
 
@@ -125,7 +126,7 @@ def write_kohya_adapter(path: Path, adapter: Adapter, dtype: torch.dtype | None 
         if lora_name in names:
             raise AdapterError(f"{name} and {names[lora_name]} both flatten to {lora_name}")
         names[lora_name] = name
-        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        cast = (lambda t: t.to(options.dtype)) if options.dtype is not None else (lambda t: t)
         state.update(_file_tensors(module, lora_name, cast))
     ranks = sorted({m.rank for m in adapter.modules.values() if m.rank is not None}) or [0]
     alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]

@@ -17,11 +17,12 @@ from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
 from ..lora.algorithms import LoraModule
 from ..lora.targeting import EMBEDDING_LEAVES, leaf
+from . import ReadOptions
 
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 
 
-def looks_like_loralib(keys: list[str]) -> bool:
+def looks_like(keys: list[str]) -> bool:
     key_set = set(keys)
     return any(k.endswith(A_SUFFIX) and f"{k[: -len(A_SUFFIX)]}.weight" in key_set for k in keys)
 
@@ -38,9 +39,9 @@ def _alpha(path: Path, checkpoint: Checkpoint, alpha: float | None) -> float:
     )
 
 
-def read_loralib_adapter(path: Path, alpha: float | None = None, allow_pickle: bool = False) -> Adapter:
-    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
-        scale_alpha = _alpha(path, checkpoint, alpha)
+def read(path: Path, options: ReadOptions) -> Adapter:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
+        scale_alpha = _alpha(path, checkpoint, options.alpha)
         problems, modules = [], {}
         for key in sorted(k for k in checkpoint if k.endswith(A_SUFFIX)):
             name = key[: -len(A_SUFFIX)]

@@ -19,6 +19,7 @@ from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
 from ..lora.algorithms import LoraModule
 from ..lora.scaling import pattern_value
+from . import ReadOptions
 from .peft import CONFIG_NAME, KEY_PREFIX, _check_config
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_
          "lora_magnitude_vector": "magnitude"}
 
 
-def looks_like_peft_state(keys: list[str]) -> bool:
+def looks_like(keys: list[str]) -> bool:
     return any(".base_layer." in k for k in keys) and any(LORA_KEY.match(k) for k in keys)
 
 
@@ -61,9 +62,9 @@ def _config(path: Path, alpha: float | None) -> dict:
     return {"lora_alpha": alpha}
 
 
-def read_peft_state_adapter(path: Path, alpha: float | None = None, allow_pickle: bool = False) -> Adapter:
-    config = _config(path, alpha)
-    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
+def read(path: Path, options: ReadOptions) -> Adapter:
+    config = _config(path, options.alpha)
+    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
         parts, saved, names = _collect(checkpoint)
     if len(names) != 1:
         found = ", ".join(sorted(names)) or "none"

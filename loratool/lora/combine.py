@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from .algorithms import AdapterModule
 from .delta import COMPUTE_DTYPE
+from .methods import METHODS, MajoritySign
 from .to_lora import logical_delta, logical_factors
-
-MajoritySign = Literal["total", "frequency"]
-
 
 @dataclass(frozen=True)
 class Term:
@@ -107,33 +104,16 @@ def _weighted_sum(pruned: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def dense_combine(method: str, deltas: list[torch.Tensor], weights: list[float], options: DenseOptions,
                   module_name: str) -> torch.Tensor:
-    """One dense method on the full deltas of one module; returns the combined ΔW (float32)."""
+    """One dense method (`METHODS[method]`: how it prunes, whether it elects signs) on the full deltas of
+    one module; returns the combined ΔW (float32)."""
+    rule = METHODS[method]
     device = deltas[0].device
     w = torch.tensor(weights, dtype=COMPUTE_DTYPE, device=device)
-    if method in ("ties", "magnitude_prune"):
+    if rule.prune == "magnitude":
         pruned = torch.stack([magnitude_prune(d, options.density) for d in deltas])
     else:
         generator = module_generator(options.seed, module_name, device)
         pruned = torch.stack([random_prune(d, options.density, generator) for d in deltas])
-    if method in ("ties", "dare_ties"):
+    if rule.elect_sign:
         return elect_and_merge(pruned, w, options.majority_sign)
     return _weighted_sum(pruned, w)
-
-
-@dataclass(frozen=True)
-class CombineMethod:
-    name: str
-    kind: Literal["factors", "dense"]
-    summary: str
-
-
-#: The registry behind `--method`: name -> how it combines.
-METHODS: dict[str, CombineMethod] = {m.name: m for m in (
-    CombineMethod("cat", "factors", "exact Σ wᵢΔWᵢ by stacking factors (rank Σrᵢ)"),
-    CombineMethod("linear", "factors", "Σ wᵢΔWᵢ: exact by stacking, or best rank-R with --rank"),
-    CombineMethod("svd", "factors", "best rank-R approximation of Σ wᵢΔWᵢ via QR of the stacked factors"),
-    CombineMethod("ties", "dense", "TIES: magnitude-prune, elect sign, average agreeing entries; then SVD"),
-    CombineMethod("dare_linear", "dense", "DARE: random-prune and rescale, weighted sum; then SVD"),
-    CombineMethod("dare_ties", "dense", "DARE pruning with TIES sign election; then SVD"),
-    CombineMethod("magnitude_prune", "dense", "magnitude-prune each ΔWᵢ, weighted sum; then SVD"),
-)}

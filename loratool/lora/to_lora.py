@@ -12,11 +12,9 @@ Everything here works in PEFT's orientation, ΔW = B@A of shape (out, in·k…),
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from ..errors import AdapterError, summarize
+from ..errors import AdapterError
 from .algorithms import AdapterModule, LoraModule
 from .kinds import LayerKind
 from .svd import RankRule, relative_error, split_factors, truncate_factored
@@ -86,24 +84,6 @@ def dense_lora(name: str, matrix: torch.Tensor, shape: tuple[int, ...], rule: Ra
     to `dtype`."""
     B, A = (f.to(dtype) for f in split_factors(*rule.factorize(matrix, exact)))
     return LoraModule.from_factors(name, kind, shape, B, A, bias), relative_error(matrix, B, A)
-
-
-def lora_problems(modules: Mapping[str, AdapterModule], keep_norms: bool = False) -> list[str]:
-    """Why modules cannot become plain LoRA: norm diffs (no low-rank form; allowed when the target keeps
-    them as they are), one line each, and one line for all LoHa/LoKr updates whose layer shape only the
-    base knows (a flat 2-D update may be a flattened Conv2d)."""
-    problems, ambiguous = [], {}
-    for name, module in sorted(modules.items()):
-        if module.kind is LayerKind.NORM and not keep_norms:
-            problems.append(f"{name}: a norm layer's 1-D {module.algorithm} update has no LoRA form "
-                            "(only --to kohya keeps it, as it is)")
-        elif module.shape_ambiguous:
-            ambiguous[name] = module.algorithm
-    if ambiguous:
-        algorithms = "/".join(sorted(set(ambiguous.values())))
-        problems.insert(0, f"{len(ambiguous)} {algorithms} module(s) ({summarize(list(ambiguous), 2)}) store conv "
-                           "kernels flattened, so only the base tells a Linear from a Conv2d: pass --base")
-    return problems
 
 
 def module_as_lora(module: AdapterModule, rule: RankRule, dtype: torch.dtype | None = None
