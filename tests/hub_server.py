@@ -244,7 +244,8 @@ class FakeHub:
         self.server = server_class(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         handler.base_url = self.url
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for the next poll, 0.5 s by default, in every test's teardown.
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:

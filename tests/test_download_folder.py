@@ -15,7 +15,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from helpers import make_adapter, tiny_llama
+from helpers import assert_refused, make_adapter, tiny_llama
+
+ROOT = Path(__file__).parent.parent
 
 
 def _loratool() -> list[str]:
@@ -25,6 +27,7 @@ def _loratool() -> list[str]:
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORATOOL_NO_PROGRESS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this worktree's
     env.pop("LORATOOL_DEBUG", None)
     return subprocess.run([*_loratool(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -75,17 +78,19 @@ def test_card_command_in_download_folder(download, tmp_path):
     assert changed == 4  # q_proj and v_proj in both layers
 
 
-def test_overwriting_the_adapter_is_refused(download, tmp_path):
+def test_overwriting_the_adapter_is_refused(download, tmp_path, run_cli, monkeypatch):
     folder = tmp_path / "my_lora"
     shutil.copytree(download, folder)
     stamp = (folder / "adapter_model.safetensors").read_bytes()
+    monkeypatch.chdir(folder)  # in-process, through the same error boundary as the console script
+    refused = run_cli("merge", "base.safetensors", "adapter_model.safetensors", "-o", "adapter_model.safetensors")
+    assert "is, or lies inside, the input adapter_model.safetensors" in assert_refused(refused)
     for target in ("adapter_model.safetensors", "adapter_config.json", "base.safetensors", "."):
-        result = _run(folder, "merge", "base.safetensors", "adapter_model.safetensors", "-o", target, "--force")
-        assert result.returncode == 2, (target, result)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: "), (target, result.stderr)
-        assert "input" in lines[0] and "Traceback" not in result.stderr
+        for force in ([], ["--force"]):
+            refused = run_cli("merge", "base.safetensors", "adapter_model.safetensors", "-o", target, *force)
+            assert_refused(refused, None, "input")
     assert (folder / "adapter_model.safetensors").read_bytes() == stamp
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in download.iterdir())
 
 
 def test_default_name_uses_real_names(download, tmp_path, monkeypatch):
