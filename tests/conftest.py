@@ -36,6 +36,7 @@ SLOW_TESTS = {
     "test_checkpoint_io.py::test_hostile_json_headers_fail_cleanly": "a property test over many headers",
     "test_lycoris_networks.py::test_network_state_dict_parses_and_matches_forward": "LyCORIS' own forward passes",
     "test_lycoris_merge.py::test_lycoris_file_merges_into_a_pipeline": "a LyCORIS network per case, then a merge",
+    "test_lycoris_cli.py::test_kohya_lycoris_to_peft_folder_loads_and_merges_to_lycoris_forward": "PEFT's forward per case",
     "test_combine.py::test_dense_methods_match_peft_merge_utils": "dense TIES/DARE on every module, twice",
 }
 
