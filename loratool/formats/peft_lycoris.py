@@ -106,10 +106,10 @@ def read_peft_lycoris_adapter(path: Path, allow_pickle: bool = False) -> Adapter
         split = split_key(key)
         if split is not None and split[1] in cls.roles:
             groups.setdefault(split[0], {})[split[1]] = tensor
-        elif split is not None and split[1] not in ("weight", "bias"):
-            raise AdapterError(f"{weights_path}: {key!r} is not a {config['peft_type']} tensor")
+        elif key.endswith((".weight", ".bias")) and (split is None or split[1] in ("weight", "bias")):
+            full[key.replace(".base_layer.", ".")] = tensor  # modules_to_save, or a saved base layer
         else:
-            full[key.replace(".base_layer.", ".")] = tensor
+            raise AdapterError(f"{weights_path}: {key!r} is not a {config['peft_type']} tensor")
     if not groups:
         raise AdapterError(f"{weights_path}: holds no {config['peft_type']} tensors")
     problems: list[str] = []

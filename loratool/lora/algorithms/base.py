@@ -30,6 +30,43 @@ if TYPE_CHECKING:
 Rows = tuple[int, int]
 
 
+#: |scale| beyond this is refused: no trainer writes it, and it would turn any merge into overflow.
+MAX_SCALE = 1e6
+
+
+def tensor_problem(role: str, tensor) -> str | None:
+    """Why `tensor` cannot hold the adapter role `role` (a factor, dora_scale or bias), or None: it must
+    be a float tensor of at least one dimension with at least one element (no rank-0 factors), and not
+    float8, which no trainer writes factors in. Works on torch tensors and header tensors alike."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if "float8" in dtype or dtype.startswith("F8"):
+        return f".{role} is stored as {dtype}; float8 adapter tensors are not supported (save it in bf16/fp16/fp32)"
+    if not tensor.is_floating_point():
+        return f".{role} is {dtype}, not a float tensor"
+    if tensor.dim() == 0:
+        return f".{role} is a 0-dim scalar, not a tensor of its layer's shape"
+    if tensor.numel() == 0:
+        return f".{role} is empty {list(tensor.shape)} (rank 0?)"
+    return None
+
+
+def check_tensors(name: str, algorithm: str, tensors: dict) -> None:
+    """Refuse, in one line naming the module, the tensor and the rule, the first unusable tensor."""
+    for role, tensor in tensors.items():
+        if tensor is not None and (why := tensor_problem(role, tensor)):
+            raise AdapterError(f"{name}: {algorithm} module {why}")
+
+
+def check_scale(module: AdapterModule) -> None:
+    """Alphas are real, finite numbers and scales finite and sane, before any of them is used."""
+    alpha, scale = module.alpha, module.scale
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha)):
+        raise AdapterError(f"{module.name}: alpha {alpha!r} is not a finite number")
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise AdapterError(f"{module.name}: scale {scale!r} (alpha {alpha!r}, rank {module.rank}) is not finite or "
+                           f"beyond ±{MAX_SCALE:g}; the adapter is broken")
+
+
 def kind_of(shape) -> LayerKind:
     return {1: LayerKind.NORM, 2: LayerKind.LINEAR}.get(len(shape), LayerKind.CONV)
 

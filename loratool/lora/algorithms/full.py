@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import AdapterModule, problem
+from .base import AdapterModule, check_tensors, problem
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +17,8 @@ class FullDiff(AdapterModule):
     label = "full (diff)"
 
     def __init__(self, name: str, diff: torch.Tensor, bias: torch.Tensor | None = None):
+        weight_role, bias_role = self.roles
+        check_tensors(name, self.label, {weight_role: diff, bias_role: bias})
         super().__init__(name, None, None, bias)
         self.diff = diff
         if bias is not None and (bias.dim() != 1 or diff.dim() == 0 or bias.shape[0] != diff.shape[0]):

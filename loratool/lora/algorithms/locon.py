@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..kinds import LayerKind
 from ..scaling import alpha_or_rank, lora_scale
-from .base import AdapterModule, problem
+from .base import AdapterModule, check_scale, check_tensors, problem
 from .dora import OUT
 from .factors import tucker_rebuild, tucker_to_flat
 from .lora import LoraModule
@@ -30,6 +30,8 @@ class LoCon(AdapterModule):
 
     def __init__(self, name: str, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None,
                  alpha: float | None = None, magnitude: torch.Tensor | None = None):
+        check_tensors(name, NAME, {"lora_down.weight": down, "lora_up.weight": up, "lora_mid.weight": mid,
+                                   "dora_scale": magnitude})
         super().__init__(name, alpha_or_rank(alpha, down.shape[0]), magnitude)
         self.down, self.up, self.mid = down, up, mid
         r = down.shape[0]
@@ -41,6 +43,7 @@ class LoCon(AdapterModule):
         if not ok:
             shapes = ", ".join(f"{r} {list(t.shape)}" for r, t in self.tensors().items())
             raise problem(name, NAME, f"shapes do not form a product: {shapes}")
+        check_scale(self)
 
     @classmethod
     def from_parts(cls, name: str, parts: dict[str, torch.Tensor], alpha: float | None,

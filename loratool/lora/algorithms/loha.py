@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..scaling import alpha_or_rank, lora_scale
-from .base import AdapterModule, problem
+from .base import AdapterModule, check_scale, check_tensors, problem
 from .factors import tucker_rebuild
 
 if TYPE_CHECKING:
@@ -27,9 +27,12 @@ class LoHa(AdapterModule):
     def __init__(self, name: str, w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor,
                  t1: torch.Tensor | None = None, t2: torch.Tensor | None = None, alpha: float | None = None,
                  magnitude: torch.Tensor | None = None):
+        check_tensors(name, NAME, {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": w2_a, "hada_w2_b": w2_b,
+                                   "hada_t1": t1, "hada_t2": t2, "dora_scale": magnitude})
         super().__init__(name, alpha_or_rank(alpha, w1_b.shape[0]), magnitude)
         self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2 = w1_a, w1_b, w2_a, w2_b, t1, t2
         self._check()
+        check_scale(self)
 
     @classmethod
     def from_parts(cls, name: str, parts: dict[str, torch.Tensor], alpha: float | None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..scaling import alpha_or_rank, lora_scale
-from .base import AdapterModule, problem
+from .base import AdapterModule, check_scale, check_tensors, problem
 from .factors import kron, product, tucker_rebuild
 
 if TYPE_CHECKING:
@@ -33,10 +33,13 @@ class LoKr(AdapterModule):
                  w1_b: torch.Tensor | None = None, w2: torch.Tensor | None = None, w2_a: torch.Tensor | None = None,
                  w2_b: torch.Tensor | None = None, t2: torch.Tensor | None = None, alpha: float | None = None,
                  dim: int | None = None, magnitude: torch.Tensor | None = None):
+        check_tensors(name, NAME, {"lokr_w1": w1, "lokr_w1_a": w1_a, "lokr_w1_b": w1_b, "lokr_w2": w2, "lokr_w2_a": w2_a,
+                                   "lokr_w2_b": w2_b, "lokr_t2": t2, "dora_scale": magnitude})
         super().__init__(name, alpha, magnitude)
         self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2 = w1, w1_a, w1_b, w2, w2_a, w2_b, t2
         self.dim = dim
         self._check()
+        check_scale(self)
 
     @classmethod
     def from_parts(cls, name: str, parts: dict[str, torch.Tensor], alpha: float | None,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from ..kinds import LayerKind
 from ..scaling import lora_scale, plain_alpha
-from .base import OUT, AdapterModule, Rows, rows_of, stored
+from ...errors import AdapterError
+from .base import OUT, AdapterModule, Rows, check_scale, check_tensors, rows_of, stored
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +34,22 @@ class LoraModule(AdapterModule):
 
     def __init__(self, name: str, kind: LayerKind, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float,
                  use_rslora: bool = False, magnitude: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        check_tensors(name, "LoRA", {"lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude, "lora_B.bias": bias})
         super().__init__(name, alpha, magnitude, bias)
         self.kind, self.lora_A, self.lora_B, self.use_rslora = kind, lora_A, lora_B, use_rslora
+        self._check_shapes()
+        check_scale(self)
+
+    def _check_shapes(self) -> None:
+        A, B, out = self.lora_A, self.lora_B, self.lora_B.shape[0]
+        trailing_ones = all(s == 1 for s in B.shape[2:]) and (self.kind is LayerKind.CONV or B.dim() == 2)
+        if B.dim() < 2 or B.shape[1] != A.shape[0] or not trailing_ones or (A.dim() < 2):
+            raise AdapterError(f"{self.name}: LoRA factors lora_A {list(A.shape)} and lora_B {list(B.shape)} do not "
+                               "form a product (lora_B's columns must equal lora_A's rows)")
+        for role, tensor in (("magnitude", self.magnitude), ("lora_B.bias", self.bias)):
+            if tensor is not None and tensor.numel() != out:
+                raise AdapterError(f"{self.name}: .{role} {list(tensor.shape)} should hold one value per output "
+                                   f"unit ({out})")
 
     @classmethod
     def from_factors(cls, name: str, kind: LayerKind, shape: tuple[int, ...], B: torch.Tensor, A: torch.Tensor,

@@ -8,6 +8,7 @@ so they are refused by name rather than reported as unknown.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from ...errors import AdapterError
@@ -66,7 +67,13 @@ def _scalar_alpha(name: str, parts: dict[str, torch.Tensor]) -> float | None:
         return None
     if alpha.numel() != 1:
         raise AdapterError(f"{name}: .alpha should be a scalar, got shape {list(alpha.shape)}")
-    return float(alpha.reshape(()).item())
+    dtype = str(alpha.dtype).removeprefix("torch.")
+    if "float8" in dtype or dtype.startswith("F8") or dtype in ("bool", "BOOL"):
+        raise AdapterError(f"{name}: .alpha is stored as {dtype}; an alpha is a float or integer scalar")
+    value = float(alpha.reshape(()).item())
+    if not math.isfinite(value):
+        raise AdapterError(f"{name}: .alpha is {value}, not a finite number")
+    return value
 
 
 def build_module(name: str, parts: dict[str, torch.Tensor]) -> AdapterModule:
