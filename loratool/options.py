@@ -36,8 +36,9 @@ def parse_weights(weights: list[float] | None, count: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def check_finite(adapters: list[Adapter]) -> None:
-    """Refuse adapters holding NaN/Inf in any floating tensor, naming every such tensor."""
+def check_finite(adapters: list[Adapter], remedy: str | None = "pass --allow-nonfinite to merge anyway") -> None:
+    """Refuse adapters holding NaN/Inf in any floating tensor, naming every such tensor (and `remedy`,
+    for the one command that has an override)."""
     import torch
 
     bad = [
@@ -47,4 +48,4 @@ def check_finite(adapters: list[Adapter]) -> None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all()
     ]
     if bad:
-        raise NonFiniteError(f"NaN/Inf in adapter tensors: {summarize(bad)}; pass --allow-nonfinite to merge anyway")
+        raise NonFiniteError(f"NaN/Inf in adapter tensors: {summarize(bad)}" + (f"; {remedy}" if remedy else ""))

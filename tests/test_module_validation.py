@@ -119,3 +119,15 @@ def test_the_same_module_under_two_dialects_is_refused_not_applied_twice(run_cli
                  ["resize", tmp_path / "twice.safetensors", "--base", tmp_path / "flux.safetensors", "--rank", "1",
                   "-o", tmp_path / "r"]):
         assert_refused(run_cli(*args), out, "lora_unet_double_blocks_0_img_attn_qkv", "lycoris_double_blocks_0")
+
+
+def test_nan_factors_are_refused_by_every_command_that_writes(run_cli, tmp_path):
+    """Only merge has an override (--allow-nonfinite); nothing else writes a NaN."""
+    adapter = kohya_file(tmp_path / "nan.safetensors", **{"lora_up.weight": torch.full((8, 2), math.nan)})
+    good = kohya_file(tmp_path / "good.safetensors")
+    out = tmp_path / "out"
+    for args in (["resize", adapter, "--rank", "1", "-o", out],
+                 ["combine", adapter, good, "--method", "svd", "--rank", "2", "-o", out],
+                 ["convert", adapter, "--to", "kohya", "-o", out.with_suffix(".safetensors")]):
+        line = assert_refused(run_cli(*args), out, "NaN/Inf", f"{NAME}.lora_B")
+        assert "--allow-nonfinite" not in line

@@ -22,6 +22,7 @@ from ..lora.kinds import LayerKind
 from ..lora.module import Adapter
 from ..lora.conversion import lora_problems
 from ..lora.svd import RankRule
+from ..options import check_finite
 from ..lora.to_lora import module_as_lora
 from .report import ConvertResult
 
@@ -70,6 +71,7 @@ def convert(
     out_dtype = parse_output_dtype(dtype)
     layout = base_layout(base, allow_pickle)
     loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, alpha=alpha)
+    check_finite([loaded], remedy=None)
     check_output_path(output, [Path(adapter)] + ([Path(base)] if base is not None else []), force)
     notes = []
     if to != "kohya" or layout is not None:

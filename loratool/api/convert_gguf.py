@@ -13,6 +13,7 @@ from ..errors import MismatchError, UsageError, summarize
 from ..formats.adapters import base_layout, load_adapter, resolve_names, select_component
 from ..formats.gguf import GGUF_DTYPES, GGUF_SUFFIX, plan_gguf, read_gguf_base, write_gguf_adapter
 from ..lora.llamacpp import scale_ratio, shared_alpha
+from ..options import check_finite
 from ..resolve import resolve
 from .report import ConvertResult
 
@@ -49,6 +50,7 @@ def convert_to_gguf(
         raise UsageError(f"--dtype for gguf must be auto or one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     gguf_base = read_gguf_base(base)
     loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, alpha=alpha)
+    check_finite([loaded], remedy=None)
     layout = base_layout(base, allow_pickle) if gguf_base.shapes is not None else None  # a config-only folder has none
     if loaded.unresolved_names:  # kohya names map back only through the base's weights
         loaded = _against_base(loaded, layout, resolve_names)

@@ -12,6 +12,7 @@ from ..errors import AdapterError, LoratoolError
 from ..layouts import BaseLayout, open_base
 from ..lora.module import Adapter
 from ..lora.targeting import CONV1D_MODEL_TYPES, compact_target_modules
+from ..options import check_finite
 from ..resolve import resolved_modules
 from . import FORMATS, REGISTRY, WRITABLE, ReadOptions, WriteOptions
 from .names import components_of, split_component
@@ -111,6 +112,7 @@ def read_for_peft_output(path: str | os.PathLike, format: str | None, alpha: flo
                          base: str | os.PathLike | None, allow_pickle: bool = False) -> Adapter:
     """Load an adapter whose result will be written as PEFT: real module names, one model."""
     adapter = load_adapter(path, format=format, allow_pickle=allow_pickle, alpha=alpha)
+    check_finite([adapter], remedy=None)
     layout = base_layout(base, allow_pickle)
     return select_component(resolve_names(adapter, layout), None)
 
