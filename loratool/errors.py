@@ -40,6 +40,16 @@ class UsageError(LoratoolError):
     """Option values that do not fit together (wrong number of weights, bad size string...)."""
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (newline, tab, ESC and the rest of C0/C1, bidi
+    and other format characters, lone surrogates) written as Python's repr writes it (`\\n`, `\\x1b`,
+    `\\u202e`), so that a name read from a file can neither split a line nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 def summarize(problems: list[str], limit: int = 5) -> str:
     """Join problems into one line, naming how many were left out."""
     shown = "; ".join(problems[:limit])

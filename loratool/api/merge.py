@@ -295,22 +295,29 @@ def _progress_over(progress: ProgressCallback | None, total: int) -> ProgressCal
 
 
 def _copy_component_extras(folder: Path, target: Path) -> None:
-    """A merged component's other files (configs and the like) that the writer did not produce."""
+    """A merged component's other files (configs and the like) that the writer did not produce: regular
+    files (symlinks followed, as in a Hugging Face cache snapshot), each copied up to the size its stat
+    gives. Subfolders are left out, as they always were; a FIFO, device, socket or broken symlink is
+    refused (`copy_regular`), never read."""
+    from ..checkpoint.output import copy_regular
+
     for entry in sorted(folder.iterdir()):
-        if entry.is_file() and not entry.name.endswith((".safetensors", ".index.json")) and \
-                not (target / entry.name).exists():
-            shutil.copy2(entry, target / entry.name)
+        if entry.name.endswith((".safetensors", ".index.json")) or (target / entry.name).exists() or \
+                entry.is_dir():
+            continue
+        copy_regular(entry, target / entry.name)
 
 
 def _copy_pipeline_files(base: Path, temp: Path, merged: set[str | None]) -> None:
-    """Everything of a pipeline folder except the components being merged, as it is."""
+    """Everything of a pipeline folder except the components being merged, as it is: regular files and
+    folders, symlinks followed; a FIFO, device, socket, broken symlink or symlink loop anywhere in it is
+    refused with one line naming it (`copy_regular`), and no file is read past the size its stat gave."""
+    from ..checkpoint.output import copy_regular
+
     for entry in sorted(base.iterdir()):
         if entry.name in merged:
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, temp / entry.name, symlinks=False)
-        else:
-            shutil.copy2(entry, temp / entry.name)
+        copy_regular(entry, temp / entry.name)
 
 
 def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,

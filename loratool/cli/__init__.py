@@ -15,7 +15,7 @@ import traceback
 import click
 
 from .. import __version__, env, interrupts
-from ..errors import LoratoolError
+from ..errors import LoratoolError, printable
 
 #: debug: print tracebacks; json: the command was given --json, so errors also go to stdout as JSON.
 _state = {"debug": False, "json": False}
@@ -74,7 +74,10 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _fail(message: str, code: int, hint: str | None = None, line: bool = True) -> int:
     """One `Error: …` line on stderr (unless `line` is False: --debug printed the traceback instead), and
-    with --json also `{"error": …, "hint": …, "exit_code": …}` on stdout, for scripts."""
+    with --json also `{"error": …, "hint": …, "exit_code": …}` on stdout, for scripts. Names read from
+    files reach this line, so control characters (a newline, an ANSI escape) are shown escaped: the
+    line stays one line, and the terminal is never driven by an input file."""
+    message, hint = printable(message), hint and printable(hint)
     if line:
         click.echo(f"Error: {message.rstrip('.') + f'. {hint[0].upper()}{hint[1:]}' if hint else message}", err=True)
     if _state["json"]:
@@ -87,7 +90,7 @@ def _fail(message: str, code: int, hint: str | None = None, line: bool = True) -
 def _interrupted() -> int:
     # On a terminal the line starts after the `^C` the terminal echoed; in pipes it is the only line.
     prefix = "\n" if sys.stderr.isatty() else ""
-    click.echo(f"{prefix}{interrupts.MESSAGE}", err=True)
+    click.echo(f"{prefix}{interrupts.message()}", err=True)
     return interrupts.EXIT_CODE
 
 
@@ -124,6 +127,7 @@ def _exit_code(e: BaseException) -> int:
     if isinstance(e, click.exceptions.Exit):
         return e.exit_code
     if isinstance(e, click.ClickException):
+        e.message = printable(e.message)
         e.show()
         if _state["json"]:
             from .output import error_json
