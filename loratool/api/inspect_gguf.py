@@ -4,15 +4,18 @@ where they mean the same thing."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
+from ..errors import InvalidCheckpointError
 from ..formats.gguf import LORA_A, LORA_B, GgufFile, read_gguf
 from ..lora.scaling import llamacpp_scale
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _EMBEDDING = "token_embd"
+ALPHA_KEY = "adapter.lora.alpha"
 
 
 def _dtypes(infos) -> dict[str, dict[str, int]]:
@@ -65,9 +68,22 @@ def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, s
     return report
 
 
+def _alpha(gguf_file: GgufFile) -> float:
+    """`adapter.lora.alpha`, which llama.cpp reads as a float (0 or absent: scale 1); anything but a
+    finite number of at least 0 is refused, naming the key."""
+    value = gguf_file.metadata.get(ALPHA_KEY)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise InvalidCheckpointError(f"{gguf_file.path}: {ALPHA_KEY} must be a finite number of at least 0 "
+                                     f"(llama.cpp reads a float), got {shown}")
+    return float(value)
+
+
 def _adapter_keys(gguf_file: GgufFile) -> dict:
     metadata = gguf_file.metadata
-    alpha = float(metadata.get("adapter.lora.alpha") or 0.0)
+    alpha = _alpha(gguf_file)
     halves_a = {n.removesuffix(LORA_A) for n in gguf_file.tensors if n.endswith(LORA_A)}
     halves_b = {n.removesuffix(LORA_B): info for n, info in gguf_file.tensors.items() if n.endswith(LORA_B)}
     pairs = {name: info for name, info in halves_b.items() if name in halves_a}

@@ -6,7 +6,6 @@ maps a tensor name to dtype, shape and `[begin, end)` offsets into the data buff
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -14,9 +13,13 @@ from pathlib import Path
 
 from ..dtypes import SAFETENSORS_CODES, itemsize
 from ..errors import InvalidCheckpointError, PickleRefusedError, summarize
+from ..jsonio import HEADER, parse_json
 
 #: Same ceiling as the safetensors library: anything larger is not a real header.
-MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER_BYTES = HEADER.max_bytes
+#: No tensor's dimensions may span 2^63 bytes, counting a 0 dimension as 1: torch computes strides
+#: that way, so `[0, 2**63]` holds no data yet cannot be allocated (nor indexed) as a tensor.
+MAX_EXTENT_BYTES = (1 << 63) - 1
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTOCOL_MARK = 0x80
 
@@ -75,10 +78,8 @@ def read_header(path: Path) -> Header:
                 f"{file_size}-byte file); the file may be truncated or of another format"
             )
         raw = f.read(header_len)
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidCheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from e
+    # bounded before it is parsed; duplicated keys, NaN and Infinity refused (see jsonio.py)
+    parsed = parse_json(raw, f"{path}: invalid safetensors header", InvalidCheckpointError, HEADER, expect=None)
     if not isinstance(parsed, dict):
         raise InvalidCheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + header_len
@@ -112,6 +113,19 @@ def _validate_entries(
     return tensors, metadata
 
 
+def _extent_too_large(shape: list[int], element_bytes: int) -> bool:
+    """Whether the dimensions (a 0 counted as 1) span more than `MAX_EXTENT_BYTES`; stops as soon as
+    they do, so a long list of huge dimensions costs no big-number products."""
+    if len(shape) <= 8 and 0 not in shape:  # the common case, in C: a few dims, no zero
+        return math.prod(shape) * element_bytes > MAX_EXTENT_BYTES
+    extent = element_bytes
+    for d in shape:
+        extent *= max(d, 1)
+        if extent > MAX_EXTENT_BYTES:
+            return True
+    return False
+
+
 def _validate_entry(
     path: Path, name: str, entry: object, data_size: int, data_start: int, problems: list[str]
 ) -> TensorInfo | None:
@@ -133,6 +147,9 @@ def _validate_entry(
         problems.append(f"tensor {name!r} has invalid data_offsets {offsets!r}")
         return None
     begin, end = offsets
+    if _extent_too_large(shape, itemsize(dtype)):
+        problems.append(f"tensor {name!r} has an absurd shape {shape} (its dimensions span 2^63 bytes or more)")
+        return None
     expected = math.prod(shape) * itemsize(dtype)
     if not 0 <= begin <= end:
         problems.append(f"tensor {name!r} has data_offsets {offsets} out of order")

@@ -41,6 +41,8 @@ class HeaderTensor:
             shape = tuple(shape[0])
         if -1 in shape:
             known = math.prod(s for s in shape if s != -1)
+            if known == 0 or shape.count(-1) > 1:
+                raise ValueError(f"cannot view {list(self.shape)} as {list(shape)}")
             shape = tuple(self.numel() // known if s == -1 else s for s in shape)
         if math.prod(shape) != self.numel():
             raise ValueError(f"cannot view {list(self.shape)} as {list(shape)}")

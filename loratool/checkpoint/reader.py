@@ -8,7 +8,6 @@ count against the process until the map is closed.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidCheckpointError, LoratoolError, summarize
+from ..jsonio import MODEL_CONFIG_RULES, read_json
 from .header import TensorInfo, read_header
 from .header_tensor import HeaderTensor
 from .pickled import PICKLE_SUFFIXES, load_pickle_state_dict, refuse_pickle
@@ -81,10 +81,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         config_path = folder / "config.json"
         if not config_path.is_file():
             return None
-        try:
-            return json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidCheckpointError(f"{config_path}: not valid JSON ({e})") from e
+        return read_json(config_path, InvalidCheckpointError, rules=MODEL_CONFIG_RULES)
 
     def companion_files(self) -> list[Path]:
         if not self.is_folder:
@@ -230,11 +227,8 @@ def _from_files(root: Path, files: list[Path], is_folder: bool, index_path: Path
 
 
 def _load_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpointError(f"{index_path}: not valid JSON ({e})") from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json(index_path, InvalidCheckpointError)
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):

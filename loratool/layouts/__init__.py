@@ -17,7 +17,6 @@ pipeline component for diffusion bases (`unet.down_blocks.0…`, `text_encoder_2
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -255,9 +254,17 @@ PIPELINE_FAMILIES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline
                      "StableDiffusion3Pipeline": "SD3"}
 
 
-def pipeline_components(folder: Path) -> list[str]:
+def read_model_index(folder: Path) -> dict:
+    """A pipeline's `model_index.json`: an object, bounded and type-checked (`jsonio`), or one line."""
+    from ..errors import InvalidCheckpointError
+    from ..jsonio import MODEL_INDEX_RULES, read_json
+
+    return read_json(folder / "model_index.json", InvalidCheckpointError, rules=MODEL_INDEX_RULES)
+
+
+def pipeline_components(folder: Path, index: dict | None = None) -> list[str]:
     """Component subfolders of a diffusers pipeline that hold safetensors weights and that LoRAs adapt."""
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_model_index(folder) if index is None else index
     return [name for name in index if name in DIFFUSION_COMPONENTS and (folder / name).is_dir()
             and any((folder / name).glob("*.safetensors"))]
 
@@ -266,16 +273,12 @@ def open_base(path: str | os.PathLike, allow_pickle: bool = False):
     """(layout, {source: Checkpoint}) for a checkpoint or a diffusers pipeline folder. The caller
     closes the checkpoints."""
     from ..checkpoint import open_checkpoint
-    from ..errors import InvalidCheckpointError
 
     path = Path(path)
     if path.is_dir() and (path / "model_index.json").is_file():
-        try:
-            index = json.loads((path / "model_index.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidCheckpointError(f"{path / 'model_index.json'}: not valid JSON ({e})") from e
+        index = read_model_index(path)
         checkpoints, components, families = {}, {}, []
-        for name in pipeline_components(path):
+        for name in pipeline_components(path, index):
             checkpoint = open_checkpoint(path / name, allow_pickle=allow_pickle)
             checkpoints[name] = checkpoint
             shapes = {k: info.shape for k, info in checkpoint.items()}

@@ -36,6 +36,12 @@ def pattern_value(patterns: Mapping[str, T], module_name: str, default: T) -> T:
     """PEFT's `rank_pattern`/`alpha_pattern` rule: each key is a regex matched as `(.*\\.)?(key)$`
     against the module name (without `base_model.model.`); the first key that matches wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", module_name)
+        except re.error as e:  # configs are checked where they are read; this guards any other caller
+            from ..errors import AdapterError
+
+            raise AdapterError(f"pattern key {key!r} is not a valid regular expression ({e})") from e
+        if matched:
             return value
     return default
