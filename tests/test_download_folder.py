@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_refused, make_adapter, tiny_llama
+from helpers import assert_refused, make_adapter, ok, tiny_llama
 
 ROOT = Path(__file__).parent.parent
 
@@ -123,3 +123,18 @@ def test_output_is_judged_against_what_is_read(download, tmp_path):
     kohya = download / "base.safetensors"
     assert read_paths(kohya, kohya) == [kohya]
     assert read_paths(object(), download) == [download]  # an Adapter passed from Python: its path, whole
+
+
+def test_every_command_writes_beside_a_one_file_adapter(download, tmp_path, run_cli, monkeypatch):
+    """resize, convert and combine judge OUT against what they read, as merge does: a new output in the
+    download folder is fine, the adapter's own files are not."""
+    folder = tmp_path / "my_lora"
+    shutil.copytree(download, folder)
+    monkeypatch.chdir(folder)
+    ok(run_cli("resize", "adapter_model.safetensors", "--rank", "1", "-o", "resized"))
+    ok(run_cli("convert", "adapter_model.safetensors", "--to", "kohya", "-o", "kohya.safetensors"))
+    ok(run_cli("combine", "adapter_model.safetensors", "resized", "--method", "cat", "-o", "both"))
+    for args in (["resize", "adapter_model.safetensors", "--rank", "1", "-o", "."],
+                 ["convert", "adapter_model.safetensors", "--to", "kohya", "-o", "adapter_model.safetensors"],
+                 ["combine", "adapter_model.safetensors", "resized", "--method", "cat", "-o", "resized"]):
+        assert_refused(run_cli(*args, "--force"), None, "input")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, read_paths
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, MismatchError, UsageError, summarize
 from ..formats.adapters import read_for_peft_output
@@ -274,7 +274,9 @@ def combine(
     if len(loaded) < 2:
         raise UsageError("give at least two adapters to combine")
     weights = parse_weights(list(weights) if weights is not None else None, len(loaded))
-    check_output_path(output, [a.path for a in loaded], force)
+    base_paths = [Path(base)] if base is not None else []
+    check_output_path(output, [*(p for g, a in zip(adapters, loaded) for p in read_paths(g, a.path)), *base_paths],
+                      force)
     _check_inputs(loaded, spec)
     notes: list[str] = []
     full = _full_tensors(loaded, weights, notes)

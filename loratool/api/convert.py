@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, read_paths
 from ..dtypes import OUTPUT_DTYPE_CHOICES, parse_output_dtype
 from ..errors import AdapterError, UsageError, summarize
 from ..formats import CONVERT_TARGETS
@@ -72,7 +72,7 @@ def convert(
     layout = base_layout(base, allow_pickle)
     loaded = load_adapter(adapter, format=format, allow_pickle=allow_pickle, alpha=alpha)
     check_finite([loaded], remedy=None)
-    check_output_path(output, [Path(adapter)] + ([Path(base)] if base is not None else []), force)
+    check_output_path(output, [*read_paths(adapter, loaded.path), *([Path(base)] if base is not None else [])], force)
     notes = []
     if to != "kohya" or layout is not None:
         loaded = resolve_names(loaded, layout)

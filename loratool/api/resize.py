@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, read_paths
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, summarize
 from ..formats.adapters import read_for_peft_output
@@ -64,7 +64,8 @@ def resize(
     out_dtype = parse_output_dtype(dtype)
     loaded = adapter if isinstance(adapter, Adapter) else \
         read_for_peft_output(adapter, adapter_format, alpha, base, allow_pickle)
-    check_output_path(output, [loaded.path], force)
+    base_paths = [Path(base)] if base is not None else []
+    check_output_path(output, [*read_paths(adapter, loaded.path), *base_paths], force)
     if loaded.use_dora:
         raise AdapterError(
             f"{loaded.path} is a DoRA adapter: its magnitude vector rescales W + ΔW row by row, so a re-ranked ΔW "
