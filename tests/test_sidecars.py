@@ -128,6 +128,20 @@ def test_adapter_config_nonfinite_alpha(run_cli, tmp_path, value, shown):
 
 @pytest.mark.parametrize("text,needle", [
     ("{", "not valid JSON"),
+    ('["r", 8]', "expected a JSON object, found a list"),
+    ('{"r": 8, "lora_alpha": 16, "r": 4}', "'r' appears twice"),
+    ('{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested more than 64 levels"),
+    ('{"peft_type": "LOHA", "x": ' + "{" * 100_000, "nested more than 64 levels"),
+])
+def test_adapter_config_text(run_cli, tmp_path, text, needle):
+    adapter = edited_json(ADAPTER, tmp_path / "adapter", "adapter_config.json", text)
+    assert_refused(run_cli("inspect", adapter), None, "adapter_config.json", needle)
+    out = tmp_path / "out"
+    assert_refused(run_cli("merge", BASE, adapter, "-o", out), out, "adapter_config.json", needle)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{", "not valid JSON"),
     ("[]", "expected a JSON object, found a list"),
     ('{"r": 4, "r": 8}', "'r' appears twice"),
     ('{"lora_alpha": NaN}', "'lora_alpha' is NaN"),
