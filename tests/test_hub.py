@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from helpers import load_folder, ok
+from helpers import assert_refused, load_folder, ok
 from hub_server import FakeHub
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -157,3 +157,6 @@ def test_hf_locations_in_merge(run_cli, hub, tmp_path):
     assert bad.code == 2 and "not a Hub location" in bad.stderr
     missing = run_cli("inspect", "hf://tester/nothing-here")
     assert missing.code == 2 and "tester/nothing-here" in missing.stderr
+    invalid = run_cli("pull", "bad//id", "-o", tmp_path / "pulled")  # huggingface_hub's own validation
+    assert invalid.code == 2 and "bad//id" in invalid.stderr and "unexpected" not in invalid.stderr, invalid
+    assert_refused(run_cli("extract", tmp_path / "missing", "-o", tmp_path / "x"), None, "no such file")

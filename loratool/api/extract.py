@@ -86,6 +86,8 @@ def extract(
     LoRA tensors dropped, `base_layer.`/`original_module.` names restored, merged loralib weights unmerged."""
     checkpoint, output = Path(checkpoint), Path(output)
     base_output = Path(base_output) if base_output is not None else None
+    if not Path(checkpoint).exists():
+        raise UsageError(f"{checkpoint}: no such file or folder")
     fmt = format or detect_format(checkpoint, allow_pickle)
     if fmt not in EMBEDDED:
         what = f"a {fmt} adapter" if fmt else "not a checkpoint with LoRA tensors inside"

@@ -48,6 +48,8 @@ def hub_call(what: str, repo_id: str, token: str | None = None) -> Iterator[None
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
         raise HubError(_scrub(f"{what}: {repo_id} (or that revision) was not found at {endpoint}, or the token "
                               "cannot see it", token)) from e
+    except hf_errors.HFValidationError as e:
+        raise UsageError(f"{what}: {' '.join(str(e).split())}") from e
     except hf_errors.OfflineModeIsEnabled as e:
         raise HubError(f"{what}: HF_HUB_OFFLINE is set and {repo_id} is not in the local cache") from e
     except hf_errors.LocalEntryNotFoundError as e:
