@@ -244,3 +244,13 @@ def test_gguf_adapter_with_a_number_alpha_still_reads(run_cli, tmp_path):
     result = run_cli("inspect", path, "--json")
     assert result.code == 0, result
     assert json.loads(result.stdout)["lora_alpha"] == 16.0
+
+
+def test_export_onnx_reads_config_json_through_the_same_checks(tmp_path):
+    from loratool.errors import UsageError
+    from loratool.export.graph import model_config
+
+    for text in ("[1, 2]", '{"model_type": "llama", "num_hidden_layers": 1e9}', "{" * 200):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(UsageError, match="config.json"):
+            model_config(tmp_path)

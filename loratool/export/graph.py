@@ -7,7 +7,6 @@ need); onnx, onnxscript, onnxruntime and transformers come with the `onnx` extra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,7 +37,9 @@ def model_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UsageError(f"{model_dir} has no config.json: export needs the architecture, not just the weights")
-    config = json.loads(path.read_text())
+    from ..jsonio import MODEL_CONFIG_RULES, read_json
+
+    config = read_json(path, UsageError, rules=MODEL_CONFIG_RULES)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UsageError(f"{model_dir}: model type {model_type!r} is not supported for ONNX export; supported: "

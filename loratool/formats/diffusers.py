@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import write_safetensors
 from ..errors import AdapterError, summarize
+from ..jsonio import LORA_CONFIG_RULES, check_fields, parse_json
 from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
 from ..lora.algorithms import LoraModule
@@ -63,14 +64,14 @@ def _component_configs(metadata: dict[str, str], source: Path) -> dict[str, dict
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{source}: {METADATA_KEY} is not valid JSON ({e})") from e
+    where = f"{source}: metadata {METADATA_KEY!r}"
+    flat = parse_json(raw, where, AdapterError)  # an object, bounded, no NaN or duplicated keys
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
         configs.setdefault(component, {})[field] = value
+    for component, config in configs.items():
+        check_fields(config, where, LORA_CONFIG_RULES, AdapterError, prefix=f"{component}.")
     return configs
 
 

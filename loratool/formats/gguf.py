@@ -13,7 +13,6 @@ that need it, so that `loratool --help` never loads it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, InvalidCheckpointError, MismatchError, UsageError, summarize
+from ..jsonio import MODEL_CONFIG_RULES, read_json
 from ..lora.llamacpp import folded_factors, interleave_rope_rows
 from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
@@ -104,10 +104,8 @@ def read_gguf_base(base: str | os.PathLike) -> GgufBase:
     if not config_path.is_file():
         raise UsageError(f"--base for gguf is the base's HF model folder (config.json gives the architecture and "
                          f"head counts); {folder} has no config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidCheckpointError(f"{config_path}: not valid JSON ({e})") from e
+    # an object, bounded; layer and head counts in range before anything is sized by them
+    config = read_json(config_path, InvalidCheckpointError, rules=MODEL_CONFIG_RULES)
     architecture = (config.get("architectures") or [None])[0]
     rule = ARCHITECTURES.get(architecture)
     if rule is None:

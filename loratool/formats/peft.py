@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import LazyTensor, write_safetensors
 from ..errors import AdapterError, summarize
+from ..jsonio import LORA_CONFIG_RULES, check_fields, read_json
 from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
 from ..lora.algorithms import LoraModule
@@ -92,10 +94,7 @@ def _check_config(config: dict, config_path: Path) -> None:
     used = [label for key, label in UNSUPPORTED_FEATURES.items() if config.get(key) not in (None, False, {}, [])]
     if used:
         raise AdapterError(f"{config_path}: uses {summarize(used)}, which loratool cannot merge exactly")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-            raise AdapterError(f"{config_path}: {key} must be a positive number, got {value!r}")
+    check_fields(config, str(config_path), LORA_CONFIG_RULES, AdapterError)  # r, alpha, patterns: type and range
 
 
 def _weights_file(folder: Path, given: Path) -> Path:
@@ -108,14 +107,8 @@ def _weights_file(folder: Path, given: Path) -> Path:
 
 
 def load_config_json(path: Path) -> dict:
-    """An adapter_config.json as a dict, or one clear error."""
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return config
+    """An adapter_config.json as a dict (bounded, strict, its LoRA fields type-checked), or one clear error."""
+    return read_json(path, AdapterError, rules=LORA_CONFIG_RULES)
 
 
 def read_peft_adapter(path: Path, allow_pickle: bool = False, header_only: bool = False) -> Adapter:
@@ -148,12 +141,14 @@ def looks_like_bare_peft(keys: list[str]) -> bool:
         k.endswith((".lora_A.weight", ".lora_embedding_A")) for k in keys)
 
 
-def _metadata_alpha(metadata: dict[str, str]) -> float | None:
+def _metadata_alpha(metadata: dict[str, str], path: Path) -> float | None:
     for key in ALPHA_METADATA_KEYS:
         try:
             value = float(metadata[key])
         except (KeyError, ValueError):
             continue
+        if not math.isfinite(value):
+            raise AdapterError(f"{path}: metadata {key!r} is {metadata[key]!r}, not a finite lora_alpha; pass --alpha")
         if value > 0:
             return value
     return None
@@ -167,7 +162,7 @@ def read_bare_peft_adapter(path: Path, alpha: float | None = None, allow_pickle:
     with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
         state = checkpoint.load_all(header_only)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
-    known = alpha if alpha is not None else _metadata_alpha(metadata)
+    known = alpha if alpha is not None else _metadata_alpha(metadata, path)
     if known is None and need_alpha:
         raise AdapterError(f"{path}: PEFT weights without their {CONFIG_NAME}, so lora_alpha is unknown; pass --alpha "
                            "(the lora_alpha it was trained with)")
@@ -202,8 +197,9 @@ def _group_keys(state: dict[str, torch.Tensor], source: Path):
                     kinds[module] = kind
                 break
         else:
-            if ".lora_" in key:
-                raise AdapterError(f"{source}: unrecognised LoRA tensor {key!r}")
+            if ".lora_" in key or not key.endswith((".weight", ".bias")):
+                raise AdapterError(f"{source}: unrecognised LoRA tensor {key!r} (neither a LoRA factor nor a whole "
+                                   "weight or bias)")
             full[key.replace(".base_layer.", ".")] = tensor
     return {name: (parts, kinds.get(name)) for name, parts in modules.items()}, full
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from ..checkpoint import open_checkpoint
 from ..checkpoint.writer import LazyTensor, write_safetensors
 from ..errors import AdapterError, summarize
+from ..jsonio import read_json
 from ..lora.algorithms import LoHa, LoKr, split_key, tucker_to_flat
 from ..lora.module import Adapter
 from ..lora.scaling import pattern_value
@@ -65,9 +66,9 @@ def as_lora_config(config: dict, source_format: str) -> dict:
 
 def peft_type_of(folder: Path) -> str | None:
     """LOHA/LOKR when `folder`'s adapter_config.json names one, else None (not this reader's)."""
-    try:
-        peft_type = str(json.loads((folder / CONFIG_NAME).read_text()).get("peft_type", "")).upper()
-    except (OSError, ValueError, AttributeError):
+    try:  # bounded and strict (jsonio); a broken config is reported by the reader that loads it
+        peft_type = str(read_json(folder / CONFIG_NAME, AdapterError).get("peft_type", "")).upper()
+    except AdapterError:
         return None
     return peft_type if peft_type in PEFT_TYPES else None
 

@@ -8,7 +8,6 @@ Scales come from an `adapter_config.json` beside the checkpoint when there is on
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from ..lora.kinds import LayerKind
 from ..lora.algorithms import LoraModule
 from ..lora.scaling import pattern_value
 from . import ReadOptions
-from .peft import CONFIG_NAME, KEY_PREFIX, _check_config
+from .peft import CONFIG_NAME, KEY_PREFIX, _check_config, load_config_json
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +52,7 @@ def _config(path: Path, alpha: float | None) -> dict:
     folder = path if path.is_dir() else path.parent
     config_path = folder / CONFIG_NAME
     if config_path.is_file():
-        config = json.loads(config_path.read_text())
+        config = load_config_json(config_path)
         _check_config(config, config_path)
         return config
     if alpha is None:
