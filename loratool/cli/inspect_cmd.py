@@ -1,9 +1,16 @@
-"""`loratool inspect`: rich tables for people, `--json` for scripts."""
+"""`loratool inspect`: rich tables for people, `--json` for scripts.
+
+Every string a file put in the report (names, targets, metadata) is shown escaped (`errors.printable`)
+and never read as rich markup. The `--tensors` listing is plain aligned lines written as they are
+formatted, not a rich table: rich lays a table out whole, which took 3 minutes and 1.3 GB for 400k
+tensors (docs/checkpoints.md has the figures).
+"""
 
 from __future__ import annotations
 
 import click
 
+from ..errors import printable
 from ..units import format_bytes
 from .params import LocationType, allow_pickle_option, json_option
 
@@ -47,8 +54,27 @@ def _summary(report: dict):
         ("size", format_bytes(report["bytes"])),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, _text(value))
     return table
+
+
+def _text(value: str):
+    """A table cell shown as it is: no rich markup read from a name in a file."""
+    from rich.text import Text
+
+    return Text(value)
+
+
+def _shown(value):
+    """The report with every string (keys too) escaped for a terminal; the tensor listing is left to
+    `_tensor_lines`, which escapes each name as it writes it."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_shown(k): (v if k == "tensor_list" else _shown(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    return value
 
 
 def _r_alpha(report: dict) -> str:
@@ -77,7 +103,7 @@ def _dtypes(report: dict):
     for column in ("dtype", "tensors", "parameters", "size"):
         table.add_column(column, justify="left" if column == "dtype" else "right")
     for dtype, entry in report["dtypes"].items():
-        table.add_row(dtype, f"{entry['tensors']:,}", f"{entry['parameters']:,}", format_bytes(entry["bytes"]))
+        table.add_row(_text(dtype), f"{entry['tensors']:,}", f"{entry['parameters']:,}", format_bytes(entry["bytes"]))
     return table
 
 
@@ -115,7 +141,7 @@ def _groups(report: dict, width: int = 80):
         table.add_column(column, justify="left" if i < 3 else "right", no_wrap=i > 1, overflow="fold" if i == 0 else "ellipsis",
                          width=fitted[i] if i < 2 and fitted[i] < natural[i] else None)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(_text, row))
     return table
 
 
@@ -135,16 +161,24 @@ def _or_dash(value, spec: str = "", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def _tensors(report: dict):
-    from rich.table import Table
+#: The widest a listing column is padded to; a longer cell (a very long name) just pushes its line wider.
+_MAX_PAD = 96
 
-    table = Table(title="tensors", title_justify="left")
-    for column in ("name", "dtype", "shape", "size"):
-        table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column != "name",
-                         overflow="fold" if column == "name" else "ellipsis")
-    for t in report["tensor_list"]:
-        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", format_bytes(t["bytes"]))
-    return table
+
+def _tensor_lines(rows: list[dict]):
+    """The `--tensors` listing as plain lines: a title, a header, then one line per tensor (name, dtype,
+    shape, size), columns padded to their widest cell up to `_MAX_PAD`. Linear in the number of tensors;
+    the lines are produced one by one, for `Output.lines` to write as they come."""
+    names = [printable(t["name"]) for t in rows]
+    dtypes = [printable(str(t["dtype"])) for t in rows]
+    shapes = ["×".join(map(str, t["shape"])) or "scalar" for t in rows]
+    sizes = [format_bytes(t["bytes"]) for t in rows]
+    width = [min(_MAX_PAD, max(len(column), *map(len, cells)))
+             for column, cells in (("name", names), ("dtype", dtypes), ("shape", shapes), ("size", sizes))]
+    yield "tensors"
+    yield f"{'name':<{width[0]}}  {'dtype':<{width[1]}}  {'shape':<{width[2]}}  {'size':>{width[3]}}"
+    for row in zip(names, dtypes, shapes, sizes):
+        yield f"{row[0]:<{width[0]}}  {row[1]:<{width[1]}}  {row[2]:<{width[2]}}  {row[3]:>{width[3]}}"
 
 
 @click.command("inspect")
@@ -168,19 +202,24 @@ def inspect_cmd(out, path, as_json, tensors, check, allow_pickle):
     with out.progress("checking") as advance:
         report = inspect(path, check=check, tensors=tensors, allow_pickle=allow_pickle, progress=advance)
     if as_json:
-        out.json(report)
+        out.json(report, rows="tensor_list")
     else:
-        out.print(_summary(report))
-        out.print(_dtypes(report))
-        if report["kind"] == "adapter":
-            out.print(_groups(report, out.stdout.width))
+        from rich.markup import escape
+
+        shown = _shown(report)
+        out.print(_summary(shown))
+        out.print(_dtypes(shown))
+        if shown["kind"] == "adapter":
+            out.print(_groups(shown, out.stdout.width))
         if tensors:
-            out.print(_tensors(report))
+            out.lines(_tensor_lines(report["tensor_list"]))
         metadata = report.get("metadata") or {}
-        if any(metadata.values()):
-            out.print("metadata: " + ", ".join(f"{f}: {m}" for f, m in metadata.items() if m))
+        if any(metadata.values()):  # a dict's repr already escapes what is not printable in its strings
+            out.print(_text("metadata: " + ", ".join(f"{printable(f)}: {printable(str(m))}"
+                                                     for f, m in metadata.items() if m)))
         if check:
-            bad = report["nonfinite"]
-            out.print(f"[red]NaN/Inf in {len(bad)} tensor(s):[/] " + ", ".join(bad) if bad else "[green]all values finite[/]")
+            bad = shown["nonfinite"]
+            out.print(f"[red]NaN/Inf in {len(bad)} tensor(s):[/] " + escape(", ".join(bad)) if bad
+                      else "[green]all values finite[/]")
     if check and report["nonfinite"]:
         raise click.exceptions.Exit(2)

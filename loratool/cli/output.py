@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from functools import cached_property
 
 from .. import env
+from ..errors import printable
 
 
 def error_json(message: str, hint: str | None, exit_code: int) -> None:
@@ -40,15 +42,46 @@ class Output:
 
         return Console(stderr=True, soft_wrap=True)
 
-    def json(self, value) -> None:
-        sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+    def json(self, value, rows: str | None = None) -> None:
+        """`value` as indented JSON. With `rows`, the list under that key is written one compact entry per
+        line, in chunks, as it is encoded: a listing of 400k tensors costs neither 4M lines of indented
+        JSON nor one string of the whole document."""
+        if rows is None or not value.get(rows):
+            sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+            return
+        marker = f"\x00{uuid.uuid4().hex}\x00"  # a string no file can have put in `value` beforehand
+        head, tail = json.dumps({**value, rows: marker}, indent=2, sort_keys=False).split(json.dumps(marker), 1)
+        encode = json.JSONEncoder(separators=(", ", ": ")).encode
+        sys.stdout.write(head + "[\n")
+        self.lines(("    " + encode(row) for row in value[rows]), separator=",\n", end="")
+        sys.stdout.write("\n  ]" + tail + "\n")
+
+    def lines(self, lines, separator: str = "\n", end: str = "\n", chunk: int = 4096) -> None:
+        """Write `lines` (an iterable of str) to stdout as they come, `chunk` at a time, joined by
+        `separator`, with `end` after the last one (nothing at all when there are none). For long plain
+        listings, which a rich table would lay out whole, in time and memory far beyond linear."""
+        batch: list[str] = []
+        lead = ""
+        for line in lines:
+            batch.append(line)
+            if len(batch) == chunk:
+                sys.stdout.write(lead + separator.join(batch))
+                batch, lead = [], separator
+        if batch:
+            sys.stdout.write(lead + separator.join(batch))
+            lead = separator
+        if lead:
+            sys.stdout.write(end)
 
     def print(self, *renderables) -> None:
         self.stdout.print(*renderables)
 
     def note(self, message: str) -> None:
+        """A note on stderr; names from files in it are shown escaped, never read as rich markup."""
         if not self.quiet:
-            self.stderr.print(f"[yellow]note:[/] {message}", highlight=False)
+            from rich.markup import escape
+
+            self.stderr.print(f"[yellow]note:[/] {escape(printable(message))}", highlight=False)
 
     def notes_then_json(self, result, as_json: bool) -> bool:
         """Print a command result's notes to stderr, and with --json its `to_json()` to stdout.
