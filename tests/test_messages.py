@@ -163,6 +163,12 @@ def test_inspect_tensors_json_lists_a_large_header_completely(run_cli, large):
                          "file": "large.safetensors"}
 
 
+def test_an_empty_listing(run_cli, tmp_path):
+    path = write_header(tmp_path / "empty.safetensors", {})
+    assert ok(run_cli("inspect", path, "--tensors")).stdout.splitlines()[-2:] == ["tensors", "name  dtype  shape  size"]
+    assert json.loads(ok(run_cli("inspect", path, "--tensors", "--json")).stdout)["tensor_list"] == []
+
+
 def test_json_rows_are_the_same_document(run_cli):
     """The streamed `tensor_list` is the JSON document `json.dumps` would give, only laid out per row."""
     from loratool.api.inspect import inspect

@@ -173,7 +173,7 @@ def _tensor_lines(rows: list[dict]):
     dtypes = [printable(str(t["dtype"])) for t in rows]
     shapes = ["×".join(map(str, t["shape"])) or "scalar" for t in rows]
     sizes = [format_bytes(t["bytes"]) for t in rows]
-    width = [min(_MAX_PAD, max(len(column), *map(len, cells)))
+    width = [min(_MAX_PAD, max([len(column), *map(len, cells)]))
              for column, cells in (("name", names), ("dtype", dtypes), ("shape", shapes), ("size", sizes))]
     yield "tensors"
     yield f"{'name':<{width[0]}}  {'dtype':<{width[1]}}  {'shape':<{width[2]}}  {'size':>{width[3]}}"
