@@ -110,8 +110,6 @@ def mutate(mutation: str, algorithm: str, parts: dict[str, torch.Tensor], alpha:
         last = list(parts)[-1]
         t = parts[last]
         parts[last] = torch.cat([t, t[..., :1]], dim=-1)
-    if mutation in ("negative_alpha", "nan_alpha", "inf_alpha", "huge_alpha") and algorithm == "full":
-        parts["diff"] = parts["diff"] * 1.0  # a full diff has no alpha; write one anyway: it must be refused or ignored
     return parts, alpha
 
 
@@ -125,11 +123,12 @@ def check_refusal(result) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result
 
 
-@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(algorithm=st.sampled_from(ALGORITHMS), target=st.sampled_from(sorted(TARGETS)),
-       dialect=st.sampled_from(sorted(DIALECTS)), mutation=st.sampled_from(MUTATIONS),
-       rank=st.integers(1, 3), alpha=st.one_of(st.none(), st.floats(0.25, 8)), seed=st.integers(0, 2**16))
-def test_merge_and_convert_keep_the_contract(run_cli, flux_base, algorithm, target, dialect, mutation, rank, alpha,
+@pytest.mark.parametrize("mutation", MUTATIONS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.sampled_from(sorted(TARGETS)), dialect=st.sampled_from(sorted(DIALECTS)), rank=st.integers(1, 3),
+       alpha=st.one_of(st.none(), st.floats(0.25, 8)), seed=st.integers(0, 2**16))
+def test_merge_and_convert_keep_the_contract(run_cli, flux_base, algorithm, mutation, target, dialect, rank, alpha,
                                               seed):
     if algorithm == "full":
         alpha = None if mutation not in ("nan_alpha", "inf_alpha", "huge_alpha", "negative_alpha") else alpha
@@ -161,7 +160,9 @@ def test_merge_and_convert_keep_the_contract(run_cli, flux_base, algorithm, targ
     assert merged.code in (0, 2) and converted.code in (0, 2), (merged, converted)
     assert merged.code == converted.code, ("merge and convert disagree", merged, converted)
 
-    if mutation not in VALID and not (algorithm == "full" and "alpha" in mutation):
+    # a full diff has no scale: a finite alpha beside it is ignored, a non-finite one is still refused
+    ignored = algorithm == "full" and mutation in ("negative_alpha", "huge_alpha")
+    if mutation not in VALID and not ignored:
         check_refusal(merged)
         check_refusal(converted)
         assert not (work / "merged.safetensors").exists() and not (work / "peft").exists()
