@@ -12,13 +12,14 @@ so a bad value is one line that names the file and the key, never a TypeError de
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,19 @@ def _find_nonfinite(value: Any, path: tuple = ()) -> tuple[tuple, _NonFinite] | 
     return None
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block that builds millions of objects and no cycles
+    (parsing a header, then validating its entries): its collections would only halve the speed."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def parse_json(raw: bytes | str, source: str, error: _ErrorType = InvalidCheckpointError,
                limits: Limits = SIDECAR, expect: type | None = dict) -> Any:
     """Parse `raw` strictly within `limits`, or raise `error` with one line that starts with `source`
@@ -174,19 +188,15 @@ def parse_json(raw: bytes | str, source: str, error: _ErrorType = InvalidCheckpo
         value = float(number)
         return value if math.isfinite(value) else constant(number)
 
-    collecting = gc.isenabled()
-    gc.disable()  # the parse makes millions of objects and no cycles: collections would only halve its speed
     try:
-        parsed = json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=constant, parse_float=real)
+        with collector_paused():
+            parsed = json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=constant, parse_float=real)
     except _Duplicate as e:
         raise error(f"{source}: key {e.key!r} appears twice in one object (which one is meant is ambiguous)") from None
     except RecursionError as e:  # the pre-scan bounds the depth; this only guards against a smaller stack
         raise error(f"{source}: JSON nested too deeply") from e
     except ValueError as e:  # JSONDecodeError, and ints of more digits than Python converts
         raise error(f"{source}: not valid JSON ({e})") from e
-    finally:
-        if collecting:
-            gc.enable()
     if nonfinite:
         where, value = _find_nonfinite(parsed)
         raise error(f"{source}: {key_path(where)} is {value.text}, which is not a JSON number; write a finite value")

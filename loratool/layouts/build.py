@@ -28,10 +28,11 @@ def _target(shapes: Shapes, module: str, prefix: str, source: str | None, **extr
 def transformers_model(shapes: Shapes, source: str | None = None, name: str | None = None) -> Component:
     """A plain model (an LLM, or anything without a known diffusion layout): names as stored, and the
     weight's orientation decided later from shapes (HF `Conv1D` stores (in, out))."""
-    component = Component(name=name, layout="transformers")
-    for module in _modules(shapes):
-        component.add(module, _target(shapes, module, "", source, transposed=None))
-    return component
+    def fill(component: Component) -> None:
+        for module in _modules(shapes):
+            component.add(module, _target(shapes, module, "", source, transposed=None))
+
+    return Component(name=name, layout="transformers", build=fill)
 
 
 def ldm_unet(shapes: Shapes, prefix: str, source: str | None = None) -> Component:

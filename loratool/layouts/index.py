@@ -77,10 +77,27 @@ class Component:
 
     name: str | None
     layout: str
-    targets: dict[str, Target] = field(default_factory=dict)
+    _targets: dict[str, Target] = field(default_factory=dict, repr=False)
     #: alias -> ((canonical module, rows of the LoRA's B that feed it, halves swapped), ...)
-    aliases: dict[str, tuple[tuple[str, Rows | None, bool], ...]] = field(default_factory=dict)
+    _aliases: dict[str, tuple[tuple[str, Rows | None, bool], ...]] = field(default_factory=dict, repr=False)
     _flat: dict[str, set[tuple]] | None = field(default=None, repr=False)
+    #: Fills the tables on first use: a plain model's 400k tensors need no table to say what the base is.
+    build: Callable[[Component], None] | None = field(default=None, repr=False)
+
+    def _built(self) -> None:
+        if self.build is not None:
+            build, self.build = self.build, None
+            build(self)
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        self._built()
+        return self._targets
+
+    @property
+    def aliases(self) -> dict[str, tuple[tuple[str, Rows | None, bool], ...]]:
+        self._built()
+        return self._aliases
 
     def add(self, module: str, target: Target, *aliases: str) -> None:
         self.targets[module] = target
