@@ -74,3 +74,17 @@ def test_unexpected_errors_carry_the_debug_hint(run_cli, monkeypatch):
     assert debug.code == 1 and "Traceback" in debug.stderr and json.loads(debug.stdout)["hint"] is None
     plain = run_cli("inspect", FIXTURES / "lora-llama")
     assert plain.code == 1 and plain.stdout == ""  # without --json, stdout stays empty
+
+
+def test_json_results_are_strict_json_and_report_non_finite_numbers(capsys):
+    import math
+
+    from loratool.cli.output import Output
+
+    Output().json({"scale": math.nan, "modules": [{"alpha": math.inf}, {"alpha": 2.0}], "problems": ["x"]})
+    report = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
+    assert report["scale"] is None and report["modules"][0]["alpha"] is None and report["modules"][1]["alpha"] == 2.0
+    assert report["problems"] == ["x", "scale is nan, not a finite number", "modules[0].alpha is inf, not a finite number"]
+    Output().json({"tensors": 1, "tensor_list": [{"name": "a"}], "bytes": -math.inf}, rows="tensor_list")
+    listed = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
+    assert list(listed) == ["tensors", "tensor_list", "bytes", "problems"] and listed["tensor_list"] == [{"name": "a"}]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,27 @@ def error_json(message: str, hint: str | None, exit_code: int) -> None:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError, OSError):
         pass
+
+
+def finite_json(value: dict) -> dict:
+    """`value` with every NaN or infinite number replaced by null and listed under "problems" (by its
+    path): `--json` output is strict JSON, and a non-finite number in a result is something to report."""
+    found: list[str] = []
+
+    def clean(item, path: str):
+        if isinstance(item, float) and not math.isfinite(item):
+            found.append(f"{path} is {item}, not a finite number")
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(item)]
+        return item
+
+    cleaned = clean(value, "")
+    if found:
+        cleaned["problems"] = [*cleaned.get("problems", []), *found]
+    return cleaned
 
 
 class Output:
@@ -46,12 +68,15 @@ class Output:
         """`value` as indented JSON. With `rows`, the list under that key is written one compact entry per
         line, in chunks, as it is encoded: a listing of 400k tensors costs neither 4M lines of indented
         JSON nor one string of the whole document."""
+        value = finite_json({k: None if k == rows else v for k, v in value.items()}) | (
+            {rows: value[rows]} if rows in value else {})
         if rows is None or not value.get(rows):
-            sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+            sys.stdout.write(json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n")
             return
         marker = f"\x00{uuid.uuid4().hex}\x00"  # a string no file can have put in `value` beforehand
-        head, tail = json.dumps({**value, rows: marker}, indent=2, sort_keys=False).split(json.dumps(marker), 1)
-        encode = json.JSONEncoder(separators=(", ", ": ")).encode
+        head, tail = json.dumps({**value, rows: marker}, indent=2, sort_keys=False,
+                                allow_nan=False).split(json.dumps(marker), 1)
+        encode = json.JSONEncoder(separators=(", ", ": "), allow_nan=False).encode
         sys.stdout.write(head + "[\n")
         self.lines(("    " + encode(row) for row in value[rows]), separator=",\n", end="")
         sys.stdout.write("\n  ]" + tail + "\n")
