@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, copy_regular_file
 from ..checkpoint.reader import COMPANION_FILES
 from ..errors import LoratoolError, UsageError
 from ..export.graph import (TASKS, attach_lora_slots, export_to_folder, features, graph_input_name, load_model,
@@ -153,7 +152,7 @@ def export_onnx(
                 diffs = _validate_with_past(temp / "model.onnx", model, atol)
             for companion in COMPANION_FILES:
                 if (model_dir / companion).is_file() and not (temp / companion).exists():
-                    shutil.copy2(model_dir / companion, temp / companion)
+                    copy_regular_file(model_dir / companion, temp / companion)
             opset = _opset_of(temp / "model.onnx")
             facts = {"model_type": config["model_type"], "task": task, "opset": opset, "dtype": dtype,
                      "with_past": with_past, "inputs": graph_inputs, "validation_max_abs_diff": diffs,

@@ -4,14 +4,13 @@ its LoRA tensors: a loralib state dict or a PEFT-wrapped model's state dict."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, copy_regular_file
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, write_index
 from ..errors import AdapterError, MismatchError, UsageError
 from ..formats import EMBEDDED
@@ -175,4 +174,4 @@ def _write_clean_base(source: Checkpoint, adapter: Adapter, fmt: str, output: Pa
             if len(layout) > 1 or source.index_path is not None:
                 write_index(temp / "model.safetensors.index.json", planned_layout)
             for companion in source.companion_files():
-                shutil.copy2(companion, temp / companion.name)
+                copy_regular_file(companion, temp / companion.name)

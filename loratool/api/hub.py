@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import env
-from ..checkpoint.output import atomic_output, check_output_path
+from ..checkpoint.output import atomic_output, check_output_path, copy_regular_file
 from ..errors import AdapterError, UsageError
 from ..formats.adapters import load_adapter, peft_config_for
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME, find_peft_folder, write_peft_adapter
@@ -47,13 +47,13 @@ def _stage(path: Path, staging: Path, keep_original: bool, allow_pickle: bool, n
     folder = find_peft_folder(path) if adapter.source_format == "peft" else None
     if folder is not None and (folder / WEIGHTS_NAME).is_file():
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copy2(folder / name, staging / name)
+            copy_regular_file(folder / name, staging / name)
         return adapter, folder
     write_peft_adapter(staging, adapter.modules, adapter.full_tensors, peft_config_for(adapter))
     notes.append(f"converted the {adapter.source_format} adapter to PEFT safetensors for upload")
     if keep_original and path.is_file() and path.suffix == ".safetensors":
         (staging / "original").mkdir()
-        shutil.copy2(path, staging / "original" / path.name)
+        copy_regular_file(path, staging / "original" / path.name)
     return adapter, folder
 
 
@@ -74,7 +74,7 @@ def push(adapter: str | os.PathLike, repo_id: str, private: bool = False, revisi
         adapter_bytes = (staging / WEIGHTS_NAME).stat().st_size
         existing = folder / CARD_NAME if folder is not None else None
         if existing is not None and existing.is_file() and not card_overwrite:
-            shutil.copy2(existing, staging / CARD_NAME)
+            copy_regular_file(existing, staging / CARD_NAME)
             notes.append(f"kept the existing {CARD_NAME} (--card-overwrite replaces it)")
         else:
             loaded.config = json.loads((staging / CONFIG_NAME).read_text())

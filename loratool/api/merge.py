@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.output import atomic_output, check_output_path, read_paths
+from ..checkpoint.output import atomic_output, check_output_path, copy_regular, copy_regular_file, read_paths
 from ..checkpoint.pipeline import BackgroundWriter, BufferPool, ReadAhead
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
@@ -299,8 +298,6 @@ def _copy_component_extras(folder: Path, target: Path) -> None:
     files (symlinks followed, as in a Hugging Face cache snapshot), each copied up to the size its stat
     gives. Subfolders are left out, as they always were; a FIFO, device, socket or broken symlink is
     refused (`copy_regular`), never read."""
-    from ..checkpoint.output import copy_regular
-
     for entry in sorted(folder.iterdir()):
         if entry.name.endswith((".safetensors", ".index.json")) or (target / entry.name).exists() or \
                 entry.is_dir():
@@ -312,8 +309,6 @@ def _copy_pipeline_files(base: Path, temp: Path, merged: set[str | None]) -> Non
     """Everything of a pipeline folder except the components being merged, as it is: regular files and
     folders, symlinks followed; a FIFO, device, socket, broken symlink or symlink loop anywhere in it is
     refused with one line naming it (`copy_regular`), and no file is read past the size its stat gave."""
-    from ..checkpoint.output import copy_regular
-
     for entry in sorted(base.iterdir()):
         if entry.name in merged:
             continue
@@ -439,6 +434,6 @@ def _finish_folder(checkpoint: Checkpoint, layout: dict[str, list[PlannedTensor]
         index_name = checkpoint.index_path.name if checkpoint.index_path and checkpoint.pickled is None else INDEX_NAME
         write_index(temp / index_name, layout)
     for companion in checkpoint.companion_files():
-        shutil.copy2(companion, temp / companion.name)
+        copy_regular_file(companion, temp / companion.name)
     if out_dtype is not None and (temp / "config.json").is_file():
         _update_config(temp / "config.json", out_dtype)
