@@ -42,6 +42,8 @@ class Landing:
 class Resolution:
     landings: list[Landing] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Adapter modules the base lacks, left out with `skip_missing`.
+    skipped: list[str] = field(default_factory=list)
 
 
 def _stored_shape(piece: Piece) -> tuple[int, ...]:
@@ -64,21 +66,31 @@ def _fused_rows_problem(name: str, module: AdapterModule, pieces: tuple[Piece, .
     return None
 
 
-def resolve(adapter: Adapter, layout: BaseLayout, canonical_names: bool = True) -> Resolution:
+def resolve(adapter: Adapter, layout: BaseLayout, canonical_names: bool = True,
+            skip_missing: bool = False) -> Resolution:
     """Every landing of `adapter`'s modules on the base `layout`, or one MismatchError listing every
     module that does not fit (unknown names, shapes, DoRA on a fused tensor, a bias with nowhere to go,
     two modules on the same base rows).
 
     With `canonical_names` each landing's module is named as the base's canonical module (diffusers'
     names for diffusion models); otherwise it keeps the adapter's name unless a fused module splits.
+    With `skip_missing`, modules the base lacks are listed in `skipped` instead of refused (a Wan I2V
+    LoRA's `k_img`/`v_img` on a T2V base); everything else is still checked.
     """
-    pieces_of = layout.resolve(adapter.modules, flat=adapter.unresolved_names, source=adapter.path)
+    pieces_of = layout.resolve(adapter.modules, flat=adapter.unresolved_names, source=adapter.path,
+                               skip_missing=skip_missing)
+    skipped = sorted(set(adapter.modules) - set(pieces_of))
+    if adapter.modules and not pieces_of:
+        raise MismatchError(f"{adapter.path}: none of its {len(skipped)} modules is in the base {layout.path} "
+                            f"({layout.summary()}): {summarize(skipped)}")
     model_type = (layout.config or {}).get("model_type")
     problems: list[str] = []
     candidates: dict[int, list[bool]] = {}
     parts: list[tuple[str, AdapterModule, Piece]] = []
     taken: dict[tuple, str] = {}
     for name, module in adapter.modules.items():
+        if name not in pieces_of:
+            continue
         pieces = pieces_of[name]
         fused = _fused_rows_problem(name, module, pieces)
         if fused:
@@ -111,7 +123,7 @@ def resolve(adapter: Adapter, layout: BaseLayout, canonical_names: bool = True) 
     if problems:
         raise MismatchError(f"{adapter.path} does not fit the base: {summarize(problems)}")
     orientation, note = choose_orientation(candidates, model_type, adapter.fan_in_fan_out)
-    resolution = Resolution(notes=[f"{adapter.path}: {note}"] if note else [])
+    resolution = Resolution(notes=[f"{adapter.path}: {note}"] if note else [], skipped=skipped)
     for index, (name, part, piece) in enumerate(parts):
         transposed = orientation[index]
         part.fit_to(stored(_stored_shape(piece), transposed))

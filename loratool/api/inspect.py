@@ -21,7 +21,8 @@ from ..dtypes import code_of
 from ..formats.gguf import GGUF_SUFFIX
 from ..layouts import KOHYA_PREFIXES, layout_of, open_base
 from ..layouts.families import adapter_family
-from ..layouts import clip, flux, unet
+from ..layouts import clip, unet
+from ..layouts.dit_families import FAMILIES
 from ..layouts.index import flatten
 from ..lora.module import Adapter
 from ..lora.kinds import LayerKind
@@ -119,13 +120,13 @@ _ATTENTION_LEAVES = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k
 def _diffusion_leaves() -> tuple[str, ...]:
     """Module leaves in the bases' own terms, for naming diffusion adapters' modules: the UNet's
     attention and resnet leaves (both namings), its top-level modules, CLIP's encoder-layer leaves
-    (both namings) and Flux's block leaves (BFL and diffusers), read off the layout tables."""
+    (both namings) and every DiT family's leaves (both namings), read off the layout tables."""
     leaves = {*_ATTENTION_LEAVES, *unet.RESNET_LEAVES, *unet.RESNET_LEAVES.values(), *clip.IN_PROJ,
-              *clip.RESBLOCK_LEAVES, *clip.RESBLOCK_LEAVES.values(), *flux.TOP_LEVEL, *flux.TOP_LEVEL.values()}
+              *clip.RESBLOCK_LEAVES, *clip.RESBLOCK_LEAVES.values()}
     leaves |= {k for k, v in unet.FIXED.items() if not v.startswith("mid_block.")}
     leaves |= {v for v in unet.FIXED.values() if not v.startswith("mid_block.")}
-    for table in (flux.DOUBLE_BLOCK, flux.SINGLE_BLOCK):
-        leaves |= set(table) | {leaf for parts in table.values() for leaf in parts}
+    for family in FAMILIES:
+        leaves |= family.leaves()
     return tuple(sorted(leaves, key=lambda leaf: (-len(leaf), leaf)))  # longest first: attn2.to_k before to_k
 
 

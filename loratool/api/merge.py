@@ -19,7 +19,7 @@ from ..checkpoint.output import atomic_output, check_output_path, copy_regular, 
 from ..checkpoint.pipeline import BackgroundWriter, BufferPool, ReadAhead
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
-from ..errors import NonFiniteError, UsageError
+from ..errors import NonFiniteError, UsageError, summarize
 from ..formats.adapters import load_adapter
 from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, as_2d
@@ -48,6 +48,8 @@ class MergeResult:
     weights: list[float]
     notes: list[str] = field(default_factory=list)
     layout: dict = field(default_factory=dict)
+    #: Adapter modules the base lacks, left out with `skip_missing` ("adapter: module").
+    skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -61,6 +63,7 @@ class MergeResult:
             "weights": self.weights,
             "notes": self.notes,
             "layout": self.layout,
+            "skipped": self.skipped,
         }
 
 
@@ -192,6 +195,7 @@ def merge(
     progress: ProgressCallback | None = None,
     adapter_format: str | None = None,
     alpha: float | None = None,
+    skip_missing: bool = False,
 ) -> MergeResult:
     """Merge `adapters` into `base`, writing `output` (file -> file, folder -> folder) atomically.
 
@@ -200,7 +204,8 @@ def merge(
     format loratool reads, named in any dialect the base's layout knows (LDM or diffusers UNet names,
     BFL or diffusers Flux names, CLIP with or without `text_model.`). A diffusers pipeline folder merges
     into a folder of the same layout. Without `output`, the result goes to the current directory
-    under a name made of the base's and the adapters' names.
+    under a name made of the base's and the adapters' names. An adapter module the base lacks is refused,
+    or with `skip_missing` left out and listed in the result's `skipped`.
     """
     started = time.perf_counter()
     out_dtype = parse_output_dtype(dtype)
@@ -222,7 +227,7 @@ def merge(
             raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")
         if not single_file and output.suffix == ".safetensors":
             raise UsageError(f"BASE is a folder, so OUT is a folder too; give a folder name, not {output}")
-        plans = plan_merge(layout, checkpoints, loaded, weights, out_dtype, allow_nonfinite)
+        plans = plan_merge(layout, checkpoints, loaded, weights, out_dtype, allow_nonfinite, skip_missing)
         layouts = {source: _layout(checkpoint, out_dtype, max_shard_bytes) for source, checkpoint in checkpoints.items()}
         total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
         report = _progress_over(progress, total)
@@ -253,9 +258,17 @@ def merge(
         seconds=time.perf_counter() - started,
         adapters=[str(a.path) for a in loaded],
         weights=weights,
-        notes=[note for plan in plans.values() for note in plan.notes],
+        notes=[note for plan in plans.values() for note in plan.notes] + _skipped_note(plans),
         layout=layout.describe(),
+        skipped=[name for plan in plans.values() for name in plan.skipped],
     )
+
+
+def _skipped_note(plans: dict[str | None, MergePlan]) -> list[str]:
+    skipped = [name for plan in plans.values() for name in plan.skipped]
+    if not skipped:
+        return []
+    return [f"--skip-missing: {len(skipped)} module(s) the base does not have were left out: {summarize(skipped, 3)}"]
 
 
 def _streamable(checkpoint: Checkpoint, name: str, ops: list) -> bool:

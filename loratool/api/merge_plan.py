@@ -47,6 +47,8 @@ class ReplaceOp:
 class MergePlan:
     ops: dict[str, list] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Adapter modules left out with `skip_missing`, as "adapter: module" (kept on the first plan).
+    skipped: list[str] = field(default_factory=list)
 
     def add(self, base_name: str, op) -> None:
         self.ops.setdefault(base_name, []).append(op)
@@ -69,6 +71,7 @@ def plan_merge(
     weights: list[float],
     out_dtype: torch.dtype | None,
     allow_nonfinite: bool = False,
+    skip_missing: bool = False,
 ) -> dict[str | None, MergePlan]:
     """One plan per checkpoint of the base (one, or one per pipeline component), keyed like `checkpoints`."""
     plans = {source: MergePlan() for source in checkpoints}
@@ -83,7 +86,8 @@ def plan_merge(
             )
         if None in checkpoints:
             _refuse_tied_head(list(adapter.modules) + list(adapter.full_tensors), checkpoints[None], config, adapter)
-        _plan_modules(plans, adapter, weight, layout)
+        skipped = _plan_modules(plans, adapter, weight, layout, skip_missing)
+        next(iter(plans.values())).skipped.extend(f"{adapter.path}: {name}" for name in skipped)
         _plan_full_tensors(plans, layout, checkpoints, adapter, weight)
     for source, plan in plans.items():
         _check_plan(plan, checkpoints[source], out_dtype)
@@ -118,8 +122,9 @@ def _plan_full_tensors(plans: dict, layout: BaseLayout, checkpoints: Mapping[str
         plans[source].add(base_name, ReplaceOp(tensor=tensor, source=str(adapter.path), weight=weight))
 
 
-def _plan_modules(plans: dict, adapter: Adapter, weight: float, layout: BaseLayout) -> None:
-    resolution = resolve(adapter, layout, canonical_names=False)
+def _plan_modules(plans: dict, adapter: Adapter, weight: float, layout: BaseLayout, skip_missing: bool) -> list[str]:
+    """Add the adapter's ops to the plans; returns the modules left out with `skip_missing`."""
+    resolution = resolve(adapter, layout, canonical_names=False, skip_missing=skip_missing)
     for landing in resolution.landings:
         target, part = landing.piece.target, landing.module
         plan = plans[target.source]
@@ -128,6 +133,7 @@ def _plan_modules(plans: dict, adapter: Adapter, weight: float, layout: BaseLayo
         if part.bias is not None:
             plan.add(target.bias, BiasOp(module=part, weight=weight, rows=target.rows))
         resolution.notes = []
+    return resolution.skipped
 
 
 def _check_plan(plan: MergePlan, base: Checkpoint, out_dtype: torch.dtype | None) -> None:

@@ -24,12 +24,15 @@ from .params import (LocationType, SizeType, WeightListType, adapter_format_opti
 @device_option
 @force_option
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even when adapters or results hold NaN/Inf.")
+@click.option("--skip-missing", is_flag=True,
+              help="Merge the modules the base has and skip the ones it lacks (e.g. a Wan I2V LoRA's k_img/v_img "
+                   "on a T2V base), reporting how many. Default: refuse such an adapter.")
 @allow_pickle_option
 @adapter_format_options
 @json_option
 @click.pass_obj
 def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, device, force, allow_nonfinite,
-              allow_pickle, adapter_format, alpha, as_json):
+              skip_missing, allow_pickle, adapter_format, alpha, as_json):
     """Fold one or more ADAPTERS into BASE and write a plain model to OUTPUT.
 
     BASE is a .safetensors file (an LLM, or a single-file SD1/SD2/SDXL/Flux checkpoint), a sharded
@@ -51,7 +54,7 @@ def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, devic
     with out.progress("merging") as advance:
         result = merge(base, list(adapters), output, weights=weights, dtype=dtype, max_shard_bytes=max_shard_size,
                        device=device, force=force, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
-                       progress=advance, adapter_format=adapter_format, alpha=alpha)
+                       progress=advance, adapter_format=adapter_format, alpha=alpha, skip_missing=skip_missing)
     if out.notes_then_json(result, as_json):
         return
     out.print(

@@ -65,15 +65,20 @@ def read(path: Path, options: ReadOptions) -> Adapter:
         state = checkpoint.load_all(options.header_only and plain)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
+    unknown, twice = [], []
     for key, tensor in state.items():
         parts = split_key(key)
         if parts is None:
             unknown.append(key)
             continue
-        groups.setdefault(parts[0], {})[parts[1]] = tensor
+        group = groups.setdefault(parts[0], {})
+        if parts[1] in group:  # `x.lora_A.weight` beside `x.lora_down.weight`: two spellings of one tensor
+            twice.append(f"{parts[0]}.{parts[1]}")
+        group[parts[1]] = tensor
     if unknown:
         raise AdapterError(f"{path}: tensors that are not kohya/LyCORIS adapter tensors: {summarize(unknown)}")
+    if twice:
+        raise AdapterError(f"{path}: tensors given twice under two spellings: {summarize(twice)}")
     modules, problems = {}, []
     for name, parts in sorted(groups.items()):
         split_kohya_name(name)

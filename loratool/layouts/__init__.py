@@ -8,10 +8,12 @@ LoRA dialect to the base tensors it updates.
 | `diffusers-unet`     | SD1, SD2, SDXL   | a UNet saved by diffusers                                          |
 | `flux-bfl`           | Flux             | BFL names (`double_blocks`, fused `qkv`/`linear1`)                 |
 | `flux-diffusers`     | Flux             | diffusers names (`transformer_blocks`, separate q/k/v)             |
+| `dit-native`         | (unknown)        | a diffusion transformer under `model.diffusion_model.`: names as stored |
 | `hf-clip`            | CLIP             | a Hugging Face CLIP text encoder                                   |
 | `transformers`       | the architecture | anything else: names as stored (LLMs)                              |
 
-Canonical module names are diffusers' (and transformers 5's for text encoders), qualified by the
+Diffusion-transformer families are tables read by one builder pair (`dit.py`, registry in
+`dit_families.py`). Canonical module names are diffusers' (and transformers 5's for text encoders), qualified by the
 pipeline component for diffusion bases (`unet.down_blocks.0…`, `text_encoder_2.encoder.layers.3…`).
 """
 
@@ -25,6 +27,8 @@ from pathlib import Path
 from ..errors import MismatchError, summarize
 from . import build
 from .families import cross_attention_family
+from .dit import GENERIC, KeyIndex
+from .dit_families import FAMILIES
 from .index import Component, Piece, Rows, Target, flatten, name_transforms
 
 __all__ = ["BaseLayout", "Component", "Piece", "Rows", "Target", "flatten", "layout_of", "open_base",
@@ -32,6 +36,8 @@ __all__ = ["BaseLayout", "Component", "Piece", "Rows", "Target", "flatten", "lay
            "split_prefix"]
 
 LDM_UNET = "model.diffusion_model."
+#: Prefixes savers put before a diffusion transformer's native names (ComfyUI's first).
+DIT_FILE_PREFIXES = (LDM_UNET, "diffusion_model.")
 #: LDM single-file text-encoder prefixes -> (component, builder, family hint).
 LDM_TEXT_ENCODERS = {
     "cond_stage_model.transformer.": ("text_encoder", "hf"),
@@ -98,11 +104,13 @@ class BaseLayout:
             hint = self.denoiser if hint == "denoiser" or hint not in self.components else hint
         return [self.components[hint]] if hint in self.components else []
 
-    def resolve(self, names: Iterable[str], flat: bool = False, source: object = None) -> dict[str, tuple[Piece, ...]]:
+    def resolve(self, names: Iterable[str], flat: bool = False, source: object = None,
+                skip_missing: bool = False) -> dict[str, tuple[Piece, ...]]:
         """Adapter module name -> the pieces it updates. `flat` names are kohya's (`lora_unet_…`).
 
         Raises MismatchError naming a few unmatched or ambiguous names and the detected layout: an
-        ambiguous name is never guessed.
+        ambiguous name is never guessed. With `skip_missing`, names the base lacks are left out of the
+        result instead (the caller reports them); ambiguous ones are still refused.
         """
         names = list(names)
         resolved: dict[str, tuple[Piece, ...]] = {}
@@ -130,13 +138,14 @@ class BaseLayout:
         if ambiguous:
             raise MismatchError(f"{who}module names that match several modules of the base {self.path} "
                                 f"({self.summary()}): {summarize(ambiguous)}")
-        if missing:
+        if missing and not skip_missing:
             hint = ""
             if no_component - {None}:
                 wanted = ", ".join(sorted(str(c) for c in no_component - {None}))
                 hint = f"; the base has no {wanted} (merge into a base that has it, e.g. a full single file or pipeline)"
-            raise MismatchError(f"{who}targets modules the base does not have: {summarize(missing)} (base "
-                                f"{self.path}: {self.summary()}){hint}; is this the model the LoRA was trained on?")
+            raise MismatchError(f"{who}targets {len(missing)} module(s) the base does not have: {summarize(missing)} "
+                                f"(base {self.path}: {self.summary()}){hint}; is this the model the LoRA was trained "
+                                "on? (--skip-missing merges the rest)")
         return resolved
 
     def _generic_transforms(self, names: list[str], flat: bool) -> dict[int, object]:
@@ -204,15 +213,11 @@ def _is_clip(shapes: Mapping[str, tuple[int, ...]]) -> bool:
 def layout_of(shapes: Mapping[str, tuple[int, ...]], path: Path, config: dict | None = None,
               source: str | None = None, component: str | None = None) -> BaseLayout:
     """Detect the layout of one checkpoint from its tensor names and shapes (headers only)."""
-    if any(k.startswith(LDM_UNET + "double_blocks.") for k in shapes):
-        return BaseLayout(path, "flux-bfl", "Flux", {"transformer": build.flux_bfl(_under(shapes, LDM_UNET), LDM_UNET,
-                                                                                    source)})
+    dit = _dit_layout(shapes, path, source)
+    if dit is not None:
+        return dit
     if any(k.startswith(LDM_UNET) for k in shapes):
         return _ldm_single_file(shapes, path, source)
-    if any(k.startswith("double_blocks.") for k in shapes) and any(k.startswith("single_blocks.") for k in shapes):
-        return BaseLayout(path, "flux-bfl", "Flux", {"transformer": build.flux_bfl(shapes, "", source)})
-    if any(k.startswith("single_transformer_blocks.") for k in shapes):
-        return BaseLayout(path, "flux-diffusers", "Flux", {"transformer": build.flux_diffusers(shapes, source)})
     if any(k.startswith("down_blocks.") and ".resnets." in k for k in shapes) and "conv_in.weight" in shapes:
         return BaseLayout(path, "diffusers-unet", _unet_family(shapes), {"unet": build.diffusers_unet(shapes, source)})
     if _is_clip(shapes) and (component is None or component.startswith("text_encoder")):
@@ -222,6 +227,30 @@ def layout_of(shapes: Mapping[str, tuple[int, ...]], path: Path, config: dict | 
     architectures = (config or {}).get("architectures") or []
     family = architectures[0] if architectures else (config or {}).get("model_type")
     return BaseLayout(path, "transformers", family, {component: build.transformers_model(shapes, source, component)})
+
+
+def _dit_layout(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str | None) -> BaseLayout | None:
+    """A diffusion transformer of a known family: native names bare or under a saver's prefix
+    (`model.diffusion_model.` as ComfyUI saves, `diffusion_model.`), or diffusers names."""
+    for prefix in (*DIT_FILE_PREFIXES, ""):
+        inner = _under(shapes, prefix) if prefix else shapes
+        if not inner:
+            continue
+        index = KeyIndex(inner)
+        for family in FAMILIES:
+            if family.is_native(index):
+                return BaseLayout(path, family.native_layout, family.name,
+                                  {"transformer": build.dit_native(inner, family, prefix, source)})
+        if prefix:
+            if index.has_prefix("input_blocks.") or index.has_prefix("middle_block."):
+                return None  # an LDM UNet (SD1/SD2/SDXL), read by `_ldm_single_file`
+            return BaseLayout(path, GENERIC.native_layout, None,
+                              {"transformer": build.dit_native(inner, GENERIC, prefix, source)})
+        for family in FAMILIES:
+            if family.is_diffusers(index):
+                return BaseLayout(path, family.diffusers_layout, family.name,
+                                  {"transformer": build.dit_diffusers(inner, family, source)})
+    return None
 
 
 def _ldm_single_file(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str | None) -> BaseLayout:

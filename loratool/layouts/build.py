@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from . import clip, flux, unet
+from . import clip, unet
+from .dit import DitFamily
 from .index import Component, Target
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -108,25 +109,27 @@ def _bias_key(key: str, shapes: Shapes) -> str | None:
     return candidate if candidate in shapes else None
 
 
-def flux_bfl(shapes: Shapes, prefix: str = "", source: str | None = None) -> Component:
-    component = Component(name="transformer", layout="flux-bfl")
+def dit_native(shapes: Shapes, family: DitFamily, prefix: str = "", source: str | None = None) -> Component:
+    """A DiT single file in its native names: canonical modules are diffusers', held in row slices of
+    the native tensors where the native model fuses them; the native names are aliases."""
+    component = Component(name="transformer", layout=family.native_layout)
     for key, shape in sorted(shapes.items()):
-        param = key.rsplit(".", 1)[1]
-        if param not in ("weight", flux.BFL_NORM_PARAM):
+        param = key.rsplit(".", 1)[-1]
+        if param not in ("weight", family.norm_param):
             continue
         module = key[: -len(param) - 1]
-        parts = flux.bfl_to_diffusers(module)
+        parts = family.native_to_diffusers(module)
         bias_key = f"{module}.bias" if f"{module}.bias" in shapes else None
         bias = prefix + bias_key if bias_key else None
         if parts is None:
             component.add(module, Target(source, prefix + key, bias, shape=tuple(shape)))
             continue
         if len(parts) == 1:
-            swapped = module in flux.SWAPPED_HALVES
+            swapped = module in family.swapped_halves
             component.add(parts[0], Target(source, prefix + key, bias, swap_halves=swapped, shape=tuple(shape)))
             component.add_group(module, ((parts[0], None, swapped),))
             continue
-        sizes = flux.fused_row_sizes(module, shape[0], shape[1], len(parts))
+        sizes = family.fused_rows(module, shape[0], shape[1] if len(shape) > 1 else 1, len(parts))
         group, start = [], 0
         for part, size in zip(parts, sizes):
             rows = (start, start + size)
@@ -137,19 +140,21 @@ def flux_bfl(shapes: Shapes, prefix: str = "", source: str | None = None) -> Com
     return component
 
 
-def flux_diffusers(shapes: Shapes, source: str | None = None, prefix: str = "") -> Component:
-    component = Component(name="transformer", layout="flux-diffusers")
+def dit_diffusers(shapes: Shapes, family: DitFamily, source: str | None = None, prefix: str = "") -> Component:
+    """A DiT saved by diffusers: names as stored; each native module is an alias of the diffusers modules
+    it fuses, with the rows of a native-named LoRA's B that feed each."""
+    component = Component(name="transformer", layout=family.diffusers_layout)
     modules = _modules(shapes)
     for module in modules:
         component.add(module, _target(shapes, module, prefix, source))
-    for bfl, parts in flux.diffusers_groups(set(modules)).items():
+    for native, parts in family.diffusers_groups(set(modules)).items():
         if len(parts) == 1:
-            component.add_group(bfl, ((parts[0], None, bfl in flux.SWAPPED_HALVES),))
+            component.add_group(native, ((parts[0], None, native in family.swapped_halves),))
             continue
         group, start = [], 0
         for part in parts:
             size = shapes[f"{part}{WEIGHT}"][0]
             group.append((part, (start, start + size), False))
             start += size
-        component.add_group(bfl, tuple(group))
+        component.add_group(native, tuple(group))
     return component

@@ -1,6 +1,6 @@
 """Flux in its two namings: Black Forest Labs' (`double_blocks`, `single_blocks`, fused `qkv` and
 `linear1`) and diffusers' (`transformer_blocks`, `single_transformer_blocks`, separate q/k/v). One
-table per block kind, read in both directions.
+table per block kind, read in both directions by the generic DiT builders (`dit.py`).
 
 A fused BFL tensor is its diffusers parts stacked by rows: `img_attn.qkv` is [to_q; to_k; to_v], and
 `linear1` is [to_q; to_k; to_v; proj_mlp] with q/k/v as wide as the block's hidden size (the input
@@ -9,6 +9,8 @@ swapped: BFL orders them (shift, scale), diffusers (scale, shift).
 """
 
 from __future__ import annotations
+
+from .dit import Block, DitFamily, equal_rows
 
 #: BFL leaf in `double_blocks.N.` -> diffusers leaves in `transformer_blocks.N.`, in row order.
 DOUBLE_BLOCK = {
@@ -53,46 +55,20 @@ SWAPPED_HALVES = frozenset({"final_layer.adaLN_modulation.1", "norm_out.linear"}
 #: BFL RMSNorm parameters are called `scale`, diffusers' `weight`.
 BFL_NORM_PARAM = "scale"
 
-BLOCKS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK), ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK))
-
-
-def bfl_to_diffusers(path: str) -> tuple[str, ...] | None:
-    """The diffusers modules (in row order) a BFL module path holds, or None if it is not in the table."""
-    if path in TOP_LEVEL:
-        return (TOP_LEVEL[path],)
-    for bfl, diffusers, table in BLOCKS:
-        head, _, rest = path.partition(".")
-        if head != bfl:
-            continue
-        number, _, leaf = rest.partition(".")
-        if number.isdigit() and leaf in table:
-            return tuple(f"{diffusers}.{number}.{part}" for part in table[leaf])
-    return None
-
-
-def diffusers_groups(paths: set[str]) -> dict[str, tuple[str, ...]]:
-    """BFL module path -> the diffusers modules it stacks, for every group whose parts are all in `paths`."""
-    groups: dict[str, tuple[str, ...]] = {}
-    for bfl, diffusers in TOP_LEVEL.items():
-        if diffusers in paths:
-            groups[bfl] = (diffusers,)
-    numbers = {(head, path.split(".")[1]) for path in paths
-               for head in ("transformer_blocks", "single_transformer_blocks") if path.startswith(head + ".")}
-    for bfl, diffusers, table in BLOCKS:
-        for head, number in numbers:
-            if head != diffusers:
-                continue
-            for leaf, parts in table.items():
-                names = tuple(f"{diffusers}.{number}.{part}" for part in parts)
-                if all(name in paths for name in names):
-                    groups[f"{bfl}.{number}.{leaf}"] = names
-    return groups
-
 
 def fused_row_sizes(path: str, rows: int, width: int, parts: int) -> list[int]:
-    """Row counts of the parts of a fused BFL weight of shape (rows, width)."""
-    if parts == 1:
-        return [rows]
-    if path.endswith("linear1"):
+    """Row counts of the parts of a fused BFL weight of shape (rows, width): `linear1`'s q/k/v are as
+    wide as its input, the MLP takes the rest."""
+    if parts > 1 and path.endswith("linear1"):
         return [width, width, width, rows - 3 * width]
-    return [rows // parts] * parts
+    return equal_rows(path, rows, width, parts)
+
+
+FAMILY = DitFamily(
+    name="Flux", native_layout="flux-bfl", diffusers_layout="flux-diffusers",
+    blocks=(Block("double_blocks", "transformer_blocks", DOUBLE_BLOCK),
+            Block("single_blocks", "single_transformer_blocks", SINGLE_BLOCK)),
+    top_level=TOP_LEVEL, native_markers=("double_blocks.", "single_blocks."),
+    diffusers_markers=("single_transformer_blocks.",), swapped_halves=SWAPPED_HALVES, norm_param=BFL_NORM_PARAM,
+    fused_rows=fused_row_sizes,
+)

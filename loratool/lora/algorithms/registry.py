@@ -47,17 +47,24 @@ REFUSED_ROLES: dict[str, str] = {
 ROLE_OWNERS: dict[str, str] = {role: algo for algo, cls in ALGORITHMS.items() for role in cls.roles}
 
 #: Every known role, longest first: the order to try suffixes in when splitting a key.
-KNOWN_ROLES: tuple[str, ...] = tuple(sorted({*ROLE_OWNERS, *SHARED_ROLES, *REFUSED_ROLES}, key=lambda r: (-len(r), r)))
+#: Other spellings of LoRA's roles in files that otherwise use kohya's scheme: PEFT's names, which
+#: ComfyUI, diffusion-pipe and ai-toolkit write under `diffusion_model.`, and Mochi's without `.weight`.
+ROLE_ALIASES: dict[str, str] = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                                "lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
+
+KNOWN_ROLES: tuple[str, ...] = tuple(sorted({*ROLE_OWNERS, *SHARED_ROLES, *REFUSED_ROLES, *ROLE_ALIASES},
+                                            key=lambda r: (-len(r), r)))
 
 #: The same, as key suffixes with the dot (`.hada_w1_a`), for readers that match on `str.endswith`.
 KNOWN_SUFFIXES: tuple[str, ...] = tuple(f".{role}" for role in KNOWN_ROLES)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """`lora_unet_x.hada_w1_a` -> (`lora_unet_x`, `hada_w1_a`); None when no known role ends the key."""
+    """`lora_unet_x.hada_w1_a` -> (`lora_unet_x`, `hada_w1_a`), with an alias spelled canonically
+    (`x.lora_A.weight` -> (`x`, `lora_down.weight`)); None when no known role ends the key."""
     for role in KNOWN_ROLES:
         if key.endswith(f".{role}") and len(key) > len(role) + 1:
-            return key[: -len(role) - 1], role
+            return key[: -len(role) - 1], ROLE_ALIASES.get(role, role)
     return None
 
 
