@@ -14,7 +14,8 @@ from helpers import assert_unbroken, load_folder
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 CHECKPOINT_KEYS = {"schema", "kind", "path", "format", "sharded", "files", "tensors", "parameters", "bytes", "dtypes",
-                   "metadata", "model_type", "architectures", "embedded_adapter", "layout", "family", "components"}
+                   "metadata", "model_type", "architectures", "embedded_adapter", "layout", "family", "variant",
+                   "components"}
 ADAPTER_KEYS = {"schema", "kind", "path", "format", "base_model", "peft_version", "task_type", "r", "lora_alpha",
                 "lora_alpha_known", "family", "family_from", "use_rslora", "use_dora", "modules", "algorithms", "targets", "layers", "groups", "rank_pattern", "alpha_pattern",
                 "modules_to_save", "tensors", "parameters", "bytes", "dtypes"}

@@ -52,7 +52,7 @@ def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, s
     else:
         report.update({"sharded": False, "files": [gguf_file.path.name], "model_type": None,
                        "architectures": None, "embedded_adapter": None, "layout": "gguf",
-                       "family": report["architecture"], "components": {}})
+                       "family": report["architecture"], "variant": None, "components": {}})
     report.update({
         "tensors": len(infos),
         "parameters": sum(i.numel for i in infos),

@@ -78,13 +78,15 @@ class BaseLayout:
     components: dict[str | None, Component] = field(default_factory=dict)
     #: The `config.json` beside a single-checkpoint base (None for pipelines, or when there is none).
     config: dict | None = None
+    #: What the base is beyond its family (a size, a task: `14B I2V`), where the family's table tells.
+    variant: str | None = None
 
     @property
     def denoiser(self) -> str | None:
         return next((c for c in DENOISERS if c in self.components), None)
 
     def describe(self) -> dict:
-        return {"layout": self.kind, "family": self.family,
+        return {"layout": self.kind, "family": self.family, "variant": self.variant,
                 "components": {name or "model": c.layout for name, c in self.components.items()}}
 
     def summary(self) -> str:
@@ -240,7 +242,8 @@ def _dit_layout(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str |
         for family in FAMILIES:
             if family.is_native(index):
                 return BaseLayout(path, family.native_layout, family.name,
-                                  {"transformer": build.dit_native(inner, family, prefix, source)})
+                                  {"transformer": build.dit_native(inner, family, prefix, source)},
+                                  variant=family.variant(inner))
         if prefix:
             if index.has_prefix("input_blocks.") or index.has_prefix("middle_block."):
                 return None  # an LDM UNet (SD1/SD2/SDXL), read by `_ldm_single_file`
@@ -249,7 +252,8 @@ def _dit_layout(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str |
         for family in FAMILIES:
             if family.is_diffusers(index):
                 return BaseLayout(path, family.diffusers_layout, family.name,
-                                  {"transformer": build.dit_diffusers(inner, family, source)})
+                                  {"transformer": build.dit_diffusers(inner, family, source)},
+                                  variant=family.variant(inner))
     return None
 
 

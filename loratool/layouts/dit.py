@@ -60,8 +60,13 @@ class DitFamily:
     norm_param: str = "weight"
     #: Row counts of a fused native tensor's parts: (native path, rows, width, parts) -> sizes.
     fused_rows: Callable[[str, int, int, int], list[int]] = equal_rows
-    #: What `inspect` calls the file beyond the family (a size, a task), from its shapes.
+    #: What `inspect` calls the file beyond the family (a size, a task), from its native or diffusers
+    #: shapes (after any saver's prefix).
     variant: Callable[[Mapping[str, tuple[int, ...]]], str | None] = field(default=lambda shapes: None)
+    #: Lower-case prefixes of `ss_base_model_version` / `modelspec.architecture` values naming the family.
+    metadata_prefixes: tuple[str, ...] = ()
+    #: A regex that finds the family in an adapter's module names (any dialect, dotted or flattened).
+    adapter_names: str | None = None
 
     def is_native(self, index: KeyIndex) -> bool:
         return all(index.has_prefix(m) for m in self.native_markers)

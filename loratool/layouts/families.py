@@ -7,13 +7,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from .dit_families import FAMILIES
+
 #: `ss_base_model_version` prefixes (sd-scripts) -> family.
-SS_BASE_VERSIONS = (("sdxl", "SDXL"), ("sd_v1", "SD1"), ("sd_v2", "SD2"), ("sd3", "SD3"), ("flux", "Flux"),
-                    ("chroma", "Chroma"))
+#: (Diffusion-transformer families carry their own metadata prefixes and name patterns in their tables,
+#: `dit.DitFamily`, consulted in registry order.)
+SS_BASE_VERSIONS = (("sdxl", "SDXL"), ("sd_v1", "SD1"), ("sd_v2", "SD2"), ("sd3", "SD3"), ("chroma", "Chroma"))
 #: `modelspec.architecture` prefixes -> family.
 MODELSPEC_ARCHITECTURES = (("stable-diffusion-xl", "SDXL"), ("stable-diffusion-v1", "SD1"),
-                           ("stable-diffusion-v2", "SD2"), ("stable-diffusion-3", "SD3"), ("flux", "Flux"))
-_FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
+                           ("stable-diffusion-v2", "SD2"), ("stable-diffusion-3", "SD3"))
 #: SDXL's UNet has ten transformer blocks in its deepest levels; SD1/SD2 have one.
 _SDXL_NAMES = re.compile(r"(input_blocks|output_blocks|down_blocks|up_blocks|attentions)[._]\d+[._].*"
                          r"transformer_blocks[._]9[._]|lora_te2_")
@@ -38,14 +40,16 @@ def adapter_family(names: list[str], input_widths: Mapping[str, int], metadata: 
                    ) -> tuple[str | None, str | None]:
     """(diffusion family, how it was found: 'metadata' | 'names'), or (None, None) for anything else
     (an LLM adapter names its base in `base_model`)."""
+    dits = tuple((prefix, family.name) for family in FAMILIES for prefix in family.metadata_prefixes)
     version = metadata.get("ss_base_model_version")
-    if version and (family := _from_prefixes(version, SS_BASE_VERSIONS)):
+    if version and (family := _from_prefixes(version, dits + SS_BASE_VERSIONS)):
         return family, "metadata"
     architecture = metadata.get("modelspec.architecture")
-    if architecture and (family := _from_prefixes(architecture, MODELSPEC_ARCHITECTURES)):
+    if architecture and (family := _from_prefixes(architecture, dits + MODELSPEC_ARCHITECTURES)):
         return family, "metadata"
-    if any(_FLUX_NAMES.search(n) for n in names):
-        return "Flux", "names"
+    for dit in FAMILIES:
+        if dit.adapter_names and any(re.search(dit.adapter_names, n) for n in names):
+            return dit.name, "names"
     if any(_SDXL_NAMES.search(n) for n in names):
         return "SDXL", "names"
     if family := cross_attention_family(w for n, w in input_widths.items() if re.search(r"attn2[._]to_k$", n)):

@@ -70,5 +70,6 @@ FAMILY = DitFamily(
             Block("single_blocks", "single_transformer_blocks", SINGLE_BLOCK)),
     top_level=TOP_LEVEL, native_markers=("double_blocks.", "single_blocks."),
     diffusers_markers=("single_transformer_blocks.",), swapped_halves=SWAPPED_HALVES, norm_param=BFL_NORM_PARAM,
-    fused_rows=fused_row_sizes,
+    fused_rows=fused_row_sizes, metadata_prefixes=("flux",),
+    adapter_names=r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d",
 )
