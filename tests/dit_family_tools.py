@@ -1,0 +1,155 @@
+"""Shared by the DiT family tests (Chroma, Flux.2, Z-Image/Lumina2): a native single file written from a
+tiny diffusers model with a family's table, the row map diffusers' own converter implies, and LoRAs in
+every trainer dialect with their float64 ΔW."""
+
+from __future__ import annotations
+
+import torch
+
+from loratool.layouts.dit import DitFamily
+
+WEIGHT = ".weight"
+
+
+def flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _native_param(module: str, param: str, tensor: torch.Tensor, family: DitFamily, has_bias: bool) -> str:
+    """Norm weights (1-D, no bias, a `norm` in the name) take the family's native parameter name."""
+    if param == "weight" and tensor.dim() == 1 and not has_bias and "norm" in module:
+        return family.norm_param
+    return param
+
+
+def native_state(diffusers: dict[str, torch.Tensor], family: DitFamily) -> dict[str, torch.Tensor]:
+    """The native single file of a diffusers state dict, read off the family's table: fused native
+    tensors are their diffusers parts concatenated by rows in the table's order, swapped halves
+    swapped; modules the table does not name keep their names."""
+    modules = {k[: -len(WEIGHT)] for k in diffusers if k.endswith(WEIGHT)}
+    groups = family.diffusers_groups(modules)
+    covered = {part for parts in groups.values() for part in parts}
+    native: dict[str, torch.Tensor] = {}
+    for name, parts in groups.items():
+        for param in ("weight", "bias"):
+            keys = [f"{p}.{param}" for p in parts]
+            if not all(k in diffusers for k in keys):
+                continue
+            tensor = torch.cat([diffusers[k] for k in keys])
+            if name in family.swapped_halves:
+                tensor = torch.cat(tensor.chunk(2)[::-1])
+            has_bias = f"{parts[0]}.bias" in diffusers
+            native[f"{name}.{_native_param(name, param, tensor, family, has_bias)}"] = tensor
+    for key, tensor in diffusers.items():
+        module, _, param = key.rpartition(".")
+        if module in covered:
+            continue
+        if not module:
+            native[key] = tensor
+            continue
+        native[f"{module}.{_native_param(module, param, tensor, family, f'{module}.bias' in diffusers)}"] = tensor
+    return native
+
+
+def row_map(native: dict[str, torch.Tensor], convert) -> dict[str, list[tuple[str, int]]]:
+    """diffusers weight key -> for each of its rows, the (native key, row) it came from, as diffusers'
+    own converter `convert` moves them: every native row is tagged with a unique float64 code."""
+    names = sorted(native)
+    tagged = {}
+    for i, key in enumerate(names):
+        rows = native[key].shape[0] if native[key].dim() else 1
+        code = i * 1_000_000 + torch.arange(rows, dtype=torch.float64)
+        tagged[key] = code.reshape(-1, *([1] * (native[key].dim() - 1))).expand(native[key].shape).clone()
+    converted = convert(tagged)
+    found = {}
+    for key, tensor in converted.items():
+        if not key.endswith(WEIGHT) or tensor.dim() < 2:
+            continue
+        codes = tensor.reshape(tensor.shape[0], -1)[:, 0].long().tolist()
+        found[key] = [(names[c // 1_000_000], c % 1_000_000) for c in codes]
+    return found
+
+
+def lora_state(dialect: str, modules: dict[str, tuple[int, int]], seed: int, rank: int = 2, alpha: float = 3.0):
+    """A LoRA in `dialect` on `modules` (name in the dialect's naming -> weight shape (out, in)), and
+    name -> float64 ΔW as sd-scripts / ComfyUI / PEFT apply it.
+
+    Dialects: musubi (`lora_unet_` + flattened native names, `.alpha`), musubi-bf16 (bf16 `.alpha`),
+    comfyui (`diffusion_model.` + `lora_A.weight`/`lora_B.weight` + `.alpha`), comfyui-noalpha (scale 1),
+    mochi (`.lora_A`/`.lora_B` without `.weight`), diffusers (`transformer.` + lora_A/B, scale 1),
+    onetrainer (`lora_transformer_` + flattened diffusers names), lycoris-lora / lycoris-loha /
+    lycoris-lokr (SimpleTuner's `lycoris_` + flattened diffusers names)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.1
+
+    state, deltas = {}, {}
+    for module, (out, fan_in) in modules.items():
+        scale = alpha / rank
+        if dialect.startswith("lycoris-"):
+            name = "lycoris_" + flat(module)
+            state[f"{name}.alpha"] = torch.tensor(alpha)
+            if dialect == "lycoris-loha":
+                w1a, w1b, w2a, w2b = rand(out, rank), rand(rank, fan_in), rand(out, rank), rand(rank, fan_in)
+                state.update({f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b,
+                              f"{name}.hada_w2_a": w2a, f"{name}.hada_w2_b": w2b})
+                deltas[module] = (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double()) * scale
+            elif dialect == "lycoris-lokr":
+                w1 = rand(2, 2)
+                w2a, w2b = rand(out // 2, rank), rand(rank, fan_in // 2)
+                state.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b})
+                deltas[module] = torch.kron(w1.double(), w2a.double() @ w2b.double()) * scale
+            else:
+                down, up = rand(rank, fan_in), rand(out, rank)
+                state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+                deltas[module] = up.double() @ down.double() * scale
+            continue
+        down, up = rand(rank, fan_in), rand(out, rank)
+        if dialect in ("musubi", "musubi-bf16", "onetrainer"):
+            prefix = "lora_transformer_" if dialect == "onetrainer" else "lora_unet_"
+            name, a, b = prefix + flat(module), "lora_down.weight", "lora_up.weight"
+        elif dialect == "mochi":
+            name, a, b = "diffusion_model." + module, "lora_A", "lora_B"
+        elif dialect == "diffusers":
+            name, a, b = "transformer." + module, "lora_A.weight", "lora_B.weight"
+        else:
+            name, a, b = "diffusion_model." + module, "lora_A.weight", "lora_B.weight"
+        state[f"{name}.{a}"], state[f"{name}.{b}"] = down, up
+        if dialect in ("diffusers", "comfyui-noalpha"):
+            scale = 1.0
+        else:
+            value = torch.tensor(alpha, dtype=torch.bfloat16 if dialect == "musubi-bf16" else torch.float32)
+            state[f"{name}.alpha"] = value
+            scale = float(value) / rank
+        deltas[module] = up.double() @ down.double() * scale
+    return state, deltas
+
+
+#: Dialects that name modules in the model's own (native) names, and in diffusers' names.
+NATIVE_DIALECTS = ("musubi", "musubi-bf16", "comfyui", "comfyui-noalpha", "mochi")
+DIFFUSERS_DIALECTS = ("diffusers", "onetrainer", "lycoris-lora", "lycoris-loha", "lycoris-lokr")
+
+
+def expected_merge(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], rows: dict, native_base: bool,
+                   native_names: bool, prefix: str = "") -> dict[str, torch.Tensor]:
+    """float64 W + ΔW for every base tensor, each ΔW placed by the converter's row map `rows`: a
+    diffusers-named ΔW into the native rows its rows came from, a native-named ΔW into the diffusers
+    tensors made of its rows."""
+    expected = {k: v.double().clone() for k, v in base.items()}
+    for module, delta in deltas.items():
+        if native_names == native_base:
+            expected[f"{prefix}{module}{WEIGHT}"] += delta
+            continue
+        if native_base:  # diffusers-named ΔW into the native rows
+            for row, (key, native_row) in enumerate(rows[f"{module}{WEIGHT}"]):
+                expected[prefix + key][native_row] += delta[row]
+        else:  # native-named ΔW into each diffusers tensor built from its rows
+            hits = 0
+            for key, sources in rows.items():
+                for row, (native_key, native_row) in enumerate(sources):
+                    if native_key == f"{module}{WEIGHT}":
+                        expected[prefix + key][row] += delta[native_row]
+                        hits += 1
+            assert hits == delta.shape[0], module
+    return expected
