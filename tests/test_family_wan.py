@@ -1,0 +1,404 @@
+"""Wan 2.1/2.2 (`layouts/wan.py`): the native table against diffusers' own single-file converter, then
+`inspect`, `merge` and `convert` on tiny T2V and I2V transformers in both namings, with LoRAs in every
+dialect trainers write for Wan, each merge compared with float64 W + s·B@A computed here, and with
+diffusers' own Wan LoRA converters where they work (where they fail, the failure is asserted)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import assert_refused, ok, rel
+from loratool.layouts import layout_of
+from loratool.layouts.wan import FAMILY, PARAMETERS
+
+LDM = "model.diffusion_model."
+WIDTH = 8
+#: Tiny configs with Wan's input channels (16: T2V, 36: I2V with a CLIP image embedding).
+CONFIGS = {
+    "t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
+    "i2v": dict(in_channels=36, image_dim=10, added_kv_proj_dim=WIDTH),
+}
+#: (native module, diffusers module) pairs the LoRAs below target; the I2V ones only on I2V.
+MODULES = [("blocks.0.self_attn.q", "blocks.0.attn1.to_q"), ("blocks.1.self_attn.o", "blocks.1.attn1.to_out.0"),
+           ("blocks.0.cross_attn.k", "blocks.0.attn2.to_k"), ("blocks.1.cross_attn.v", "blocks.1.attn2.to_v"),
+           ("blocks.0.ffn.0", "blocks.0.ffn.net.0.proj"), ("blocks.1.ffn.2", "blocks.1.ffn.net.2"),
+           ("head.head", "proj_out"), ("time_projection.1", "condition_embedder.time_proj"),
+           ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+           ("time_embedding.2", "condition_embedder.time_embedder.linear_2")]
+I2V_MODULES = [("blocks.0.cross_attn.k_img", "blocks.0.attn2.add_k_proj"),
+               ("blocks.1.cross_attn.v_img", "blocks.1.attn2.add_v_proj"),
+               ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj")]
+#: Every dialect: how it names a module (native, diffusers), its down/up roles, and its alpha.
+DIALECTS = {
+    "musubi": (lambda n, d: "lora_unet_" + n.replace(".", "_"), "lora_down.weight", "lora_up.weight", 4.0),
+    "comfyui": (lambda n, d: "diffusion_model." + n, "lora_A.weight", "lora_B.weight", 1.0),
+    "comfyui-no-alpha": (lambda n, d: "diffusion_model." + n, "lora_A.weight", "lora_B.weight", None),
+    "mochi": (lambda n, d: "diffusion_model." + n, "lora_A", "lora_B", 3.0),
+    "diffusers": (lambda n, d: "transformer." + d, "lora_A.weight", "lora_B.weight", None),
+    "onetrainer": (lambda n, d: "lora_transformer_" + d.replace(".", "_"), "lora_down.weight", "lora_up.weight", 2.0),
+    "lycoris": (lambda n, d: "lycoris_" + d.replace(".", "_"), "lora_down.weight", "lora_up.weight", 1.0),
+}
+
+
+def tiny_model(kind: str, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=WIDTH // 2,
+                                 out_channels=4, text_dim=6, freq_dim=8, ffn_dim=16, num_layers=2,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+                                 **CONFIGS[kind])
+
+
+def diffusers_state(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in tiny_model(kind, seed).state_dict().items()}
+
+
+def _reverse() -> dict[str, str]:
+    """diffusers module/parameter (block number as N) -> native, from the table."""
+    back = {d: n for n, d in FAMILY.top_level.items()}
+    for block in FAMILY.blocks:
+        back.update({f"{block.diffusers}.N.{parts[0]}": f"{block.native}.N.{leaf}" for leaf, parts in block.leaves.items()})
+    back.update({d: n for n, d in PARAMETERS.items()})
+    return back
+
+
+def to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Wan state dict in native names, through loratool's table (checked against diffusers)."""
+    back, native = _reverse(), {}
+    for key, tensor in state.items():
+        number = re.match(r"blocks\.(\d+)\.", key)
+        pattern = re.sub(r"^blocks\.\d+\.", "blocks.N.", key)
+        if pattern in back:
+            module, param = pattern, ""
+        else:
+            module, param = pattern.rsplit(".", 1)
+        name = back[module] + (f".{param}" if param else "")
+        native[name.replace("blocks.N.", f"blocks.{number.group(1)}.") if number else name] = tensor.clone()
+    return native
+
+
+def native_name(module: str) -> str:
+    """The native name of a diffusers module, through the table."""
+    return next(iter(to_native({f"{module}.weight": torch.zeros(1)}))).removesuffix(".weight")
+
+
+def make_lora(dialect: str, modules, shapes: dict[str, tuple[int, ...]], rank: int = 2, seed: int = 1):
+    """A LoRA in `dialect` on (native, diffusers) module pairs, and diffusers module -> float64 ΔW."""
+    name_of, down_role, up_role, alpha = DIALECTS[dialect]
+    generator = torch.Generator().manual_seed(seed)
+    state, deltas = {}, {}
+    for native, diffusers in modules:
+        rows, cols = shapes[f"{diffusers}.weight"]
+        down, up = torch.randn(rank, cols, generator=generator), torch.randn(rows, rank, generator=generator)
+        name = name_of(native, diffusers)
+        state[f"{name}.{down_role}"], state[f"{name}.{up_role}"] = down, up
+        scale = 1.0
+        if alpha is not None:
+            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
+            scale = alpha / rank
+        deltas[diffusers] = up.double() @ down.double() * scale
+    return state, deltas
+
+
+def file_products(path) -> dict[str, torch.Tensor]:
+    """`products` of a saved file, with diffusers' alphas from its `lora_adapter_metadata` when it has one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    alphas = {}
+    if metadata:
+        pattern = metadata.get("transformer.alpha_pattern", {})
+        for module in metadata["transformer.target_modules"]:
+            alphas[f"transformer.{module}"] = pattern.get(module, metadata["transformer.lora_alpha"])
+    return products(load_file(str(path)), alphas)
+
+
+def products(state: dict[str, torch.Tensor], alphas=None) -> dict[str, torch.Tensor]:
+    """Module -> s·B@A in float64 of a LoRA file in any of the roles above (module names as written)."""
+    alphas, out = alphas or {}, {}
+    for key in state:
+        for down_role, up_role in (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight")):
+            if key.endswith("." + down_role):
+                module = key[: -len(down_role) - 1]
+                down, up = state[key].double(), state[f"{module}.{up_role}"].double()
+                alpha = state.get(f"{module}.alpha", alphas.get(module))
+                out[module] = up @ down * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """kind -> (folder, diffusers state, native state); files: native.safetensors (bare),
+    comfy.safetensors (under model.diffusion_model.), transformer/diffusion_pytorch_model.safetensors."""
+    made = {}
+    for kind in CONFIGS:
+        folder = tmp_path_factory.mktemp(f"wan-{kind}")
+        state = diffusers_state(kind)
+        native = to_native(state)
+        save_file(native, str(folder / "native.safetensors"))
+        save_file({LDM + k: v for k, v in native.items()}, str(folder / "comfy.safetensors"))
+        (folder / "transformer").mkdir()
+        save_file(state, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+        made[kind] = folder, state, native
+    return made
+
+
+def shapes_of(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+# --- the table against diffusers' single-file converter ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_native_names_are_diffusers_own(kind):
+    """Our native file, read by diffusers' `convert_wan_transformer_to_diffusers`, is the diffusers model
+    tensor for tensor (as ComfyUI saves it, under model.diffusion_model.)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    state = diffusers_state(kind)
+    native = to_native(state)
+    assert "blocks.0.norm3.weight" in native and "blocks.0.modulation" in native and "head.modulation" in native
+    assert ("blocks.1.cross_attn.k_img.weight" in native) == (kind == "i2v")
+    converted = convert_wan_transformer_to_diffusers({LDM + k: v for k, v in native.items()})
+    assert set(converted) == set(state)
+    assert all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_flf2v_position_embedding_diffusers_leaves_unnamed():
+    """diffusers' single-file converter has no rename for FLF2V's `img_emb.emb_pos` (its own
+    scripts/convert_wan_to_diffusers.py maps it to `pos_embed`): the key comes back native. The
+    parameter is not a LoRA target, so merges are unaffected; the table records the mapping."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    converted = convert_wan_transformer_to_diffusers({"img_emb.emb_pos": torch.zeros(1, 4, 10),
+                                                      "img_emb.proj.1.weight": torch.zeros(10, 10)})
+    assert set(converted) == {"img_emb.emb_pos", "condition_embedder.image_embedder.ff.net.0.proj.weight"}
+    assert PARAMETERS["img_emb.emb_pos"] == "condition_embedder.image_embedder.pos_embed"
+
+
+# --- inspect: family and variant --------------------------------------------------------------------------
+
+
+#: The published diffusers configs (Wan-AI/*-Diffusers transformer/config.json), size-defining fields.
+REAL = {
+    "2.1 T2V 1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16),
+    "T2V 14B (2.1, or a 2.2 A14B expert)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                                                in_channels=16, out_channels=16),
+    "2.1 I2V 14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
+                        image_dim=1280, added_kv_proj_dim=5120),
+    "2.1 FLF2V 14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
+                          image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=257 * 2),
+    "2.2 I2V A14B expert": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16),
+    "2.2 TI2V 5B": dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+}
+
+
+@pytest.mark.parametrize("expected", sorted(REAL))
+def test_variant_of_the_real_models(expected):
+    """Every published Wan transformer, built on the meta device from its config: both namings are
+    Wan, with the variant named from shapes."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256,
+                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                      rope_max_seq_len=1024, **REAL[expected])
+    state = model.state_dict()
+    shapes = shapes_of(state)
+    native = {k: tuple(v.shape) for k, v in to_native(state).items()}
+    for found, layout in ((layout_of(native, None), "wan-native"),
+                          (layout_of({LDM + k: v for k, v in native.items()}, None), "wan-native"),
+                          (layout_of(shapes, None), "wan-diffusers")):
+        assert (found.kind, found.family, found.variant) == (layout, "Wan", expected)
+
+
+def test_inspect_names_family_and_variant(run_cli, wan):
+    for kind, task in (("t2v", "T2V"), ("i2v", "I2V")):
+        folder = wan[kind][0]
+        for path, layout in (("native.safetensors", "wan-native"), ("comfy.safetensors", "wan-native"),
+                             ("transformer", "wan-diffusers")):
+            report = json.loads(ok(run_cli("inspect", folder / path, "--json")).stdout)
+            assert (report["layout"], report["family"]) == (layout, "Wan"), (kind, path)
+            assert report["variant"] == f"2.1 {task} width-{WIDTH}", (kind, path)
+    folder, state, _ = wan["i2v"]
+    for dialect in DIALECTS:
+        lora, _ = make_lora(dialect, MODULES[:3], shapes_of(state))
+        save_file(lora, str(folder / f"inspect-{dialect}.safetensors"))
+        report = json.loads(ok(run_cli("inspect", folder / f"inspect-{dialect}.safetensors", "--json")).stdout)
+        assert report["family"] == "Wan", dialect
+
+
+# --- merges --------------------------------------------------------------------------------------------
+
+
+def check_merge(run_cli, base_path, lora_path, out, base: dict, deltas: dict, native: bool, prefix: str = ""):
+    ok(run_cli("merge", base_path, lora_path, "-o", out))
+    merged = load_file(str(out))
+    changed = {f"{prefix}{native_name(d) if native else d}.weight": delta for d, delta in deltas.items()}
+    assert set(merged) == set(base)
+    for key, tensor in base.items():
+        expected = tensor.double() + changed[key] if key in changed else tensor.double()
+        assert rel(merged[key], expected) < 1e-6, key
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_every_dialect_merges_into_both_namings(run_cli, wan, tmp_path, dialect):
+    folder, state, native = wan["i2v"]
+    lora, deltas = make_lora(dialect, MODULES + I2V_MODULES, shapes_of(state))
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    check_merge(run_cli, folder / "native.safetensors", tmp_path / "lora.safetensors", tmp_path / "n.safetensors",
+                native, deltas, native=True)
+    check_merge(run_cli, folder / "transformer" / "diffusion_pytorch_model.safetensors", tmp_path / "lora.safetensors",
+                tmp_path / "d.safetensors", state, deltas, native=False)
+    if dialect in ("musubi", "diffusers"):
+        check_merge(run_cli, folder / "comfy.safetensors", tmp_path / "lora.safetensors", tmp_path / "c.safetensors",
+                    {LDM + k: v for k, v in native.items()}, deltas, native=True, prefix=LDM)
+
+
+def test_full_diffs_and_norms_merge(run_cli, wan, tmp_path):
+    """Video trainers' `.diff`/`.diff_b` (full weight and bias deltas, norms included) beside LoRA pairs."""
+    folder, state, native = wan["t2v"]
+    lora, deltas = make_lora("comfyui", MODULES[:2], shapes_of(state))
+    generator = torch.Generator().manual_seed(7)
+    diff = torch.randn(WIDTH, WIDTH, generator=generator)
+    diff_b = torch.randn(WIDTH, generator=generator)
+    norm = torch.randn(WIDTH, generator=generator)
+    lora.update({"diffusion_model.blocks.1.cross_attn.q.diff": diff, "diffusion_model.blocks.1.cross_attn.q.diff_b": diff_b,
+                 "diffusion_model.blocks.0.norm3.diff": norm})
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", folder / "native.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    expected = {k: v.double() for k, v in native.items()}
+    expected["blocks.0.self_attn.q.weight"] += deltas["blocks.0.attn1.to_q"]
+    expected["blocks.1.self_attn.o.weight"] += deltas["blocks.1.attn1.to_out.0"]
+    expected["blocks.1.cross_attn.q.weight"] += diff.double()
+    expected["blocks.1.cross_attn.q.bias"] += diff_b.double()
+    expected["blocks.0.norm3.weight"] += norm.double()
+    for key in native:
+        assert rel(merged[key], expected[key]) < 1e-6, key
+    # the same file into the diffusers naming: norm3 is diffusers' norm2
+    ok(run_cli("merge", folder / "transformer", tmp_path / "lora.safetensors", "-o", tmp_path / "d"))
+    merged = load_file(str(next((tmp_path / "d").glob("*.safetensors"))))
+    assert rel(merged["blocks.0.norm2.weight"], state["blocks.0.norm2.weight"].double() + norm.double()) < 1e-6
+    assert rel(merged["blocks.1.attn2.to_q.bias"], state["blocks.1.attn2.to_q.bias"].double() + diff_b.double()) < 1e-6
+
+
+def test_two_a14b_experts_each_take_their_lora(run_cli, tmp_path):
+    """Wan 2.2 A14B: a high-noise and a low-noise file (same shapes), each merged with its own LoRA."""
+    for expert, seed in (("high_noise", 3), ("low_noise", 4)):
+        state = diffusers_state("t2v", seed=seed)
+        native = to_native(state)
+        save_file(native, str(tmp_path / f"{expert}.safetensors"))
+        lora, deltas = make_lora("musubi", MODULES, shapes_of(state), seed=seed + 10)
+        save_file(lora, str(tmp_path / f"{expert}-lora.safetensors"))
+        check_merge(run_cli, tmp_path / f"{expert}.safetensors", tmp_path / f"{expert}-lora.safetensors",
+                    tmp_path / f"{expert}-merged.safetensors", native, deltas, native=True)
+
+
+# --- diffusers' own LoRA path ------------------------------------------------------------------------------
+
+
+def test_merges_agree_with_diffusers_wan_lora_converters(run_cli, wan, tmp_path):
+    """Where diffusers' Wan LoRA converters accept a file (every block module, with alphas), their
+    per-module B@A equals what loratool merges; where they fail, loratool follows float64 W + s·B@A."""
+    from diffusers.loaders.lora_conversion_utils import (_convert_musubi_wan_lora_to_diffusers,
+                                                         _convert_non_diffusers_wan_lora_to_diffusers)
+
+    folder, state, native = wan["i2v"]
+    shapes = shapes_of(state)
+    block = [(f"blocks.{i}.{n}", f"blocks.{i}.{d}") for i in range(2) for n, d in (
+        ("self_attn.q", "attn1.to_q"), ("self_attn.k", "attn1.to_k"), ("self_attn.v", "attn1.to_v"),
+        ("self_attn.o", "attn1.to_out.0"), ("cross_attn.q", "attn2.to_q"), ("cross_attn.k", "attn2.to_k"),
+        ("cross_attn.v", "attn2.to_v"), ("cross_attn.o", "attn2.to_out.0"), ("cross_attn.k_img", "attn2.add_k_proj"),
+        ("cross_attn.v_img", "attn2.add_v_proj"), ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"))]
+    for dialect, convert in (("musubi", _convert_musubi_wan_lora_to_diffusers),
+                             ("comfyui", _convert_non_diffusers_wan_lora_to_diffusers)):
+        lora, deltas = make_lora(dialect, block, shapes, seed=5)
+        theirs = products(convert({k: v.clone() for k, v in lora.items()}))
+        assert set(theirs) == {f"transformer.{d}" for d in deltas}
+        path = tmp_path / f"{dialect}.safetensors"
+        save_file(lora, str(path))
+        ok(run_cli("merge", folder / "transformer", path, "-o", tmp_path / f"{dialect}-merged"))
+        merged = load_file(str(next((tmp_path / f"{dialect}-merged").glob("*.safetensors"))))
+        for module in deltas:
+            assert rel(merged[f"{module}.weight"] - state[f"{module}.weight"].double(),
+                       theirs[f"transformer.{module}"]) < 1e-5, (dialect, module)
+        # and diffusers' whole path: the converted LoRA injected with PEFT into the model, fused
+        model = tiny_model("i2v")
+        model.load_lora_adapter(convert({k: v.clone() for k, v in lora.items()}), prefix="transformer",
+                                adapter_name="wan")
+        model.fuse_lora()
+        model.unload_lora()
+        fused = model.state_dict()
+        assert set(fused) == set(merged)
+        for key, tensor in fused.items():
+            assert rel(merged[key], tensor) < 1e-6, (dialect, key)
+
+    # diffusers fails on `head.head.alpha` (never consumed: "state_dict should be empty"), and its musubi
+    # converter on any module outside the blocks (it takes a block number from every name)
+    for dialect, convert, error in (("comfyui", _convert_non_diffusers_wan_lora_to_diffusers, ValueError),
+                                    ("musubi", _convert_musubi_wan_lora_to_diffusers, IndexError)):
+        lora, deltas = make_lora(dialect, block + [("head.head", "proj_out")], shapes, seed=6)
+        with pytest.raises(error):
+            convert({k: v.clone() for k, v in lora.items()})
+        save_file(lora, str(tmp_path / "head.safetensors"))
+        check_merge(run_cli, folder / "native.safetensors", tmp_path / "head.safetensors",
+                    tmp_path / f"head-{dialect}.safetensors", native, deltas, native=True)
+
+
+# --- convert ----------------------------------------------------------------------------------------------
+
+
+def test_convert_round_trips_through_both_namings(run_cli, wan, tmp_path):
+    """musubi (native names) -> diffusers names against the native file -> kohya names against the
+    diffusers file: the same s·B@A for every module, and the kohya result merges as the original."""
+    folder, state, native = wan["i2v"]
+    lora, deltas = make_lora("musubi", MODULES + I2V_MODULES, shapes_of(state))
+    save_file(lora, str(tmp_path / "musubi.safetensors"))
+    ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "diffusers", "--base", folder / "native.safetensors",
+               "-o", tmp_path / "diffusers.safetensors"))
+    as_diffusers = file_products(tmp_path / "diffusers.safetensors")
+    assert set(as_diffusers) == {f"transformer.{d}" for d in deltas}
+    ok(run_cli("convert", tmp_path / "diffusers.safetensors", "--to", "kohya", "--base", folder / "transformer",
+               "-o", tmp_path / "kohya.safetensors"))
+    as_kohya = file_products(tmp_path / "kohya.safetensors")
+    assert len(as_kohya) == len(deltas)
+    flat = {"lora_unet_" + d.replace(".", "_"): d for d in deltas}
+    flat.update({"lora_unet_" + n.replace(".", "_"): d for n, d in MODULES + I2V_MODULES})
+    for module, product in as_kohya.items():
+        assert rel(product, deltas[flat[module]]) < 1e-6, module
+    for module, delta in deltas.items():
+        assert rel(as_diffusers[f"transformer.{module}"], delta) < 1e-6, module
+    check_merge(run_cli, folder / "native.safetensors", tmp_path / "kohya.safetensors", tmp_path / "k.safetensors",
+                native, deltas, native=True)
+
+
+# --- partial matches -----------------------------------------------------------------------------------
+
+
+def test_i2v_lora_on_t2v_base_is_refused_then_skipped(run_cli, wan, tmp_path):
+    t2v_folder, t2v_state, t2v_native = wan["t2v"]
+    shapes = shapes_of(wan["i2v"][1])
+    lora, deltas = make_lora("musubi", MODULES + I2V_MODULES, shapes)
+    save_file(lora, str(tmp_path / "i2v-lora.safetensors"))
+    for base, out in ((t2v_folder / "native.safetensors", tmp_path / "m.safetensors"),
+                      (t2v_folder / "transformer", tmp_path / "m")):
+        line = assert_refused(run_cli("merge", base, tmp_path / "i2v-lora.safetensors", "-o", out), out,
+                              "3 module(s)", "k_img", "--skip-missing")
+        assert "\n" not in line
+    report = json.loads(ok(run_cli("merge", t2v_folder / "native.safetensors", tmp_path / "i2v-lora.safetensors",
+                                   "-o", tmp_path / "m.safetensors", "--skip-missing", "--json")).stdout)
+    assert sorted(s.rsplit(": ", 1)[1] for s in report["skipped"]) == [
+        "lora_unet_blocks_0_cross_attn_k_img", "lora_unet_blocks_1_cross_attn_v_img", "lora_unet_img_emb_proj_1"]
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    changed = {f"{n}.weight": deltas[d] for n, d in MODULES}
+    for key, tensor in t2v_native.items():
+        assert rel(merged[key], tensor.double() + changed.get(key, 0)) < 1e-6, key
