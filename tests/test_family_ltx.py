@@ -324,3 +324,39 @@ def test_ltx2_lora_on_ltx_video_refused_then_skipped(run_cli, tmp_path, bases):
     assert_refused(run_cli("merge", bases["ltxv"][0], tmp_path / "lora.safetensors", "-o", out), out,
                    "2 module(s)", "audio", "--skip-missing")
     check_merge(run_cli, tmp_path / "skip", bases, "ltxv", lora, {m: deltas[m] for m in video}, "--skip-missing")
+
+
+def test_ltx23_prompt_adaln_single(tmp_path, run_cli):
+    """LTX-2.3's prompt modulation: diffusers' single-file converter leaves `prompt_adaln_single` as it
+    is (its LoRA converter renames it to `prompt_adaln`); loratool's table maps it both ways."""
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+    from diffusers.models.transformers.transformer_ltx2 import LTX2VideoTransformer3DModel
+
+    from loratool.layouts import layout_of, ltx
+
+    torch.manual_seed(0)
+    model = LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+                                        audio_num_attention_heads=2, audio_attention_head_dim=4,
+                                        audio_cross_attention_dim=8, num_layers=1, caption_channels=12,
+                                        cross_attn_mod=True)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert "prompt_adaln.linear.weight" in state
+    native = to_native(state, ltx.FAMILY_LTX2)
+    assert "prompt_adaln_single.linear.weight" in native
+    assert "prompt_adaln_single.linear.weight" in convert_ltx2_transformer_to_diffusers(dict(native))  # not renamed
+    layout = layout_of({k: tuple(v.shape) for k, v in native.items()}, tmp_path)
+    assert layout.family == "LTX-2"
+    pieces = layout.resolve(["diffusion_model.prompt_adaln_single.linear", "transformer.audio_prompt_adaln.linear"])
+    assert [p.target.weight for ps in pieces.values() for p in ps] == ["prompt_adaln_single.linear.weight",
+                                                                       "audio_prompt_adaln_single.linear.weight"]
+
+
+@pytest.mark.parametrize("key,value,family", [("ss_base_model_version", "ltx2", "LTX-2"),
+                                              ("modelspec.architecture", "ltx-video", "LTX-Video")])
+def test_lora_family_from_metadata(run_cli, tmp_path, key, value, family):
+    lora = {"lora_unet_some_module.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_some_module.lora_up.weight": torch.zeros(4, 2)}
+    save_file(lora, str(tmp_path / "lora.safetensors"), metadata={key: value})
+    report = json.loads(ok(run_cli("inspect", tmp_path / "lora.safetensors", "--json")).stdout)
+    assert (report["family"], report["family_from"]) == (family, "metadata")

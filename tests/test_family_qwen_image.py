@@ -356,3 +356,13 @@ def test_modules_the_base_lacks_are_refused_then_skipped(run_cli, tmp_path, base
                    "2 module(s)", "txt_mlp", "--skip-missing")
     kept = {m: deltas[m] for m in present}
     check_merge(run_cli, tmp_path / "skip", bases, "qwen21", lora, kept, qwen_image.FAMILY_21, "--skip-missing")
+
+
+@pytest.mark.parametrize("key,value", [("ss_base_model_version", "qwen_image_edit"),
+                                       ("modelspec.architecture", "Qwen-Image")])
+def test_lora_family_from_metadata(run_cli, tmp_path, key, value):
+    lora = {"lora_unet_some_module.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_some_module.lora_up.weight": torch.zeros(4, 2)}
+    save_file(lora, str(tmp_path / "lora.safetensors"), metadata={key: value})
+    report = json.loads(ok(run_cli("inspect", tmp_path / "lora.safetensors", "--json")).stdout)
+    assert (report["family"], report["family_from"]) == ("Qwen-Image", "metadata")
