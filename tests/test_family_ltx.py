@@ -360,3 +360,30 @@ def test_lora_family_from_metadata(run_cli, tmp_path, key, value, family):
     save_file(lora, str(tmp_path / "lora.safetensors"), metadata={key: value})
     report = json.loads(ok(run_cli("inspect", tmp_path / "lora.safetensors", "--json")).stdout)
     assert (report["family"], report["family_from"]) == (family, "metadata")
+
+
+@pytest.mark.parametrize("base", ["ltx2", "ltx2-comfy", "ltx2-diffusers"])
+def test_diff_and_diff_b_merge(run_cli, tmp_path, bases, base):
+    """Full weight and bias deltas (`.diff`/`.diff_b`, as video trainers write them) beside LoRA modules,
+    on native names: added as they are."""
+    from loratool.layouts import ltx
+
+    state = bases["ltx2"][1]
+    lora, deltas = lora_file("comfyui", LTX2_NATIVE[:3], ltx.FAMILY_LTX2, state, seed=2)
+    generator = torch.Generator().manual_seed(8)
+    bias_deltas = {}
+    for native in ("transformer_blocks.1.audio_attn1.to_out.0", "av_ca_v2a_gate_adaln_single.linear"):
+        module = (ltx.FAMILY_LTX2.native_to_diffusers(native) or (native,))[0]
+        lora[f"diffusion_model.{native}.diff"] = torch.randn(state[f"{module}.weight"].shape, generator=generator)
+        lora[f"diffusion_model.{native}.diff_b"] = torch.randn(state[f"{module}.bias"].shape, generator=generator)
+        deltas[module] = lora[f"diffusion_model.{native}.diff"].double()
+        bias_deltas[module] = lora[f"diffusion_model.{native}.diff_b"].double()
+    path, _, back = bases[base]
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    out = tmp_path / ("merged" if path.is_dir() else "merged.safetensors")
+    ok(run_cli("merge", path, tmp_path / "lora.safetensors", "-o", out))
+    merged = back(out)
+    for key in state:
+        module, _, param = key.rpartition(".")
+        table = deltas if param == "weight" else bias_deltas if param == "bias" else {}
+        assert rel(merged[key], state[key].double() + table.get(module, 0)) < 1e-6, key
