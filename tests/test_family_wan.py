@@ -292,7 +292,8 @@ def test_full_diffs_and_norms_merge(run_cli, wan, tmp_path):
 
 
 def test_two_a14b_experts_each_take_their_lora(run_cli, tmp_path):
-    """Wan 2.2 A14B: a high-noise and a low-noise file (same shapes), each merged with its own LoRA."""
+    """Wan 2.2 A14B: a high-noise and a low-noise expert (same shapes), each merged with its own LoRA: as
+    ComfyUI ships them (one file each), and as Wan-AI does (`high_noise_model/`, a sharded folder)."""
     for expert, seed in (("high_noise", 3), ("low_noise", 4)):
         state = diffusers_state("t2v", seed=seed)
         native = to_native(state)
@@ -301,6 +302,24 @@ def test_two_a14b_experts_each_take_their_lora(run_cli, tmp_path):
         save_file(lora, str(tmp_path / f"{expert}-lora.safetensors"))
         check_merge(run_cli, tmp_path / f"{expert}.safetensors", tmp_path / f"{expert}-lora.safetensors",
                     tmp_path / f"{expert}-merged.safetensors", native, deltas, native=True)
+        folder = tmp_path / f"{expert}_model"
+        folder.mkdir()
+        shards = {name: {k: v for i, (k, v) in enumerate(sorted(native.items())) if i % 2 == n}
+                  for n, name in enumerate(("diffusion_pytorch_model-00001-of-00002.safetensors",
+                                            "diffusion_pytorch_model-00002-of-00002.safetensors"))}
+        for name, part in shards.items():
+            save_file(part, str(folder / name))
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+        (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "dim": WIDTH}))
+        report = json.loads(ok(run_cli("inspect", folder, "--json")).stdout)
+        assert (report["layout"], report["family"]) == ("wan-native", "Wan")
+        ok(run_cli("merge", folder, tmp_path / f"{expert}-lora.safetensors", "-o", tmp_path / f"{expert}-sharded"))
+        merged = {}
+        for name in shards:
+            merged.update(load_file(str(tmp_path / f"{expert}-sharded" / name)))
+        single = load_file(str(tmp_path / f"{expert}-merged.safetensors"))
+        assert set(merged) == set(single) and all(torch.equal(merged[k], single[k]) for k in single)
 
 
 # --- diffusers' own LoRA path ------------------------------------------------------------------------------
@@ -402,3 +421,40 @@ def test_i2v_lora_on_t2v_base_is_refused_then_skipped(run_cli, wan, tmp_path):
     changed = {f"{n}.weight": deltas[d] for n, d in MODULES}
     for key, tensor in t2v_native.items():
         assert rel(merged[key], tensor.double() + changed.get(key, 0)) < 1e-6, key
+
+
+# --- Wan 2.2 A14B as a diffusers pipeline: two experts ----------------------------------------------------
+
+
+def test_a14b_pipeline_merges_into_the_high_noise_transformer(run_cli, tmp_path):
+    """Wan 2.2 A14B's diffusers pipeline holds the high-noise expert in `transformer/` and the low-noise one
+    in `transformer_2/`. A LoRA merged into the pipeline goes where diffusers' `load_lora_weights` puts it
+    (`transformer`); `transformer_2/` is copied as it is, and takes its own LoRA merged into that folder."""
+    pipeline = tmp_path / "Wan2.2-T2V-A14B-Diffusers"
+    experts = {}
+    for seed, name in enumerate(("transformer", "transformer_2")):
+        (pipeline / name).mkdir(parents=True)
+        experts[name] = diffusers_state("t2v", seed=seed)
+        save_file(experts[name], str(pipeline / name / "diffusion_pytorch_model.safetensors"))
+        (pipeline / name / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    (pipeline / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    report = json.loads(ok(run_cli("inspect", pipeline, "--json")).stdout)
+    assert (report["layout"], report["family"]) == ("diffusers-pipeline", "Wan")
+    assert report["components"]["transformer"] == "wan-diffusers"
+    high, high_deltas = make_lora("musubi", MODULES, shapes_of(experts["transformer"]), seed=2)
+    low, low_deltas = make_lora("comfyui", MODULES, shapes_of(experts["transformer_2"]), seed=3)
+    save_file(high, str(tmp_path / "high.safetensors"))
+    save_file(low, str(tmp_path / "low.safetensors"))
+    ok(run_cli("merge", pipeline, tmp_path / "high.safetensors", "-o", tmp_path / "merged"))
+    ok(run_cli("merge", tmp_path / "merged" / "transformer_2", tmp_path / "low.safetensors", "-o", tmp_path / "low"))
+    for name, merged, deltas in (("transformer", tmp_path / "merged" / "transformer", high_deltas),
+                                 ("transformer_2", tmp_path / "low", low_deltas)):
+        tensors = load_file(str(merged / "diffusion_pytorch_model.safetensors"))
+        for key, tensor in experts[name].items():
+            module = key.removesuffix(".weight")
+            expected = tensor.double() + deltas[module] if key.endswith(".weight") and module in deltas else tensor
+            assert rel(tensors[key], expected) < 1e-6, (name, key)
+    untouched = load_file(str(tmp_path / "merged" / "transformer_2" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(untouched[k], v) for k, v in experts["transformer_2"].items())
