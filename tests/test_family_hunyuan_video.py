@@ -273,6 +273,12 @@ def test_diffusers_lora_path_agrees_where_it_is_right(run_cli, files, tmp_path):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     ok(run_cli("merge", folder / "diffusers.safetensors", tmp_path / "bad.safetensors", "-o", tmp_path / "b.safetensors"))
     assert_merged(tmp_path / "b.safetensors", expected(files, "comfyui", bad_deltas)[1], diffusers)
+    # linear1 split at 3072 rows, and an .alpha chunked like a B: both raise at the tiny width
+    for modules, alpha in ((("double_blocks.0.img_attn_qkv", "single_blocks.0.linear1"), None),
+                           (("double_blocks.0.img_attn_qkv",), 3.0)):
+        failing, _ = lora("comfyui", native, modules, alpha=alpha)
+        with pytest.raises(RuntimeError):
+            _convert_hunyuan_video_lora_to_diffusers(dict(failing))
     # no img_attn_qkv key: diffusers leaves the native names as they are (nothing would load)
     only_single, _ = lora("comfyui", native, ("single_blocks.0.linear2",), alpha=None)
     loaded = HunyuanVideoPipeline.lora_state_dict({k: v.clone() for k, v in only_single.items()})
