@@ -42,6 +42,8 @@ DIALECTS = {
     "diffusers": (lambda n, d: "transformer." + d, "lora_A.weight", "lora_B.weight", None),
     "onetrainer": (lambda n, d: "lora_transformer_" + d.replace(".", "_"), "lora_down.weight", "lora_up.weight", 2.0),
     "lycoris": (lambda n, d: "lycoris_" + d.replace(".", "_"), "lora_down.weight", "lora_up.weight", 1.0),
+    "lycoris-loha": (lambda n, d: "lycoris_" + d.replace(".", "_"), None, None, 3.0),
+    "lycoris-lokr": (lambda n, d: "lycoris_" + d.replace(".", "_"), None, None, 3.0),
 }
 
 
@@ -95,8 +97,23 @@ def make_lora(dialect: str, modules, shapes: dict[str, tuple[int, ...]], rank: i
     state, deltas = {}, {}
     for native, diffusers in modules:
         rows, cols = shapes[f"{diffusers}.weight"]
-        down, up = torch.randn(rank, cols, generator=generator), torch.randn(rows, rank, generator=generator)
         name = name_of(native, diffusers)
+        if down_role is None:  # SimpleTuner's LyCORIS LoHa / LoKr (w2 factored), scale alpha/rank
+            def rand(*shape):
+                return torch.randn(shape, generator=generator)
+            if dialect == "lycoris-loha":
+                parts = {"hada_w1_a": rand(rows, rank), "hada_w1_b": rand(rank, cols),
+                         "hada_w2_a": rand(rows, rank), "hada_w2_b": rand(rank, cols)}
+                delta = (parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()) * (
+                    parts["hada_w2_a"].double() @ parts["hada_w2_b"].double())
+            else:
+                parts = {"lokr_w1": rand(2, 2), "lokr_w2_a": rand(rows // 2, rank), "lokr_w2_b": rand(rank, cols // 2)}
+                delta = torch.kron(parts["lokr_w1"].double(), parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double())
+            state.update({f"{name}.{role}": t for role, t in parts.items()})
+            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
+            deltas[diffusers] = delta * alpha / rank
+            continue
+        down, up = torch.randn(rank, cols, generator=generator), torch.randn(rows, rank, generator=generator)
         state[f"{name}.{down_role}"], state[f"{name}.{up_role}"] = down, up
         scale = 1.0
         if alpha is not None:
