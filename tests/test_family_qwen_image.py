@@ -366,3 +366,25 @@ def test_lora_family_from_metadata(run_cli, tmp_path, key, value):
     save_file(lora, str(tmp_path / "lora.safetensors"), metadata={key: value})
     report = json.loads(ok(run_cli("inspect", tmp_path / "lora.safetensors", "--json")).stdout)
     assert (report["family"], report["family_from"]) == ("Qwen-Image", "metadata")
+
+
+def test_pipeline_folder(run_cli, tmp_path, bases):
+    """A diffusers Qwen-Image pipeline folder: inspect names the family; a musubi LoRA merges into its
+    transformer/ and the folder keeps its layout."""
+    import shutil
+
+    from loratool.layouts import qwen_image
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(bases["qwen-diffusers"][0], pipeline / "transformer")
+    (pipeline / "model_index.json").write_text(json.dumps({
+        "_class_name": "QwenImageEditPipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
+    report = json.loads(ok(run_cli("inspect", pipeline, "--json")).stdout)
+    assert (report["layout"], report["family"]) == ("diffusers-pipeline", "Qwen-Image")
+    state = bases["qwen"][1]
+    lora, deltas = lora_file("musubi", QWEN_MODULES, native_shapes(state, qwen_image.FAMILY))
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", pipeline, tmp_path / "lora.safetensors", "-o", tmp_path / "merged"))
+    merged, expected = load_folder(tmp_path / "merged" / "transformer"), expected_state(state, deltas, qwen_image.FAMILY)
+    assert all(rel(merged[k], expected[k]) < 1e-6 for k in state)
+    assert (tmp_path / "merged" / "model_index.json").read_text() == (pipeline / "model_index.json").read_text()
