@@ -233,6 +233,12 @@ def test_flux_and_hunyuan_video_do_not_claim_each_other(run_cli, tmp_path):
                "transformer_blocks.0.attn.to_q.weight": torch.zeros(8, 8)}, str(tmp_path / "flux-d.safetensors"))
     for name in ("flux", "flux-d"):
         assert json.loads(ok(run_cli("inspect", tmp_path / f"{name}.safetensors", "--json")).stdout)["family"] == "Flux"
+    # HunyuanVideo 1.5 has a token refiner but no single-stream blocks: not this family
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(8, 8),
+               "context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight": torch.zeros(8, 8)},
+              str(tmp_path / "hv15.safetensors"))
+    report = json.loads(ok(run_cli("inspect", tmp_path / "hv15.safetensors", "--json")).stdout)
+    assert report["family"] != "HunyuanVideo"
 
 
 def test_diffusers_lora_path_agrees_where_it_is_right(run_cli, files, tmp_path):

@@ -15,7 +15,9 @@ input width of `linear1`; diffusers' converters hard-code 3072, the 13B model's 
 The names share `double_blocks.`/`single_blocks.` with Flux's BFL files (and, flattened, kohya names such
 as `lora_unet_double_blocks_0_img_attn_qkv`): the token refiner (`txt_in.individual_token_refiner.`,
 `context_embedder.token_refiner.`) is what only HunyuanVideo has, so detection requires it, and this
-family is registered before Flux.
+family is registered before Flux. HunyuanVideo 1.5 (`HunyuanVideo15Transformer3DModel`) has a token
+refiner too but no single-stream blocks, so it is not claimed; FramePack (HunyuanVideo with extra
+image-conditioning modules) is, and its extra modules resolve by their stored names.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ FAMILY = DitFamily(
                   REFINER_BLOCK)),
     top_level=TOP_LEVEL,
     native_markers=("double_blocks.", "single_blocks.", "txt_in.individual_token_refiner."),
-    diffusers_markers=("transformer_blocks.", "context_embedder.token_refiner."),
+    diffusers_markers=("single_transformer_blocks.", "context_embedder.token_refiner."),
     swapped_halves=SWAPPED_HALVES, fused_rows=fused_row_sizes, variant=variant,
     metadata_prefixes=("hunyuan_video", "hunyuan-video", "hunyuanvideo", "hyvideo"),
     # Names only HunyuanVideo has, dotted or flattened (Flux's kohya names flatten `img_attn.qkv` the same
