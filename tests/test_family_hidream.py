@@ -199,3 +199,9 @@ def test_missing_modules_are_refused_then_skipped(run_cli, files, tmp_path):
     ok(run_cli("merge", folder / "native.safetensors", tmp_path / "extra.safetensors", "-o", out, "--skip-missing"))
     del deltas["double_stream_blocks.9.block.attn1.to_q"]
     assert_merged(load_file(str(out)), state, deltas)
+
+
+def test_metadata_names_the_family():
+    from loratool.layouts.families import adapter_family
+
+    assert adapter_family([], {}, {"modelspec.architecture": "hidream-i1-dev"}) == ("HiDream", "metadata")

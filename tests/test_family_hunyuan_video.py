@@ -333,3 +333,9 @@ def test_missing_modules_are_refused_then_skipped(run_cli, files, tmp_path):
     ok(run_cli("merge", folder / "native.safetensors", tmp_path / "extra.safetensors", "-o", out, "--skip-missing"))
     want, _ = expected(files, "musubi", {"double_blocks.0.img_attn_qkv": deltas["double_blocks.0.img_attn_qkv"]})
     assert_merged(out, want, native)
+
+
+def test_metadata_names_the_family():
+    from loratool.layouts.families import adapter_family
+
+    assert adapter_family([], {}, {"ss_base_model_version": "hunyuan_video"}) == ("HunyuanVideo", "metadata")
