@@ -4,7 +4,11 @@ every trainer dialect with their float64 ΔW."""
 
 from __future__ import annotations
 
+import json
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from loratool.layouts.dit import DitFamily
 
@@ -153,3 +157,23 @@ def expected_merge(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor
                         hits += 1
             assert hits == delta.shape[0], module
     return expected
+
+
+def deltas_of(path) -> dict[str, torch.Tensor]:
+    """Module -> float64 ΔW of a kohya or diffusers-named LoRA file: kohya's `.alpha` (none means r), or
+    PEFT's lora_alpha / alpha_pattern in diffusers' `lora_adapter_metadata`."""
+    state = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        config = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    found = {}
+    for key in state:
+        for a, b in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+            if key.endswith(a):
+                module = key[: -len(a)]
+                down, up = state[key].double(), state[module + b].double()
+                alpha = state.get(f"{module}.alpha")
+                if alpha is None and config:
+                    inner = module.removeprefix("transformer.")
+                    alpha = config.get("transformer.alpha_pattern", {}).get(inner, config["transformer.lora_alpha"])
+                found[module] = up @ down * (1.0 if alpha is None else float(alpha) / down.shape[0])
+    return found

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, expected_merge, lora_state, native_state,
-                              row_map)
+from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
+                              native_state, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import chroma
 
@@ -157,27 +157,6 @@ def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
     with pytest.raises(ValueError, match="Incompatible keys"):
         _convert_kohya_flux_lora_to_diffusers(lora_state(
             "musubi", {"distilled_guidance_layer.layers.0.in_layer": (12, 12)}, seed=3)[0])
-
-
-def deltas_of(path) -> dict[str, torch.Tensor]:
-    """Module -> float64 ΔW of a kohya or diffusers-named LoRA file (alpha/r applied; none means r)."""
-    from safetensors import safe_open
-
-    state = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        config = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    found = {}
-    for key in state:
-        for a, b in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
-            if key.endswith(a):
-                module = key[: -len(a)]
-                down, up = state[key].double(), state[module + b].double()
-                alpha = state.get(f"{module}.alpha")
-                if alpha is None and config:  # diffusers: PEFT's lora_alpha / alpha_pattern in the metadata
-                    inner = module.removeprefix("transformer.")
-                    alpha = config.get("transformer.alpha_pattern", {}).get(inner, config["transformer.lora_alpha"])
-                found[module] = up @ down * (1.0 if alpha is None else float(alpha) / down.shape[0])
-    return found
 
 
 def test_convert_round_trips_losslessly(run_cli, files, tmp_path):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, expected_merge, lora_state, native_state,
-                              row_map)
+from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
+                              native_state, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import z_image
 
@@ -199,28 +199,6 @@ def test_lumina2_matches_diffusers_own_path(run_cli, tmp_path_factory, tmp_path)
         assert rel(ours[key], theirs[key]) < 1e-6, key
     with pytest.raises(ValueError, match="should be empty"):
         convert(lora_state("comfyui", modules, seed=4)[0])
-
-
-def deltas_of(path) -> dict[str, torch.Tensor]:
-    """Module -> float64 ΔW of a kohya or diffusers-named LoRA file (kohya `.alpha`, or diffusers'
-    lora_adapter_metadata)."""
-    from safetensors import safe_open
-
-    state = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        config = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    found = {}
-    for key in state:
-        for a, b in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
-            if key.endswith(a):
-                module = key[: -len(a)]
-                down, up = state[key].double(), state[module + b].double()
-                alpha = state.get(f"{module}.alpha")
-                if alpha is None and config:
-                    inner = module.removeprefix("transformer.")
-                    alpha = config.get("transformer.alpha_pattern", {}).get(inner, config["transformer.lora_alpha"])
-                found[module] = up @ down * (1.0 if alpha is None else float(alpha) / down.shape[0])
-    return found
 
 
 def test_convert_round_trips_losslessly(run_cli, files, tmp_path):
