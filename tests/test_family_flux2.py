@@ -172,19 +172,11 @@ def test_comfyui_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
         _convert_non_diffusers_flux2_lora_to_diffusers(lora_state("comfyui", BLOCK_MODULES, seed=4)[0])
 
 
-#: Every native target but the one with swapped halves (see the next test).
-UNSWAPPED = {k: v for k, v in NATIVE_MODULES.items() if k != "final_layer.adaLN_modulation.1"}
-
-
-@pytest.mark.parametrize("modules", [
-    pytest.param(UNSWAPPED, id="unswapped"),
-    pytest.param({"final_layer.adaLN_modulation.1": (2 * H, H)}, id="norm_out", marks=pytest.mark.xfail(
-        strict=True, reason="resolve.py: against a BFL base, a landing's B stays in the stored (BFL) half order "
-        "while `convert` names it norm_out.linear (diffusers order); fix: swap = piece.swap_lora when "
-        "canonical_names (the same holds for Flux.1)")),
-])
-def test_convert_round_trips_losslessly(run_cli, files, tmp_path, modules):
+def test_convert_round_trips_losslessly(run_cli, files, tmp_path):
+    """BFL names -> diffusers names against the BFL file (qkv split by rows, norm_out's halves swapped into
+    diffusers' order) -> kohya names against the diffusers file: the same merge."""
     folder, _, _, rows = files
+    modules = NATIVE_MODULES
     state, deltas = lora_state("musubi", modules, seed=5)
     save_file(state, str(tmp_path / "musubi.safetensors"))
     ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "diffusers", "--base", folder / "native.safetensors",
