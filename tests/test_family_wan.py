@@ -475,3 +475,35 @@ def test_a14b_pipeline_merges_into_the_high_noise_transformer(run_cli, tmp_path)
             assert rel(tensors[key], expected) < 1e-6, (name, key)
     untouched = load_file(str(tmp_path / "merged" / "transformer_2" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(untouched[k], v) for k, v in experts["transformer_2"].items())
+
+
+def test_where_diffusers_wan_lora_converters_fail(run_cli, wan, tmp_path):
+    """The other files diffusers' Wan LoRA converters refuse (docs/formats.md), each merged by loratool
+    as float64 W + s·B@A: `.alpha` on a non-block module, Mochi-style roles without `.weight`, a LoRA
+    with no block module, and (musubi) a block without all its modules, or without `.alpha`."""
+    from diffusers.loaders.lora_conversion_utils import (_convert_musubi_wan_lora_to_diffusers,
+                                                         _convert_non_diffusers_wan_lora_to_diffusers)
+
+    folder, state, native = wan["i2v"]
+    shapes = shapes_of(state)
+    cases = [("comfyui", [MODULES[0], ("time_projection.1", "condition_embedder.time_proj")],
+              _convert_non_diffusers_wan_lora_to_diffusers, ValueError),
+             ("mochi", MODULES[:2], _convert_non_diffusers_wan_lora_to_diffusers, KeyError),
+             ("comfyui-no-alpha", MODULES[6:8], _convert_non_diffusers_wan_lora_to_diffusers, ValueError),
+             ("musubi", MODULES[:1], _convert_musubi_wan_lora_to_diffusers, KeyError)]
+    for n, (dialect, modules, convert, error) in enumerate(cases):
+        lora, deltas = make_lora(dialect, modules, shapes, seed=20 + n)
+        with pytest.raises(error):
+            convert({k: v.clone() for k, v in lora.items()})
+        save_file(lora, str(tmp_path / f"{n}.safetensors"))
+        check_merge(run_cli, folder / "native.safetensors", tmp_path / f"{n}.safetensors",
+                    tmp_path / f"{n}-merged.safetensors", native, deltas, native=True)
+    # musubi without `.alpha` (scale 1): diffusers needs one per module
+    lora, deltas = make_lora("musubi", MODULES[:1], shapes, seed=30)
+    lora = {k: v for k, v in lora.items() if not k.endswith(".alpha")}
+    with pytest.raises(KeyError):
+        _convert_musubi_wan_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
+    save_file(lora, str(tmp_path / "no-alpha.safetensors"))
+    ok(run_cli("merge", folder / "native.safetensors", tmp_path / "no-alpha.safetensors", "-o", tmp_path / "na.safetensors"))
+    key = "blocks.0.self_attn.q.weight"
+    assert rel(load_file(str(tmp_path / "na.safetensors"))[key], native[key].double() + deltas["blocks.0.attn1.to_q"] / 2.0) < 1e-6
