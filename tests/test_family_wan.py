@@ -251,6 +251,11 @@ def test_inspect_names_family_and_variant(run_cli, wan):
         save_file(lora, str(folder / f"inspect-{dialect}.safetensors"))
         report = json.loads(ok(run_cli("inspect", folder / f"inspect-{dialect}.safetensors", "--json")).stdout)
         assert report["family"] == "Wan", dialect
+    # from metadata, as musubi-tuner and sd-scripts write it, when the names say nothing
+    lora, _ = make_lora("musubi", MODULES[6:7], shapes_of(state))
+    save_file(lora, str(folder / "head-only.safetensors"), metadata={"ss_base_model_version": "wan2.2_t2v_a14b"})
+    report = json.loads(ok(run_cli("inspect", folder / "head-only.safetensors", "--json")).stdout)
+    assert (report["family"], report["family_from"]) == ("Wan", "metadata")
 
 
 # --- merges --------------------------------------------------------------------------------------------
@@ -278,6 +283,12 @@ def test_every_dialect_merges_into_both_namings(run_cli, wan, tmp_path, dialect)
     if dialect in ("musubi", "diffusers"):
         check_merge(run_cli, folder / "comfy.safetensors", tmp_path / "lora.safetensors", tmp_path / "c.safetensors",
                     {LDM + k: v for k, v in native.items()}, deltas, native=True, prefix=LDM)
+        # native names under `diffusion_model.` (a merge's BASE; `inspect` alone reads such a file as a
+        # ComfyUI LoRA with stray tensors, as that is the prefix ComfyUI's LoRA saver writes)
+        prefixed = {"diffusion_model." + k: v for k, v in native.items()}
+        save_file(prefixed, str(tmp_path / "dm.safetensors"))
+        check_merge(run_cli, tmp_path / "dm.safetensors", tmp_path / "lora.safetensors", tmp_path / "dm-merged.safetensors",
+                    prefixed, deltas, native=True, prefix="diffusion_model.")
 
 
 def test_full_diffs_and_norms_merge(run_cli, wan, tmp_path):
