@@ -469,6 +469,47 @@ def test_text_encoder_loras_merge_into_clip_l_clip_g_and_t5(run_cli, tmp_path, s
     assert torch.equal(read["text_encoder_2"][untouched], models["text_encoder_2"].state_dict()[untouched])
 
 
+def test_pipeline_folder(run_cli, tmp_path):
+    """A StableDiffusion3Pipeline folder (transformer/, text_encoder{,_2,_3}/): a kohya file with native
+    transformer names and lora_te2_/lora_te3_ modules merges into the right components, the folder's
+    layout kept."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from helpers import load_folder
+
+    model, (models, _) = tiny_sd3("sd3.5m"), text_encoders()
+    pipeline = tmp_path / "pipeline"
+    model.save_pretrained(pipeline / "transformer")
+    for name, encoder in models.items():
+        encoder.save_pretrained(pipeline / name)
+    (pipeline / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"]}))
+    report = json.loads(ok(run_cli("inspect", pipeline, "--json")).stdout)
+    assert (report["layout"], report["family"]) == ("diffusers-pipeline", "SD3")
+    lora, deltas = kohya_lora({"joint_blocks.0.x_block.attn2.qkv": (3 * H, H)}, seed=50)
+    for prefix, module, shape in (("lora_te2_", "text_model.encoder.layers.1.self_attn.v_proj", (12, 12)),
+                                  ("lora_te3_", "encoder.block.1.layer.1.DenseReluDense.wo", (8, 24))):
+        part, delta = kohya_lora({module: shape}, seed=51, prefix=prefix)
+        lora.update(part)
+        deltas[prefix + module] = delta[module]
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", pipeline, tmp_path / "lora.safetensors", "-o", tmp_path / "merged"))
+    state = diffusers_state(model)
+    transformer = load_folder(tmp_path / "merged" / "transformer")
+    native = to_native(transformer)
+    expected = torch.cat([state[f"transformer_blocks.0.attn2.to_{p}.weight"] for p in "qkv"]).double()
+    assert rel(native["joint_blocks.0.x_block.attn2.qkv.weight"], expected + deltas["joint_blocks.0.x_block.attn2.qkv"]) < 1e-6
+    assert all(torch.equal(a, transformer[k]) for k, a in convert_sd3_transformer_checkpoint_to_diffusers(native).items())
+    for prefix, name in (("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_3")):
+        module = next(k.removeprefix(prefix) for k in deltas if k.startswith(prefix))
+        merged = load_folder(tmp_path / "merged" / name)[f"{module}.weight"]
+        reference = models[name].state_dict()[f"{module}.weight"].double()
+        assert rel(merged, reference + deltas[prefix + module]) < 1e-6, name
+
+
 # --- 4. convert round trips ----------------------------------------------------------------------------
 
 
