@@ -132,8 +132,8 @@ BLOCK_MODULES = {k: v for k, v in NATIVE_MODULES.items() if k.startswith(("doubl
 
 def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
     """A kohya Flux.2 LoRA through diffusers' kohya-Flux.2 converter, PEFT and fuse, against our merge.
-    That converter drops the shared modulations and `final_layer.adaLN_modulation.1` (a warning, and
-    the modules are left unmerged); loratool merges them (float64-checked above)."""
+    That converter drops the shared modulations, `final_layer.adaLN_modulation.1` and `guidance_in` (a
+    warning, and the modules are left unmerged); loratool merges them (float64-checked above)."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux2_lora_to_diffusers
 
     state, _ = lora_state("musubi", BLOCK_MODULES, seed=3)
@@ -142,8 +142,9 @@ def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
     assert set(ours) == set(theirs)
     for key in ours:
         assert rel(ours[key], theirs[key]) < 1e-6, key
-    dropped, _ = lora_state("musubi", {m: NATIVE_MODULES[m] for m in (
-        "double_stream_modulation_img.lin", "single_stream_modulation.lin", "final_layer.adaLN_modulation.1")}, seed=3)
+    dropped, _ = lora_state("musubi", {**{m: NATIVE_MODULES[m] for m in (
+        "double_stream_modulation_img.lin", "single_stream_modulation.lin", "final_layer.adaLN_modulation.1")},
+        "guidance_in.in_layer": (H, 8)}, seed=3)
     assert _convert_kohya_flux2_lora_to_diffusers(dropped) == {}
 
 
