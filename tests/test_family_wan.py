@@ -406,7 +406,8 @@ def test_merges_agree_with_diffusers_wan_lora_converters(run_cli, wan, tmp_path)
 
 def test_convert_round_trips_through_both_namings(run_cli, wan, tmp_path):
     """musubi (native names) -> diffusers names against the native file -> kohya names against the
-    diffusers file: the same s·B@A for every module, and the kohya result merges as the original."""
+    diffusers file: the same s·B@A for every module, and the kohya result merges as the original; and
+    musubi -> PEFT, loaded by PEFT into the diffusers model."""
     folder, state, native = wan["i2v"]
     lora, deltas = make_lora("musubi", MODULES + I2V_MODULES, shapes_of(state))
     save_file(lora, str(tmp_path / "musubi.safetensors"))
@@ -426,6 +427,16 @@ def test_convert_round_trips_through_both_namings(run_cli, wan, tmp_path):
         assert rel(as_diffusers[f"transformer.{module}"], delta) < 1e-6, module
     check_merge(run_cli, folder / "native.safetensors", tmp_path / "kohya.safetensors", tmp_path / "k.safetensors",
                 native, deltas, native=True)
+    # --to peft against the native file: PEFT itself loads it into the diffusers model and merges the same
+    from peft import PeftModel
+
+    ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "peft", "--base", folder / "native.safetensors",
+               "-o", tmp_path / "peft"))
+    merged = PeftModel.from_pretrained(tiny_model("i2v"), str(tmp_path / "peft")).merge_and_unload().state_dict()
+    for key, tensor in state.items():
+        module = key.removesuffix(".weight")
+        expected = tensor.double() + deltas[module] if key.endswith(".weight") and module in deltas else tensor.double()
+        assert rel(merged[key], expected) < 1e-6, key
 
 
 # --- partial matches -----------------------------------------------------------------------------------
