@@ -22,6 +22,7 @@ WIDTH = 8
 CONFIGS = {
     "t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
     "i2v": dict(in_channels=36, image_dim=10, added_kv_proj_dim=WIDTH),
+    "i2v-2.2": dict(in_channels=36, image_dim=None, added_kv_proj_dim=None),  # Wan 2.2 I2V-A14B: no CLIP image
 }
 #: (native module, diffusers module) pairs the LoRAs below target; the I2V ones only on I2V.
 MODULES = [("blocks.0.self_attn.q", "blocks.0.attn1.to_q"), ("blocks.1.self_attn.o", "blocks.1.attn1.to_out.0"),
@@ -238,13 +239,13 @@ def test_variant_of_the_real_models(expected):
 
 
 def test_inspect_names_family_and_variant(run_cli, wan):
-    for kind, task in (("t2v", "T2V"), ("i2v", "I2V")):
+    for kind, variant in (("t2v", "2.1 T2V"), ("i2v", "2.1 I2V"), ("i2v-2.2", "2.2 I2V")):
         folder = wan[kind][0]
         for path, layout in (("native.safetensors", "wan-native"), ("comfy.safetensors", "wan-native"),
                              ("transformer", "wan-diffusers")):
             report = json.loads(ok(run_cli("inspect", folder / path, "--json")).stdout)
             assert (report["layout"], report["family"]) == (layout, "Wan"), (kind, path)
-            assert report["variant"] == f"2.1 {task} width-{WIDTH}", (kind, path)
+            assert report["variant"] == f"{variant} width-{WIDTH}", (kind, path)
     folder, state, _ = wan["i2v"]
     for dialect in DIALECTS:
         lora, _ = make_lora(dialect, MODULES[:3], shapes_of(state))
@@ -442,8 +443,11 @@ def test_convert_round_trips_through_both_namings(run_cli, wan, tmp_path):
 # --- partial matches -----------------------------------------------------------------------------------
 
 
-def test_i2v_lora_on_t2v_base_is_refused_then_skipped(run_cli, wan, tmp_path):
-    t2v_folder, t2v_state, t2v_native = wan["t2v"]
+@pytest.mark.parametrize("kind", ["t2v", "i2v-2.2"])
+def test_i2v_lora_on_t2v_base_is_refused_then_skipped(run_cli, wan, tmp_path, kind):
+    """A Wan 2.1 I2V LoRA (k_img, v_img, img_emb) on a T2V base, or on Wan 2.2's I2V-A14B, which has no
+    CLIP image input: refused in one line, then merged without them under --skip-missing."""
+    t2v_folder, t2v_state, t2v_native = wan[kind]
     shapes = shapes_of(wan["i2v"][1])
     lora, deltas = make_lora("musubi", MODULES + I2V_MODULES, shapes)
     save_file(lora, str(tmp_path / "i2v-lora.safetensors"))
