@@ -177,3 +177,15 @@ def deltas_of(path) -> dict[str, torch.Tensor]:
                     alpha = config.get("transformer.alpha_pattern", {}).get(inner, config["transformer.lora_alpha"])
                 found[module] = up @ down * (1.0 if alpha is None else float(alpha) / down.shape[0])
     return found
+
+
+def pipeline_folder(folder, class_name: str, model_class: str, state: dict[str, torch.Tensor]):
+    """A diffusers pipeline folder (`model_index.json` + `transformer/`) holding `state`."""
+    from safetensors.torch import save_file
+
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": class_name, "_diffusers_version": "0.42.1", "transformer": ["diffusers", model_class]}))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": model_class}))
+    save_file(state, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return folder

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
-                              native_state, row_map)
+                              native_state, pipeline_folder, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import chroma
 
@@ -202,3 +202,16 @@ def test_flux_modulation_on_chroma_needs_skip_missing(run_cli, files, tmp_path):
     merged = load_file(str(out))
     key = "double_blocks.0.img_attn.qkv.weight"
     assert rel(merged[key], native[key].double() + deltas["double_blocks.0.img_attn.qkv"]) < 1e-6
+
+
+def test_pipeline_folder(run_cli, files, tmp_path):
+    """A ChromaPipeline folder: named Chroma, a BFL-named LoRA merges into `transformer/`."""
+    _, diffusers, _, rows = files
+    folder = pipeline_folder(tmp_path / "pipe", "ChromaPipeline", "ChromaTransformer2DModel", diffusers)
+    assert inspect_json(run_cli, folder)["family"] == "Chroma"
+    state, deltas = lora_state("comfyui", NATIVE_MODULES, seed=7)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", folder, tmp_path / "lora.safetensors", "-o", tmp_path / "out"))
+    merged = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    expected = expected_merge(diffusers, deltas, rows, native_base=False, native_names=True)
+    assert all(rel(merged[k], v) < 1e-6 for k, v in expected.items())

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
-                              native_state, row_map)
+                              native_state, pipeline_folder, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import flux2
 
@@ -212,3 +212,16 @@ def test_a_flux1_lora_on_flux2_needs_skip_missing(run_cli, files, tmp_path):
     ok(run_cli("merge", folder / "native.safetensors", tmp_path / "flux1.safetensors", "-o", out, "--skip-missing"))
     key = "double_blocks.0.img_attn.qkv.weight"
     assert rel(load_file(str(out))[key], native[key].double() + deltas["double_blocks.0.img_attn.qkv"]) < 1e-6
+
+
+def test_pipeline_folder(run_cli, files, tmp_path):
+    """A Flux2Pipeline folder: named Flux.2, a BFL-named LoRA merges into `transformer/`."""
+    _, diffusers, _, rows = files
+    folder = pipeline_folder(tmp_path / "pipe", "Flux2Pipeline", "Flux2Transformer2DModel", diffusers)
+    assert inspect_json(run_cli, folder)["family"] == "Flux.2"
+    state, deltas = lora_state("musubi", NATIVE_MODULES, seed=7)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", folder, tmp_path / "lora.safetensors", "-o", tmp_path / "out"))
+    merged = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    expected = expected_merge(diffusers, deltas, rows, native_base=False, native_names=True)
+    assert all(rel(merged[k], v) < 1e-6 for k, v in expected.items())

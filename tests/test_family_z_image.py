@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
-                              native_state, row_map)
+                              native_state, pipeline_folder, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import z_image
 
@@ -239,3 +239,19 @@ def test_a_lumina2_lora_on_z_image_needs_skip_missing(run_cli, tmp_path_factory,
     ok(run_cli("merge", folder / "native.safetensors", tmp_path / "lumina.safetensors", "-o", out, "--skip-missing"))
     key = "layers.0.attention.qkv.weight"
     assert rel(load_file(str(out))[key], native[key].double() + deltas["layers.0.attention.qkv"]) < 1e-6
+
+
+def test_pipeline_folder(run_cli, files, tmp_path):
+    """A ZImagePipeline / Lumina2Pipeline folder: named by its class, a native-named LoRA merges into
+    `transformer/`."""
+    name, _, diffusers, _, rows = files
+    pipeline, model = {"Z-Image": ("ZImagePipeline", "ZImageTransformer2DModel"),
+                       "Lumina2": ("Lumina2Pipeline", "Lumina2Transformer2DModel")}[name]
+    folder = pipeline_folder(tmp_path / "pipe", pipeline, model, diffusers)
+    assert inspect_json(run_cli, folder)["family"] == name
+    state, deltas = lora_state("musubi", CASES[name][3], seed=7)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", folder, tmp_path / "lora.safetensors", "-o", tmp_path / "out"))
+    merged = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    expected = expected_merge(diffusers, deltas, rows, native_base=False, native_names=True)
+    assert all(rel(merged[k], v) < 1e-6 for k, v in expected.items())
