@@ -207,15 +207,15 @@ def test_flf2v_position_embedding_diffusers_leaves_unnamed():
 
 #: The published diffusers configs (Wan-AI/*-Diffusers transformer/config.json), size-defining fields.
 REAL = {
-    "2.1 T2V 1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16),
-    "T2V 14B (2.1, or a 2.2 A14B expert)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40,
+    "1.3B T2V (2.1)": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16),
+    "14B T2V (2.1, or a 2.2 A14B expert)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40,
                                                 in_channels=16, out_channels=16),
-    "2.1 I2V 14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
+    "14B I2V (2.1)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
                         image_dim=1280, added_kv_proj_dim=5120),
-    "2.1 FLF2V 14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
+    "14B FLF2V (2.1)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
                           image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=257 * 2),
-    "2.2 I2V A14B expert": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16),
-    "2.2 TI2V 5B": dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+    "A14B I2V (2.2 expert)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16),
+    "5B TI2V (2.2)": dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
 }
 
 
@@ -239,13 +239,13 @@ def test_variant_of_the_real_models(expected):
 
 
 def test_inspect_names_family_and_variant(run_cli, wan):
-    for kind, variant in (("t2v", "2.1 T2V"), ("i2v", "2.1 I2V"), ("i2v-2.2", "2.2 I2V")):
+    for kind, variant in (("t2v", "T2V (2.1)"), ("i2v", "I2V (2.1)"), ("i2v-2.2", "I2V (2.2)")):
         folder = wan[kind][0]
         for path, layout in (("native.safetensors", "wan-native"), ("comfy.safetensors", "wan-native"),
                              ("transformer", "wan-diffusers")):
             report = json.loads(ok(run_cli("inspect", folder / path, "--json")).stdout)
             assert (report["layout"], report["family"]) == (layout, "Wan"), (kind, path)
-            assert report["variant"] == f"{variant} width-{WIDTH}", (kind, path)
+            assert report["variant"] == f"width-{WIDTH} {variant}", (kind, path)
     folder, state, _ = wan["i2v"]
     for dialect in DIALECTS:
         lora, _ = make_lora(dialect, MODULES[:3], shapes_of(state))

@@ -74,8 +74,9 @@ IMAGE_KEYS = ("blocks.0.cross_attn.k_img.weight", "blocks.0.attn2.add_k_proj.wei
 
 
 def variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """`14B T2V`, `14B I2V`, `A14B I2V`, `5B TI2V`, … from the patch embedding's shape (width and input
-    channels) and the presence of the CLIP image embedding, in either naming."""
+    """`1.3B T2V (2.1)`, `14B I2V (2.1)`, `A14B I2V (2.2 expert)`, `5B TI2V (2.2)`, … from the patch
+    embedding's shape (width and input channels) and the presence of the CLIP image embedding, in
+    either naming."""
     patch = shapes.get("patch_embedding.weight")
     if patch is None or len(patch) < 2:
         return None
@@ -83,16 +84,14 @@ def variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     size = SIZES.get(width, f"width-{width}")
     clip_image = any(k.startswith(IMAGE_EMBEDDING) for k in shapes) or any(k in shapes for k in IMAGE_KEYS)
     if channels == 48 and width == 3072:
-        return "2.2 TI2V 5B"
+        return "5B TI2V (2.2)"
     if channels == 16 and not clip_image:
-        if width == 5120:
-            return "T2V 14B (2.1, or a 2.2 A14B expert)"
-        return f"2.1 T2V {size}"
+        return "14B T2V (2.1, or a 2.2 A14B expert)" if width == 5120 else f"{size} T2V (2.1)"
     if channels == 36 and not clip_image:
-        return "2.2 I2V A14B expert" if width == 5120 else f"2.2 I2V {size}"
+        return "A14B I2V (2.2 expert)" if width == 5120 else f"{size} I2V (2.2)"
     if clip_image:
         task = "FLF2V" if any(k in shapes for k in FIRST_AND_LAST_FRAME) else "I2V"
-        return f"2.1 {task} {size}"
+        return f"{size} {task} (2.1)"
     return f"{size}, {channels} input channels"
 
 
