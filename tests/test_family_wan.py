@@ -533,3 +533,29 @@ def test_where_diffusers_wan_lora_converters_fail(run_cli, wan, tmp_path):
     ok(run_cli("merge", folder / "native.safetensors", tmp_path / "no-alpha.safetensors", "-o", tmp_path / "na.safetensors"))
     key = "blocks.0.self_attn.q.weight"
     assert rel(load_file(str(tmp_path / "na.safetensors"))[key], native[key].double() + deltas["blocks.0.attn1.to_q"] / 2.0) < 1e-6
+
+
+def test_vace_blocks_merge_in_native_names(run_cli, wan, tmp_path):
+    """A VACE file is Wan plus `vace_blocks` the table does not map: they keep their native names, so a
+    native-named LoRA (musubi or ComfyUI) on them merges, beside the mapped blocks."""
+    _, state, native = wan["t2v"]
+    generator = torch.Generator().manual_seed(9)
+    vace = {**native, "vace_blocks.0.self_attn.q.weight": torch.randn(WIDTH, WIDTH, generator=generator),
+            "vace_blocks.0.after_proj.weight": torch.randn(WIDTH, WIDTH, generator=generator)}
+    save_file(vace, str(tmp_path / "vace.safetensors"))
+    assert json.loads(ok(run_cli("inspect", tmp_path / "vace.safetensors", "--json")).stdout)["family"] == "Wan"
+    shapes = {**shapes_of(state), "vace_blocks.0.self_attn.q.weight": (WIDTH, WIDTH),
+              "vace_blocks.0.after_proj.weight": (WIDTH, WIDTH)}
+    pairs = [MODULES[0], ("vace_blocks.0.self_attn.q", "vace_blocks.0.self_attn.q"),
+             ("vace_blocks.0.after_proj", "vace_blocks.0.after_proj")]
+    for dialect in ("musubi", "comfyui"):
+        lora, deltas = make_lora(dialect, pairs, shapes, seed=12)
+        save_file(lora, str(tmp_path / f"{dialect}.safetensors"))
+        ok(run_cli("merge", tmp_path / "vace.safetensors", tmp_path / f"{dialect}.safetensors", "-o",
+                   tmp_path / f"{dialect}-m.safetensors"))
+        merged = load_file(str(tmp_path / f"{dialect}-m.safetensors"))
+        expected = {"blocks.0.self_attn.q.weight": deltas["blocks.0.attn1.to_q"],
+                    "vace_blocks.0.self_attn.q.weight": deltas["vace_blocks.0.self_attn.q"],
+                    "vace_blocks.0.after_proj.weight": deltas["vace_blocks.0.after_proj"]}
+        for key, tensor in vace.items():
+            assert rel(merged[key], tensor.double() + expected.get(key, 0)) < 1e-6, (dialect, key)
