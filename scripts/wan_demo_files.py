@@ -31,7 +31,8 @@ for key, tensor in model.state_dict().items():
     pattern = re.sub(r"^blocks\.\d+\.", "blocks.N.", key)
     module, param = (pattern, "") if pattern in native_of else pattern.rsplit(".", 1)
     name = native_of[module] + (f".{param}" if param else "")
-    single["model.diffusion_model." + (name.replace(".N.", f".{number.group(1)}.") if number else name)] = tensor.contiguous()
+    name = name.replace(".N.", f".{number.group(1)}.") if number else name
+    single["model.diffusion_model." + name] = tensor.contiguous()
 save_file(single, str(out / "tiny-wan.safetensors"))
 
 generator = torch.Generator().manual_seed(1)

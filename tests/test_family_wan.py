@@ -66,7 +66,8 @@ def _reverse() -> dict[str, str]:
     """diffusers module/parameter (block number as N) -> native, from the table."""
     back = {d: n for n, d in FAMILY.top_level.items()}
     for block in FAMILY.blocks:
-        back.update({f"{block.diffusers}.N.{parts[0]}": f"{block.native}.N.{leaf}" for leaf, parts in block.leaves.items()})
+        back.update({f"{block.diffusers}.N.{parts[0]}": f"{block.native}.N.{leaf}"
+                     for leaf, parts in block.leaves.items()})
     back.update({d: n for n, d in PARAMETERS.items()})
     return back
 
@@ -214,7 +215,8 @@ REAL = {
                         image_dim=1280, added_kv_proj_dim=5120),
     "14B FLF2V (2.1)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16,
                           image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=257 * 2),
-    "A14B I2V (2.2 expert)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, out_channels=16),
+    "A14B I2V (2.2 expert)": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36,
+                                  out_channels=16),
     "5B TI2V (2.2)": dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
 }
 
@@ -288,8 +290,8 @@ def test_every_dialect_merges_into_both_namings(run_cli, wan, tmp_path, dialect)
         # ComfyUI LoRA with stray tensors, as that is the prefix ComfyUI's LoRA saver writes)
         prefixed = {"diffusion_model." + k: v for k, v in native.items()}
         save_file(prefixed, str(tmp_path / "dm.safetensors"))
-        check_merge(run_cli, tmp_path / "dm.safetensors", tmp_path / "lora.safetensors", tmp_path / "dm-merged.safetensors",
-                    prefixed, deltas, native=True, prefix="diffusion_model.")
+        check_merge(run_cli, tmp_path / "dm.safetensors", tmp_path / "lora.safetensors",
+                    tmp_path / "dm-merged.safetensors", prefixed, deltas, native=True, prefix="diffusion_model.")
 
 
 def test_full_diffs_and_norms_merge(run_cli, wan, tmp_path):
@@ -300,7 +302,8 @@ def test_full_diffs_and_norms_merge(run_cli, wan, tmp_path):
     diff = torch.randn(WIDTH, WIDTH, generator=generator)
     diff_b = torch.randn(WIDTH, generator=generator)
     norm = torch.randn(WIDTH, generator=generator)
-    lora.update({"diffusion_model.blocks.1.cross_attn.q.diff": diff, "diffusion_model.blocks.1.cross_attn.q.diff_b": diff_b,
+    lora.update({"diffusion_model.blocks.1.cross_attn.q.diff": diff,
+                 "diffusion_model.blocks.1.cross_attn.q.diff_b": diff_b,
                  "diffusion_model.blocks.0.norm3.diff": norm})
     save_file(lora, str(tmp_path / "lora.safetensors"))
     ok(run_cli("merge", folder / "native.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
@@ -530,9 +533,11 @@ def test_where_diffusers_wan_lora_converters_fail(run_cli, wan, tmp_path):
     with pytest.raises(KeyError):
         _convert_musubi_wan_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
     save_file(lora, str(tmp_path / "no-alpha.safetensors"))
-    ok(run_cli("merge", folder / "native.safetensors", tmp_path / "no-alpha.safetensors", "-o", tmp_path / "na.safetensors"))
+    ok(run_cli("merge", folder / "native.safetensors", tmp_path / "no-alpha.safetensors", "-o",
+               tmp_path / "na.safetensors"))
     key = "blocks.0.self_attn.q.weight"
-    assert rel(load_file(str(tmp_path / "na.safetensors"))[key], native[key].double() + deltas["blocks.0.attn1.to_q"] / 2.0) < 1e-6
+    merged = load_file(str(tmp_path / "na.safetensors"))[key]
+    assert rel(merged, native[key].double() + deltas["blocks.0.attn1.to_q"] / 2.0) < 1e-6
 
 
 def test_vace_blocks_merge_in_native_names(run_cli, wan, tmp_path):

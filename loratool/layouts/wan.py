@@ -102,5 +102,6 @@ FAMILY = DitFamily(
     native_markers=("blocks.0.self_attn.", "blocks.0.cross_attn.", "head.head.", "time_projection."),
     diffusers_markers=("blocks.0.attn1.", "blocks.0.attn2.", "condition_embedder.time_proj."),
     variant=variant, metadata_prefixes=("wan",),
-    adapter_names=r"(?:^|\.|lora_unet_|lora_transformer_|lycoris_)blocks[._]\d+[._](?:self_attn|cross_attn|attn1|attn2|ffn)[._]",
+    adapter_names=(r"(?:^|\.|lora_unet_|lora_transformer_|lycoris_)blocks[._]\d+[._]"
+                   r"(?:self_attn|cross_attn|attn1|attn2|ffn)[._]"),
 )
