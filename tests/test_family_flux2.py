@@ -44,6 +44,7 @@ def files(tmp_path_factory):
     save_file(diffusers, str(folder / "diffusers.safetensors"))
     save_file(native, str(folder / "native.safetensors"))
     save_file({LDM + k: v for k, v in native.items()}, str(folder / "comfy.safetensors"))
+    save_file({"diffusion_model." + k: v for k, v in native.items()}, str(folder / "dm.safetensors"))
     return folder, diffusers, native, row_map(native, converter)
 
 
@@ -92,7 +93,7 @@ def test_inspect_tells_flux2_from_flux(run_cli, files, tmp_path):
         assert (report["family"], report["family_from"]) == (family, "metadata"), version
 
 
-@pytest.mark.parametrize("into", ["native", "comfy", "diffusers"])
+@pytest.mark.parametrize("into", ["native", "comfy", "dm", "diffusers"])
 @pytest.mark.parametrize("dialect", NATIVE_DIALECTS + DIFFUSERS_DIALECTS)
 def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, dialect, into):
     folder, diffusers, native, rows = files
@@ -102,7 +103,7 @@ def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, diale
     ok(run_cli("merge", folder / f"{into}.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
     merged = load_file(str(tmp_path / "m.safetensors"))
     base = diffusers if into == "diffusers" else native
-    prefix = LDM if into == "comfy" else ""
+    prefix = {"comfy": LDM, "dm": "diffusion_model."}.get(into, "")
     expected = expected_merge({prefix + k: v for k, v in base.items()}, deltas, rows, into != "diffusers",
                               native_names, prefix)
     assert set(merged) == set(expected)

@@ -86,6 +86,7 @@ def files(request, tmp_path_factory):
     save_file(diffusers, str(folder / "diffusers.safetensors"))
     save_file(native, str(folder / "native.safetensors"))
     save_file({LDM + k: v for k, v in native.items()}, str(folder / "comfy.safetensors"))
+    save_file({"diffusion_model." + k: v for k, v in native.items()}, str(folder / "dm.safetensors"))
     return request.param, folder, diffusers, native, row_map(native, convert())
 
 
@@ -122,7 +123,7 @@ MERGES = [(d, "native") for d in NATIVE_DIALECTS] + [(d, "diffusers") for d in D
     ("musubi", "diffusers"), ("comfyui", "diffusers")]
 
 
-@pytest.mark.parametrize("into", ["native", "comfy", "diffusers"])
+@pytest.mark.parametrize("into", ["native", "comfy", "dm", "diffusers"])
 @pytest.mark.parametrize("dialect,naming", MERGES)
 def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, dialect, naming, into):
     name, folder, diffusers, native, rows = files
@@ -132,7 +133,7 @@ def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, diale
     ok(run_cli("merge", folder / f"{into}.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
     merged = load_file(str(tmp_path / "m.safetensors"))
     base = diffusers if into == "diffusers" else native
-    prefix = LDM if into == "comfy" else ""
+    prefix = {"comfy": LDM, "dm": "diffusion_model."}.get(into, "")
     expected = expected_merge({prefix + k: v for k, v in base.items()}, deltas, rows, into != "diffusers",
                               naming == "native", prefix)
     assert set(merged) == set(expected)
