@@ -58,6 +58,24 @@ MODELS = {
         attention_out_bias=True), "LTX-Video"),
     # LTX-2: diffusers' LTX2VideoTransformer3DModel defaults (48 audio-video blocks)
     "LTX-2": ("diffusers.models.transformers.transformer_ltx2.LTX2VideoTransformer3DModel", dict(), "LTX-2"),
+    # hunyuanvideo-community/HunyuanVideo (13B): 20 double, 40 single, 2 token-refiner blocks; native fused qkv/linear1
+    "HunyuanVideo 13B": ("diffusers.HunyuanVideoTransformer3DModel", dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+        num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56)), "HunyuanVideo"),
+    # HiDream-ai/HiDream-I1-Full (17B; Dev, Fast and E1 share the shapes): 16 double, 32 single stream blocks,
+    # 4 routed experts (llama_layers picks hidden states in forward and changes no shape)
+    "HiDream-I1 17B": ("diffusers.HiDreamImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32, attention_head_dim=128,
+        num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
+        llama_layers=list(range(48))), "HiDream"),
+    # stabilityai/stable-diffusion-3.5-large: 38 MMDiT blocks, fused qkv per stream
+    "SD3.5 Large": ("diffusers.SD3Transformer2DModel", dict(
+        attention_head_dim=64, in_channels=16, joint_attention_dim=4096, out_channels=16, patch_size=2,
+        pooled_projection_dim=2048, sample_size=128, caption_projection_dim=2432, num_attention_heads=38,
+        num_layers=38, pos_embed_max_size=192, qk_norm="rms_norm"), "SD3"),
 }
 WEIGHT = ".weight"
 
@@ -110,7 +128,8 @@ def bench(name: str, repeat: int) -> dict:
         "native, diffusion_model. names": (native, [f"diffusion_model.{m}" for m in native_linear], False),
         "native, lora_unet_ names": (native, ["lora_unet_" + m.replace(".", "_") for m in native_linear], True),
         "diffusers, transformer. names": (diffusers, [f"transformer.{m}" for m in diffusers_linear], False),
-        "diffusers, musubi native names": (diffusers, ["lora_unet_" + m.replace(".", "_") for m in native_linear], True),
+        "diffusers, musubi native names": (diffusers, ["lora_unet_" + m.replace(".", "_") for m in native_linear],
+                                           True),
     }
     result = {"model": name, "tensors": len(diffusers), "lora_modules": len(diffusers_linear), "ms": {}}
     for case, (shapes, names, flat) in cases.items():

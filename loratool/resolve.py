@@ -98,7 +98,9 @@ def resolve(adapter: Adapter, layout: BaseLayout, canonical_names: bool = True,
             continue
         for piece in pieces:
             target = piece.target
-            swap = piece.swap_lora != target.swap_halves
+            # B's row halves as the landing needs them: in the canonical module's order when renamed to it
+            # (convert), in the stored tensor's order otherwise (merge)
+            swap = piece.swap_lora if canonical_names else piece.swap_lora != target.swap_halves
             part_name = piece.module if canonical_names or len(pieces) > 1 else name
             part = module.restricted(part_name, piece.lora_rows, swap)
             shape = _stored_shape(piece)

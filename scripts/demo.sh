@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert (also to GGUF) and extract on
 # the bundled fixtures (fixtures/make_fixtures.py), a LyCORIS LoHa file (scripts/lycoris_demo_file.py)
-# inspected and converted, then export-onnx and a short bench-onnx.
+# inspected and converted, a tiny native Wan file merged with a musubi LoRA (scripts/wan_demo_files.py),
+# then export-onnx and a short bench-onnx.
 set -euo pipefail
 BIN=$(cd "${1:-.venv/bin}" && pwd)
 LT="$BIN/loratool"
@@ -45,6 +46,24 @@ step "$LT" inspect "$OUT/tiny-sd1.safetensors"
 step "$LT" inspect "$OUT/style-lora.safetensors"
 printf '\n\033[1m$ %s\033[0m   (single-file SD checkpoint + kohya LoRA in LDM names; no -o: named after both)\n' "cd $OUT && $LT merge tiny-sd1.safetensors style-lora.safetensors"
 (cd "$OUT" && "$LT" merge tiny-sd1.safetensors style-lora.safetensors)
+"$BIN/python" scripts/wan_demo_files.py "$OUT"
+step "$LT" inspect "$OUT/tiny-wan.safetensors"
+step "$LT" inspect "$OUT/wan-musubi-lora.safetensors"
+step "$LT" merge "$OUT/tiny-wan.safetensors" "$OUT/wan-musubi-lora.safetensors" -o "$OUT/wan-merged.safetensors"
+"$BIN/python" - "$OUT/tiny-wan.safetensors" "$OUT/wan-musubi-lora.safetensors" "$OUT/wan-merged.safetensors" <<'PY'
+import sys
+from safetensors.torch import load_file
+base, lora, merged = (load_file(p) for p in sys.argv[1:4])
+worst = 0.0
+for key, w in base.items():
+    name = "lora_unet_" + key.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+    expected = w.double()
+    if f"{name}.lora_down.weight" in lora:
+        down, up = lora[f"{name}.lora_down.weight"].double(), lora[f"{name}.lora_up.weight"].double()
+        expected = expected + float(lora[f"{name}.alpha"]) / down.shape[0] * up @ down
+    worst = max(worst, (merged[key].double() - expected).abs().max().item())
+print(f"musubi Wan LoRA into a native Wan file (ComfyUI's model.diffusion_model.): max |merged - (W + alpha/r*B@A)| = {worst:.2e}")
+PY
 "$BIN/python" scripts/lycoris_demo_file.py "$OUT"
 step "$LT" inspect "$OUT/style-loha.safetensors"
 step "$LT" convert "$OUT/style-loha.safetensors" --to peft --base "$OUT/tiny-unet" -o "$OUT/loha-peft"

@@ -99,3 +99,21 @@ def test_skip_missing_is_a_decision(run_cli, tmp_path):
     save_file(nothing, str(tmp_path / "none.safetensors"))
     assert_refused(run_cli("merge", tmp_path / "t2v.safetensors", tmp_path / "none.safetensors", "-o", out,
                            "--skip-missing", "--force"), None, "none of its 1 modules")
+
+
+def test_a_base_saved_under_diffusion_model_is_a_checkpoint(run_cli, tmp_path):
+    save_file(wan_like("diffusion_model."), str(tmp_path / "wan.safetensors"))
+    report = json.loads(ok(run_cli("inspect", tmp_path / "wan.safetensors", "--json")).stdout)
+    assert report["kind"] == "checkpoint" and report["layout"] == "dit-native"
+
+
+def test_nothing_resolves_names_the_families_tried(run_cli, tmp_path):
+    save_file(wan_like("model.diffusion_model."), str(tmp_path / "dit.safetensors"))
+    state, _ = lora("musubi", modules=("double_blocks.0.img_attn.qkv",))
+    save_file(state, str(tmp_path / "flux_lora.safetensors"))
+    out = tmp_path / "m.safetensors"
+    line = assert_refused(run_cli("merge", tmp_path / "dit.safetensors", tmp_path / "flux_lora.safetensors", "-o", out),
+                          out, "lora_unet_double_blocks_0_img_attn_qkv", "no family table matched", "Flux", "Wan")
+    assert "dit-native" in line
+    text = ok(run_cli("inspect", tmp_path / "dit.safetensors")).stdout
+    assert "dit-native" in text

@@ -314,9 +314,6 @@ def test_convert_round_trips(run_cli, files, tmp_path):
     convert_round_trip(run_cli, files, tmp_path, [m for m in NATIVE_MODULES if m not in SWAPPED_HALVES])
 
 
-@pytest.mark.xfail(strict=True, reason="framework bug (resolve.py): a module renamed to its canonical name "
-                   "keeps the base's stored half order, so final_layer.adaLN_modulation.1 converted against a "
-                   "native base is written as norm_out.linear unswapped (Flux's BFL files too)")
 def test_convert_swaps_final_layer_halves_against_a_native_base(run_cli, files, tmp_path):
     convert_round_trip(run_cli, files, tmp_path, ["final_layer.adaLN_modulation.1"])
 

@@ -40,7 +40,8 @@ def _summary(report: dict):
             rows.append(("full tensors", ", ".join(report["modules_to_save"])))
     else:
         rows += [("files", f"{len(report['files'])}{' (sharded, index.json)' if report['sharded'] else ''}")]
-        rows.append(("layout", f"{report['layout']}{' ' + report['family'] if report['family'] else ''}"))
+        named = " ".join(str(report[k]) for k in ("family", "variant") if report.get(k))
+        rows.append(("layout", f"{report['layout']} {named}".rstrip()))
         components = {name: kind for name, kind in report["components"].items() if name != "model"}
         if components:
             rows.append(("components", ", ".join(f"{name} ({kind})" for name, kind in components.items())))

@@ -47,9 +47,10 @@ def split_kohya_name(name: str) -> tuple[str | None, str]:
 
 
 def looks_like(keys: list[str]) -> bool:
-    """kohya/LyCORIS names, and at least one tensor of an algorithm loratool knows or refuses by name."""
+    """kohya/LyCORIS names, and at least one tensor of an algorithm loratool knows or refuses by name. A
+    bare `.weight` is no evidence: a model saved under `diffusion_model.` is all `.weight`s and `.bias`es."""
     return bool(keys) and all(k.startswith(FLAT_PREFIXES + COMFYUI_DOTTED) for k in keys) and any(
-        (parts := split_key(k)) is not None and parts[1] not in SHARED_ROLES for k in keys)
+        (parts := split_key(k)) is not None and parts[1] not in (*SHARED_ROLES, "weight") for k in keys)
 
 
 #: Roles of plain LoRA files, which `header_only` can describe from shapes alone.

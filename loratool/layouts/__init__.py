@@ -46,6 +46,12 @@ LDM_TEXT_ENCODERS = {
     "conditioner.embedders.1.model.": ("text_encoder_2", "open"),
 }
 REFINER_TEXT_ENCODER = "conditioner.embedders.0.model."
+#: A DiT single file's text encoders, as SAI and ComfyUI save them beside `model.diffusion_model.` (SD3/SD3.5:
+#: CLIP-L, CLIP-G, T5-XXL), Hugging Face names -> (component, builder), the components `COMFYUI_PREFIXES` and
+#: `KOHYA_PREFIXES` name for their LoRAs.
+DIT_TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": ("text_encoder", "hf"),
+                     "text_encoders.clip_g.transformer.": ("text_encoder_2", "hf"),
+                     "text_encoders.t5xxl.transformer.": ("text_encoder_3", "t5")}
 #: diffusers pipeline components that LoRAs adapt.
 DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior",
                         "controlnet")
@@ -142,9 +148,13 @@ class BaseLayout:
                                 f"({self.summary()}): {summarize(ambiguous)}")
         if missing and not skip_missing:
             hint = ""
+            if self.family is None:
+                tried = ", ".join(f.name for f in FAMILIES)
+                hint = (f"; no family table matched the base (DiT families tried: {tried}), so names were matched "
+                        "as stored")
             if no_component - {None}:
                 wanted = ", ".join(sorted(str(c) for c in no_component - {None}))
-                hint = f"; the base has no {wanted} (merge into a base that has it, e.g. a full single file or pipeline)"
+                hint += f"; the base has no {wanted} (merge into a base that has it, e.g. a full single file or pipeline)"
             raise MismatchError(f"{who}targets {len(missing)} module(s) the base does not have: {summarize(missing)} "
                                 f"(base {self.path}: {self.summary()}){hint}; is this the model the LoRA was trained "
                                 "on? (--skip-missing merges the rest)")
@@ -242,19 +252,34 @@ def _dit_layout(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str |
         for family in FAMILIES:
             if family.is_native(index):
                 return BaseLayout(path, family.native_layout, family.name,
-                                  {"transformer": build.dit_native(inner, family, prefix, source)},
+                                  {"transformer": build.dit_native(inner, family, prefix, source),
+                                   **_dit_text_encoders(shapes, prefix, source)},
                                   variant=family.variant(inner))
         if prefix:
             if index.has_prefix("input_blocks.") or index.has_prefix("middle_block."):
                 return None  # an LDM UNet (SD1/SD2/SDXL), read by `_ldm_single_file`
             return BaseLayout(path, GENERIC.native_layout, None,
-                              {"transformer": build.dit_native(inner, GENERIC, prefix, source)})
+                              {"transformer": build.dit_native(inner, GENERIC, prefix, source),
+                               **_dit_text_encoders(shapes, prefix, source)})
         for family in FAMILIES:
             if family.is_diffusers(index):
                 return BaseLayout(path, family.diffusers_layout, family.name,
                                   {"transformer": build.dit_diffusers(inner, family, source)},
                                   variant=family.variant(inner))
     return None
+
+
+def _dit_text_encoders(shapes: Mapping[str, tuple[int, ...]], prefix: str, source: str | None
+                       ) -> dict[str | None, Component]:
+    """The text encoders beside a DiT saved under a prefix (`DIT_TEXT_ENCODERS`); a bare DiT has none."""
+    components: dict[str | None, Component] = {}
+    if not prefix:
+        return components
+    for te_prefix, (name, kind) in DIT_TEXT_ENCODERS.items():
+        if inner := _under(shapes, te_prefix):
+            components[name] = (build.hf_clip(inner, name, te_prefix, source, keep_stored_names=False) if kind == "hf"
+                                else build.transformers_model(inner, source, name, te_prefix))
+    return components
 
 
 def _ldm_single_file(shapes: Mapping[str, tuple[int, ...]], path: Path, source: str | None) -> BaseLayout:
@@ -284,7 +309,15 @@ def _ldm_single_file(shapes: Mapping[str, tuple[int, ...]], path: Path, source: 
 
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "SDXL",
                      "StableDiffusionXLImg2ImgPipeline": "SDXL", "FluxPipeline": "Flux",
-                     "StableDiffusion3Pipeline": "SD3"}
+                     "StableDiffusion3Pipeline": "SD3", "WanPipeline": "Wan", "WanImageToVideoPipeline": "Wan",
+                     **{f"QwenImage{task}Pipeline": "Qwen-Image" for task in ("", "Edit", "EditPlus", "Img2Img",
+                                                                              "Inpaint", "Layered", "21")},
+                     **{f"LTX{task}Pipeline": "LTX-Video" for task in ("", "ImageToVideo", "Condition")},
+                     **{f"LTX2{task}Pipeline": "LTX-2" for task in ("", "ImageToVideo", "Condition")},
+                     **{f"Chroma{task}Pipeline": "Chroma" for task in ("", "Img2Img", "Inpaint")},
+                     **{f"Flux2{task}Pipeline": "Flux.2" for task in ("", "Klein", "KleinInpaint", "KleinKV")},
+                     **{f"ZImage{task}Pipeline": "Z-Image" for task in ("", "Img2Img", "Inpaint", "Omni")},
+                     "Lumina2Pipeline": "Lumina2"}
 
 
 def read_model_index(folder: Path) -> dict:

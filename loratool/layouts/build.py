@@ -26,12 +26,13 @@ def _target(shapes: Shapes, module: str, prefix: str, source: str | None, **extr
                   shape=tuple(shapes[f"{module}{WEIGHT}"]), **extra)
 
 
-def transformers_model(shapes: Shapes, source: str | None = None, name: str | None = None) -> Component:
+def transformers_model(shapes: Shapes, source: str | None = None, name: str | None = None,
+                       prefix: str = "") -> Component:
     """A plain model (an LLM, or anything without a known diffusion layout): names as stored, and the
     weight's orientation decided later from shapes (HF `Conv1D` stores (in, out))."""
     def fill(component: Component) -> None:
         for module in _modules(shapes):
-            component.add(module, _target(shapes, module, "", source, transposed=None))
+            component.add(module, _target(shapes, module, prefix, source, transposed=None))
 
     return Component(name=name, layout="transformers", build=fill)
 
@@ -113,6 +114,7 @@ def dit_native(shapes: Shapes, family: DitFamily, prefix: str = "", source: str 
     """A DiT single file in its native names: canonical modules are diffusers', held in row slices of
     the native tensors where the native model fuses them; the native names are aliases."""
     component = Component(name="transformer", layout=family.native_layout)
+    swapped_halves = family.swapped(shapes)
     for key, shape in sorted(shapes.items()):
         param = key.rsplit(".", 1)[-1]
         if param not in ("weight", family.norm_param):
@@ -125,7 +127,7 @@ def dit_native(shapes: Shapes, family: DitFamily, prefix: str = "", source: str 
             component.add(module, Target(source, prefix + key, bias, shape=tuple(shape)))
             continue
         if len(parts) == 1:
-            swapped = module in family.swapped_halves
+            swapped = module in swapped_halves
             component.add(parts[0], Target(source, prefix + key, bias, swap_halves=swapped, shape=tuple(shape)))
             component.add_group(module, ((parts[0], None, swapped),))
             continue
@@ -145,11 +147,12 @@ def dit_diffusers(shapes: Shapes, family: DitFamily, source: str | None = None, 
     it fuses, with the rows of a native-named LoRA's B that feed each."""
     component = Component(name="transformer", layout=family.diffusers_layout)
     modules = _modules(shapes)
+    swapped_halves = family.swapped(shapes)
     for module in modules:
         component.add(module, _target(shapes, module, prefix, source))
     for native, parts in family.diffusers_groups(set(modules)).items():
         if len(parts) == 1:
-            component.add_group(native, ((parts[0], None, native in family.swapped_halves),))
+            component.add_group(native, ((parts[0], None, native in swapped_halves),))
             continue
         group, start = [], 0
         for part in parts:

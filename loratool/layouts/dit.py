@@ -56,6 +56,9 @@ class DitFamily:
     diffusers_markers: tuple[str, ...]
     #: Modules (in either naming) whose two row halves are swapped between the namings.
     swapped_halves: frozenset[str] = frozenset()
+    #: More such modules, named from a file's shapes in either naming (SD3's last context block).
+    shape_swapped_halves: Callable[[Mapping[str, tuple[int, ...]]], frozenset[str]] = field(
+        default=lambda shapes: frozenset())
     #: The native name of normalisation weights, when not `weight` (BFL's RMSNorm `scale`).
     norm_param: str = "weight"
     #: Row counts of a fused native tensor's parts: (native path, rows, width, parts) -> sizes.
@@ -68,6 +71,10 @@ class DitFamily:
     #: A regex that finds the family in an adapter's module names (any dialect, dotted or flattened).
     adapter_names: str | None = None
 
+    def swapped(self, shapes: Mapping[str, tuple[int, ...]]) -> frozenset[str]:
+        """Every module (either naming) whose row halves are swapped between the namings, in this file."""
+        return self.swapped_halves | self.shape_swapped_halves(shapes)
+
     def is_native(self, index: KeyIndex) -> bool:
         return all(index.has_prefix(m) for m in self.native_markers)
 
@@ -78,10 +85,11 @@ class DitFamily:
         """The diffusers modules (in row order) a native module path holds, or None if the table has none."""
         if path in self.top_level:
             return (self.top_level[path],)
-        head, _, rest = path.partition(".")
-        number, _, leaf = rest.partition(".")
-        for block in self.blocks:
-            if head == block.native and number.isdigit() and leaf in block.leaves:
+        for block in self.blocks:  # a block's name may be dotted (`distilled_guidance_layer.layers`)
+            if not path.startswith(block.native + "."):
+                continue
+            number, _, leaf = path[len(block.native) + 1:].partition(".")
+            if number.isdigit() and leaf in block.leaves:
                 return tuple(f"{block.diffusers}.{number}.{part}" for part in block.leaves[leaf])
         return None
 
@@ -92,7 +100,8 @@ class DitFamily:
             if diffusers in paths:
                 groups[native] = (diffusers,)
         for block in self.blocks:
-            numbers = {path.split(".")[1] for path in paths if path.startswith(block.diffusers + ".")}
+            numbers = {path[len(block.diffusers) + 1:].split(".")[0] for path in paths
+                       if path.startswith(block.diffusers + ".")}
             for number in numbers:
                 for leaf, parts in block.leaves.items():
                     names = tuple(f"{block.diffusers}.{number}.{part}" for part in parts)
