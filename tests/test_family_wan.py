@@ -443,6 +443,22 @@ def test_convert_round_trips_through_both_namings(run_cli, wan, tmp_path):
         assert rel(merged[key], expected) < 1e-6, key
 
 
+def test_convert_to_kohya_against_the_native_file_writes_musubi_names(run_cli, wan, tmp_path):
+    """musubi-tuner and ComfyUI name a Wan LoRA in Wan's own names: against the native file, --to kohya
+    writes those (a diffusers-named LoRA becomes a musubi one), and the result merges as the original."""
+    folder, state, native = wan["i2v"]
+    lora, deltas = make_lora("diffusers", MODULES + I2V_MODULES, shapes_of(state))
+    save_file(lora, str(tmp_path / "diffusers.safetensors"))
+    ok(run_cli("convert", tmp_path / "diffusers.safetensors", "--to", "kohya", "--base", folder / "native.safetensors",
+               "-o", tmp_path / "musubi.safetensors"))
+    written = file_products(tmp_path / "musubi.safetensors")
+    assert set(written) == {"lora_unet_" + n.replace(".", "_") for n, _ in MODULES + I2V_MODULES}
+    for native_module, module in MODULES + I2V_MODULES:
+        assert rel(written["lora_unet_" + native_module.replace(".", "_")], deltas[module]) < 1e-6, module
+    check_merge(run_cli, folder / "native.safetensors", tmp_path / "musubi.safetensors", tmp_path / "m.safetensors",
+                native, deltas, native=True)
+
+
 # --- partial matches -----------------------------------------------------------------------------------
 
 

@@ -85,6 +85,8 @@ def convert(
     if to == "peft":
         chosen = component or next(iter(components_of(loaded.modules)), None)
         loaded = select_component(loaded, component)
+    if to == "kohya" and layout is not None and layout.native_dit:
+        loaded.modules = _native_names(loaded.modules, layout)
     if any(m.use_rslora for m in loaded.modules.values()) and to == "kohya":
         notes.append("kohya has no rsLoRA flag: alpha was rewritten as s·r, so every scale is unchanged")
     config = None
@@ -95,6 +97,18 @@ def convert(
         files = write_adapter(loaded, temp, to, config=config, dtype=out_dtype, component=component or "unet")
         names = [f.name for f in files] if to == "peft" else [output.name]
     return ConvertResult(output, loaded.source_format, to, len(loaded.modules), names, notes, errors)
+
+
+def _native_names(modules: dict, layout) -> dict:
+    """Modules renamed to the base's own names where one native module holds each (musubi-tuner's and
+    ComfyUI's names for a DiT); parts of a fused native tensor keep their canonical names."""
+    renamed = {}
+    for name, module in modules.items():
+        native = layout.native_name(name)
+        if native is not None:
+            module = module.restricted(native[0], None, True) if native[1] else module.renamed(native[0])
+        renamed[module.name] = module
+    return renamed
 
 
 def _rank_rule(rank: int | None, energy: float | None, max_rank: int | None) -> RankRule | None:

@@ -95,6 +95,24 @@ class BaseLayout:
         return {"layout": self.kind, "family": self.family, "variant": self.variant,
                 "components": {name or "model": c.layout for name, c in self.components.items()}}
 
+    @property
+    def native_dit(self) -> bool:
+        """A diffusion transformer in its own (native) names, as musubi-tuner and ComfyUI name its LoRAs."""
+        return any(self.kind == family.native_layout for family in FAMILIES)
+
+    def native_name(self, module: str) -> tuple[str, bool] | None:
+        """(the base's own name, halves swapped) for a canonical module that one native module holds
+        alone, e.g. `transformer.blocks.0.attn1.to_q` -> `transformer.blocks.0.self_attn.q` in a Wan file;
+        None for parts of a fused native tensor and for modules the tables do not rename."""
+        component_name, _, path = module.partition(".") if None not in self.components else (None, "", module)
+        component = self.components.get(component_name)
+        if component is None:
+            return None
+        for alias, parts in component.aliases.items():
+            if len(parts) == 1 and parts[0][0] == path and parts[0][1] is None:
+                return component.qualified(alias), parts[0][2]
+        return None
+
     def summary(self) -> str:
         """`ldm-single-file SDXL: unet (ldm-unet), text_encoder (hf-clip), …`, for error messages."""
         head = f"{self.kind} {self.family or ''}".rstrip()
