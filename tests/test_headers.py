@@ -122,3 +122,20 @@ def test_sharded_index_is_a_bounded_json_object(run_cli, tmp_path):
         assert_refused(run_cli("inspect", folder), None, index.name, needle)
         out = tmp_path / "out"
         assert_refused(run_cli("merge", folder, ADAPTER, "-o", out), out, index.name, needle)
+
+
+def test_a_file_rewritten_in_place_is_read_anew(tmp_path):
+    """A command reuses a header it parsed moments ago only while the bytes are the same: a file
+    rewritten in place, same size, within one timestamp tick, is read as it now is."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loratool.checkpoint import read_header
+
+    path = tmp_path / "x.safetensors"
+    save_file({"aaaa": torch.zeros(2)}, str(path))
+    assert list(read_header(path).tensors) == ["aaaa"]
+    size = path.stat().st_size
+    save_file({"bbbb": torch.ones(2)}, str(path))
+    assert path.stat().st_size == size
+    assert list(read_header(path).tensors) == ["bbbb"]

@@ -59,27 +59,32 @@ def _looks_pickled(prefix: bytes) -> bool:
     return prefix.startswith(ZIP_MAGIC) or (len(prefix) > 0 and prefix[0] == PICKLE_PROTOCOL_MARK)
 
 
-#: The last headers read, by file identity: a command often opens one file twice (format detection, then
-#: the read), and parsing and validating a 400k-tensor header costs seconds.
-_RECENT: dict[tuple, Header] = {}
+#: The last headers parsed, by file and header bytes: a command often opens one file twice (format
+#: detection, then the read), and parsing and validating a 400k-tensor header costs seconds, while
+#: reading its bytes again costs milliseconds. Keyed by the bytes themselves, so a file rewritten in
+#: place within one timestamp tick is never mistaken for the old one.
+_RECENT: dict[tuple[str, int], tuple[bytes, Header]] = {}
 _RECENT_SIZE = 4
 
 
 def read_header(path: Path) -> Header:
-    """Read and validate the header of `path`, reporting every problem found in one error. A file read
-    again unchanged (same device, inode, size and modification time) gives the same `Header`."""
-    stat = path.stat()
-    key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    header = _RECENT.get(key)
-    if header is None:
-        header = _read_header(path, stat.st_size)
-        while len(_RECENT) >= _RECENT_SIZE:
-            _RECENT.pop(next(iter(_RECENT)))
-        _RECENT[key] = header
+    """Read and validate the header of `path`, reporting every problem found in one error. The same
+    file with the same size and header bytes as one read lately gives that `Header` again."""
+    file_size = path.stat().st_size
+    raw = _raw_header(path, file_size)
+    key = (str(path), file_size)
+    cached = _RECENT.get(key)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    header = _parse_header(path, raw, file_size)
+    _RECENT.pop(key, None)
+    while len(_RECENT) >= _RECENT_SIZE:
+        _RECENT.pop(next(iter(_RECENT)))
+    _RECENT[key] = (raw, header)
     return header
 
 
-def _read_header(path: Path, file_size: int) -> Header:
+def _raw_header(path: Path, file_size: int) -> bytes:
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -95,12 +100,15 @@ def _read_header(path: Path, file_size: int) -> Header:
                 f"{path}: not a valid safetensors file (header length {header_len} does not fit a "
                 f"{file_size}-byte file); the file may be truncated or of another format"
             )
-        raw = f.read(header_len)
+        return f.read(header_len)
+
+
+def _parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     # bounded before it is parsed; duplicated keys, NaN and Infinity refused (see jsonio.py)
     parsed = parse_json(raw, f"{path}: invalid safetensors header", InvalidCheckpointError, HEADER, expect=None)
     if not isinstance(parsed, dict):
         raise InvalidCheckpointError(f"{path}: safetensors header is not a JSON object")
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     with collector_paused():
         tensors, metadata = _validate_entries(path, parsed, data_size=file_size - data_start, data_start=data_start)
     return Header(path=path, tensors=tensors, metadata=metadata, data_start=data_start)
