@@ -189,3 +189,65 @@ def pipeline_folder(folder, class_name: str, model_class: str, state: dict[str, 
     (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": model_class}))
     save_file(state, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     return folder
+
+
+#: Where a family's test bases live beside each other: name -> the prefix its native names carry.
+BASE_PREFIXES = {"native": "", "comfy": "model.diffusion_model.", "dm": "diffusion_model.", "diffusers": ""}
+
+
+def check_dialect_merge(run_cli, folder, diffusers: dict, native: dict, rows: dict, tmp_path, dialect: str,
+                        modules: dict[str, tuple[int, int]], native_names: bool, into: str) -> None:
+    """A LoRA in `dialect` on `modules` merged into the base `into` (`<into>.safetensors` in `folder`)
+    equals float64 W + ΔW on every tensor."""
+    from safetensors.torch import save_file
+
+    from helpers import ok, rel
+
+    state, deltas = lora_state(dialect, modules, seed=2)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    ok(run_cli("merge", folder / f"{into}.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    base = diffusers if into == "diffusers" else native
+    prefix = BASE_PREFIXES[into]
+    expected = expected_merge({prefix + k: v for k, v in base.items()}, deltas, rows, into != "diffusers",
+                              native_names, prefix)
+    assert set(merged) == set(expected)
+    for key, tensor in expected.items():
+        assert rel(merged[key], tensor) < 1e-6, key
+
+
+def check_convert_round_trip(run_cli, folder, rows: dict, native_modules: dict[str, tuple[int, int]], tmp_path,
+                             seed: int, parts: int) -> None:
+    """musubi -> `--to diffusers` against the native file splits into `parts` modules, each the rows of
+    the native ΔW diffusers' converter gives it; -> `--to kohya` against the diffusers file keeps every
+    module; both merge into the native file alike."""
+    from safetensors.torch import save_file
+
+    from helpers import ok, rel
+
+    state, deltas = lora_state("musubi", native_modules, seed=seed)
+    save_file(state, str(tmp_path / "musubi.safetensors"))
+    ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "diffusers", "--base", folder / "native.safetensors",
+               "-o", tmp_path / "diffusers-lora.safetensors"))
+    split = deltas_of(tmp_path / "diffusers-lora.safetensors")
+    assert len(split) == parts
+    for module, delta in split.items():
+        sources = rows[module.removeprefix("transformer.") + WEIGHT]
+        fused = deltas[sources[0][0].removesuffix(WEIGHT)]
+        assert rel(delta, fused[[row for _, row in sources]]) < 1e-6, module
+    ok(run_cli("convert", tmp_path / "diffusers-lora.safetensors", "--to", "kohya", "--base",
+               folder / "diffusers.safetensors", "-o", tmp_path / "kohya.safetensors"))
+    back = deltas_of(tmp_path / "kohya.safetensors")
+    assert all(n.startswith("lora_unet_") for n in back) and len(back) == len(split)
+    for out, lora in ((tmp_path / "a.safetensors", "musubi"), (tmp_path / "b.safetensors", "kohya")):
+        ok(run_cli("merge", folder / "native.safetensors", tmp_path / f"{lora}.safetensors", "-o", out))
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(rel(a[k], b[k]) < 1e-6 for k in a)
+
+
+def peft_fused(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' own path: a converted (diffusers-named) LoRA injected into the tiny model with PEFT, and
+    fused."""
+    model.load_lora_adapter(state, prefix="transformer")
+    model.fuse_lora()
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}

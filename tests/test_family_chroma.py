@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
-                              native_state, pipeline_folder, row_map)
+from dit_family_tools import (check_convert_round_trip, check_dialect_merge, DIFFUSERS_DIALECTS, expected_merge,
+                              lora_state, NATIVE_DIALECTS, native_state, peft_fused, pipeline_folder, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import chroma
 
@@ -113,25 +113,12 @@ DIFFUSERS_MODULES = {"transformer_blocks.0.attn.to_k": (H, H), "transformer_bloc
 def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, dialect, into):
     folder, diffusers, native, rows = files
     native_names = dialect in NATIVE_DIALECTS
-    state, deltas = lora_state(dialect, NATIVE_MODULES if native_names else DIFFUSERS_MODULES, seed=2)
-    save_file(state, str(tmp_path / "lora.safetensors"))
-    ok(run_cli("merge", folder / f"{into}.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
-    merged = load_file(str(tmp_path / "m.safetensors"))
-    base = diffusers if into == "diffusers" else native
-    prefix = {"comfy": LDM, "dm": "diffusion_model."}.get(into, "")
-    expected = expected_merge({prefix + k: v for k, v in base.items()}, deltas, rows, into != "diffusers",
-                              native_names, prefix)
-    assert set(merged) == set(expected)
-    for key, tensor in expected.items():
-        assert rel(merged[key], tensor) < 1e-6, key
+    check_dialect_merge(run_cli, folder, diffusers, native, rows, tmp_path, dialect,
+                        NATIVE_MODULES if native_names else DIFFUSERS_MODULES, native_names, into)
 
 
-def peft_fused(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' own path: inject a converted (diffusers-named) LoRA into the tiny model with PEFT and fuse."""
-    model = tiny_chroma()
-    model.load_lora_adapter(state, prefix="transformer")
-    model.fuse_lora()
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+def chroma_fused(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return peft_fused(tiny_chroma(), state)
 
 
 def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
@@ -147,7 +134,7 @@ def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
     save_file(state, str(tmp_path / "lora.safetensors"))
     ok(run_cli("merge", folder / "diffusers.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
     merged = load_file(str(tmp_path / "m.safetensors"))
-    theirs = peft_fused(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in state.items()}))
+    theirs = chroma_fused(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in state.items()}))
     # diffusers' kohya-Flux converter names final_layer modules without the `transformer.` prefix (and drops
     # their alpha, "TODO: alphas"), so diffusers' loader, which keeps `transformer.` keys, never applies them
     for key in diffusers:
@@ -167,25 +154,8 @@ def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
 
 def test_convert_round_trips_losslessly(run_cli, files, tmp_path):
     folder, _, _, rows = files
-    state, deltas = lora_state("musubi", NATIVE_MODULES, seed=4)
-    save_file(state, str(tmp_path / "musubi.safetensors"))
-    ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "diffusers", "--base", folder / "native.safetensors",
-               "-o", tmp_path / "diffusers-lora.safetensors"))
-    split = deltas_of(tmp_path / "diffusers-lora.safetensors")
     # every diffusers module's ΔW is the rows of the fused native ΔW that diffusers' converter gives it
-    assert len(split) == 2 * 3 + 4 + 3
-    for module, delta in split.items():
-        sources = rows[module.removeprefix("transformer.") + ".weight"]
-        native = deltas[sources[0][0].removesuffix(".weight")]
-        assert rel(delta, native[[row for _, row in sources]]) < 1e-6, module
-    ok(run_cli("convert", tmp_path / "diffusers-lora.safetensors", "--to", "kohya", "--base",
-               folder / "diffusers.safetensors", "-o", tmp_path / "kohya.safetensors"))
-    back = deltas_of(tmp_path / "kohya.safetensors")
-    assert all(name.startswith("lora_unet_") for name in back) and len(back) == len(split)
-    for out, name in ((tmp_path / "a.safetensors", "musubi"), (tmp_path / "b.safetensors", "kohya")):
-        ok(run_cli("merge", folder / "native.safetensors", tmp_path / f"{name}.safetensors", "-o", out))
-    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
-    assert all(rel(a[k], b[k]) < 1e-6 for k in a)
+    check_convert_round_trip(run_cli, folder, rows, NATIVE_MODULES, tmp_path, seed=4, parts=2 * 3 + 4 + 3)
 
 
 def test_flux_modulation_on_chroma_needs_skip_missing(run_cli, files, tmp_path):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
-                              native_state, pipeline_folder, row_map)
+from dit_family_tools import (check_convert_round_trip, check_dialect_merge, DIFFUSERS_DIALECTS, expected_merge,
+                              lora_state, NATIVE_DIALECTS, native_state, peft_fused, pipeline_folder, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import flux2
 
@@ -98,25 +98,12 @@ def test_inspect_tells_flux2_from_flux(run_cli, files, tmp_path):
 def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, dialect, into):
     folder, diffusers, native, rows = files
     native_names = dialect in NATIVE_DIALECTS
-    state, deltas = lora_state(dialect, NATIVE_MODULES if native_names else DIFFUSERS_MODULES, seed=2)
-    save_file(state, str(tmp_path / "lora.safetensors"))
-    ok(run_cli("merge", folder / f"{into}.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
-    merged = load_file(str(tmp_path / "m.safetensors"))
-    base = diffusers if into == "diffusers" else native
-    prefix = {"comfy": LDM, "dm": "diffusion_model."}.get(into, "")
-    expected = expected_merge({prefix + k: v for k, v in base.items()}, deltas, rows, into != "diffusers",
-                              native_names, prefix)
-    assert set(merged) == set(expected)
-    for key, tensor in expected.items():
-        assert rel(merged[key], tensor) < 1e-6, key
+    check_dialect_merge(run_cli, folder, diffusers, native, rows, tmp_path, dialect,
+                        NATIVE_MODULES if native_names else DIFFUSERS_MODULES, native_names, into)
 
 
-def peft_fused(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' own path: inject a converted LoRA into the tiny model with PEFT, and fuse."""
-    model = tiny_flux2()
-    model.load_lora_adapter(state, prefix="transformer")
-    model.fuse_lora()
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+def flux2_fused(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return peft_fused(tiny_flux2(), state)
 
 
 def merged_into_diffusers(run_cli, files, tmp_path, state) -> dict[str, torch.Tensor]:
@@ -139,7 +126,7 @@ def test_kohya_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
 
     state, _ = lora_state("musubi", BLOCK_MODULES, seed=3)
     ours = merged_into_diffusers(run_cli, files, tmp_path, state)
-    theirs = peft_fused(_convert_kohya_flux2_lora_to_diffusers({k: v.clone() for k, v in state.items()}))
+    theirs = flux2_fused(_convert_kohya_flux2_lora_to_diffusers({k: v.clone() for k, v in state.items()}))
     assert set(ours) == set(theirs)
     for key in ours:
         assert rel(ours[key], theirs[key]) < 1e-6, key
@@ -159,7 +146,7 @@ def test_comfyui_lora_matches_diffusers_own_path(run_cli, files, tmp_path):
                                                                  "final_layer.adaLN_modulation.1")}}
     state, _ = lora_state("comfyui-noalpha", modules, seed=4)
     ours = merged_into_diffusers(run_cli, files, tmp_path, state)
-    theirs = peft_fused(_convert_non_diffusers_flux2_lora_to_diffusers(dict(state)))
+    theirs = flux2_fused(_convert_non_diffusers_flux2_lora_to_diffusers(dict(state)))
     # diffusers copies final_layer.adaLN_modulation.1's B as it is, without swapping its halves into
     # norm_out.linear's (scale, shift) order: every other module agrees.
     for key in ours:
@@ -178,25 +165,8 @@ def test_convert_round_trips_losslessly(run_cli, files, tmp_path):
     """BFL names -> diffusers names against the BFL file (qkv split by rows, norm_out's halves swapped into
     diffusers' order) -> kohya names against the diffusers file: the same merge."""
     folder, _, _, rows = files
-    modules = NATIVE_MODULES
-    state, deltas = lora_state("musubi", modules, seed=5)
-    save_file(state, str(tmp_path / "musubi.safetensors"))
-    ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "diffusers", "--base", folder / "native.safetensors",
-               "-o", tmp_path / "diffusers-lora.safetensors"))
-    split = deltas_of(tmp_path / "diffusers-lora.safetensors")
-    assert len(split) == len(modules) + 2 * sum(k.endswith("qkv") for k in modules)  # qkv -> q, k, v
-    for module, delta in split.items():
-        sources = rows[module.removeprefix("transformer.") + ".weight"]
-        fused = deltas[sources[0][0].removesuffix(".weight")]
-        assert rel(delta, fused[[row for _, row in sources]]) < 1e-6, module
-    ok(run_cli("convert", tmp_path / "diffusers-lora.safetensors", "--to", "kohya", "--base",
-               folder / "diffusers.safetensors", "-o", tmp_path / "kohya.safetensors"))
-    back = deltas_of(tmp_path / "kohya.safetensors")
-    assert all(n.startswith("lora_unet_") for n in back) and len(back) == len(split)
-    for out, lora in ((tmp_path / "a.safetensors", "musubi"), (tmp_path / "b.safetensors", "kohya")):
-        ok(run_cli("merge", folder / "native.safetensors", tmp_path / f"{lora}.safetensors", "-o", out))
-    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
-    assert all(rel(a[k], b[k]) < 1e-6 for k in a)
+    check_convert_round_trip(run_cli, folder, rows, NATIVE_MODULES, tmp_path, seed=5,
+                             parts=len(NATIVE_MODULES) + 2 * sum(k.endswith("qkv") for k in NATIVE_MODULES))
 
 
 def test_a_flux1_lora_on_flux2_needs_skip_missing(run_cli, files, tmp_path):

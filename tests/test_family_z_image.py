@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit_family_tools import (DIFFUSERS_DIALECTS, NATIVE_DIALECTS, deltas_of, expected_merge, lora_state,
-                              native_state, pipeline_folder, row_map)
+from dit_family_tools import (check_convert_round_trip, check_dialect_merge, DIFFUSERS_DIALECTS, expected_merge,
+                              lora_state, NATIVE_DIALECTS, native_state, peft_fused, pipeline_folder, row_map)
 from helpers import assert_refused, ok, rel
 from loratool.layouts import z_image
 
@@ -128,24 +128,8 @@ MERGES = [(d, "native") for d in NATIVE_DIALECTS] + [(d, "diffusers") for d in D
 def test_every_dialect_merges_into_either_naming(run_cli, files, tmp_path, dialect, naming, into):
     name, folder, diffusers, native, rows = files
     _, _, _, native_modules, diffusers_modules = CASES[name]
-    state, deltas = lora_state(dialect, native_modules if naming == "native" else diffusers_modules, seed=2)
-    save_file(state, str(tmp_path / "lora.safetensors"))
-    ok(run_cli("merge", folder / f"{into}.safetensors", tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
-    merged = load_file(str(tmp_path / "m.safetensors"))
-    base = diffusers if into == "diffusers" else native
-    prefix = {"comfy": LDM, "dm": "diffusion_model."}.get(into, "")
-    expected = expected_merge({prefix + k: v for k, v in base.items()}, deltas, rows, into != "diffusers",
-                              naming == "native", prefix)
-    assert set(merged) == set(expected)
-    for key, tensor in expected.items():
-        assert rel(merged[key], tensor) < 1e-6, key
-
-
-def peft_fused(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' own path: inject a converted LoRA into the tiny model with PEFT, and fuse."""
-    model.load_lora_adapter(state, prefix="transformer")
-    model.fuse_lora()
-    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    check_dialect_merge(run_cli, folder, diffusers, native, rows, tmp_path, dialect,
+                        native_modules if naming == "native" else diffusers_modules, naming == "native", into)
 
 
 def merged_into_diffusers(run_cli, folder, tmp_path, state) -> dict[str, torch.Tensor]:
@@ -205,24 +189,8 @@ def test_lumina2_matches_diffusers_own_path(run_cli, tmp_path_factory, tmp_path)
 def test_convert_round_trips_losslessly(run_cli, files, tmp_path):
     name, folder, _, _, rows = files
     native_modules = CASES[name][3]
-    state, deltas = lora_state("musubi", native_modules, seed=5)
-    save_file(state, str(tmp_path / "musubi.safetensors"))
-    ok(run_cli("convert", tmp_path / "musubi.safetensors", "--to", "diffusers", "--base", folder / "native.safetensors",
-               "-o", tmp_path / "diffusers-lora.safetensors"))
-    split = deltas_of(tmp_path / "diffusers-lora.safetensors")
-    assert len(split) == len(native_modules) + 2  # qkv -> to_q, to_k, to_v
-    for module, delta in split.items():
-        sources = rows[module.removeprefix("transformer.") + ".weight"]
-        fused = deltas[sources[0][0].removesuffix(".weight")]
-        assert rel(delta, fused[[row for _, row in sources]]) < 1e-6, module
-    ok(run_cli("convert", tmp_path / "diffusers-lora.safetensors", "--to", "kohya", "--base",
-               folder / "diffusers.safetensors", "-o", tmp_path / "kohya.safetensors"))
-    back = deltas_of(tmp_path / "kohya.safetensors")
-    assert all(n.startswith("lora_unet_") for n in back) and len(back) == len(split)
-    for out, lora in ((tmp_path / "a.safetensors", "musubi"), (tmp_path / "b.safetensors", "kohya")):
-        ok(run_cli("merge", folder / "native.safetensors", tmp_path / f"{lora}.safetensors", "-o", out))
-    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
-    assert all(rel(a[k], b[k]) < 1e-6 for k in a)
+    check_convert_round_trip(run_cli, folder, rows, native_modules, tmp_path, seed=5,
+                             parts=len(native_modules) + 2)  # qkv -> to_q, to_k, to_v
 
 
 def test_a_lumina2_lora_on_z_image_needs_skip_missing(run_cli, tmp_path_factory, tmp_path):
