@@ -1,4 +1,4 @@
-"""Shared by the DiT family tests (Chroma, Flux.2, Z-Image/Lumina2): a native single file written from a
+"""Shared by the DiT family tests: a native single file written from a
 tiny diffusers model with a family's table, the row map diffusers' own converter implies, and LoRAs in
 every trainer dialect with their float64 ΔW."""
 
@@ -251,3 +251,40 @@ def peft_fused(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     model.load_lora_adapter(state, prefix="transformer")
     model.fuse_lora()
     return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def spelled_lora(prefix: str, flat: bool, a_role: str | None, b_role: str | None, state: dict[str, torch.Tensor],
+                 modules, alpha: float | None = 3.0, seed: int = 1, rank: int = 2):
+    """(file tensors, {module: float64 ΔW}) for `modules` named `prefix` + the name (flattened when
+    `flat`), with LoRA roles `a_role`/`b_role` (kohya's when None) and a bf16 `.alpha` unless `alpha` is
+    None. Without roles, the modules are SimpleTuner's LyCORIS: they alternate LoKr (w2 factored), LoHa
+    and LoRA."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator) * 0.3
+
+    for i, module in enumerate(modules):
+        out, fan_in = state[f"{module}.weight"].shape[:2]
+        name = prefix + (module.replace(".", "_") if flat else module)
+        scale = 1.0 if alpha is None else float(torch.tensor(alpha, dtype=torch.bfloat16)) / rank
+        if a_role is None and i % 3 == 0:  # LoKr: kron(w1, w2_a @ w2_b)
+            w1, w2a, w2b = randn(2, 2), randn(out // 2, rank), randn(rank, fan_in // 2)
+            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b})
+            delta = torch.kron(w1.double(), w2a.double() @ w2b.double())
+        elif a_role is None and i % 3 == 1:  # LoHa: (w1a @ w1b) * (w2a @ w2b)
+            parts = {f"hada_w{k}_{ab}": randn(out, rank) if ab == "a" else randn(rank, fan_in) for k in (1, 2)
+                     for ab in "ab"}
+            tensors.update({f"{name}.{role}": t for role, t in parts.items()})
+            d = {role: t.double() for role, t in parts.items()}
+            delta = (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"])
+        else:
+            down, up = randn(rank, fan_in), randn(out, rank)
+            a, b = (a_role, b_role) if a_role else ("lora_down.weight", "lora_up.weight")
+            tensors[f"{name}.{a}"], tensors[f"{name}.{b}"] = down, up
+            delta = up.double() @ down.double()
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
+        deltas[module] = delta * scale
+    return tensors, deltas

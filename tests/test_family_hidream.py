@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dit_family_tools import spelled_lora
 from helpers import assert_refused, load_folder, ok, rel
 from loratool.layouts.hidream import FAMILY
 
@@ -84,38 +85,8 @@ DIALECTS = {
 
 def lora(dialect: str, state: dict[str, torch.Tensor], modules=MODULES, alpha: float | None = 3.0, seed: int = 1,
          rank: int = 2):
-    """(file tensors, {module: float64 ΔW}). SimpleTuner's LyCORIS modules alternate LoKr (w2
-    factored), LoHa and LoRA."""
-    prefix, flat, a_role, b_role = DIALECTS[dialect]
-    generator = torch.Generator().manual_seed(seed)
-    tensors, deltas = {}, {}
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator) * 0.3
-
-    for i, module in enumerate(modules):
-        out, fan_in = state[f"{module}.weight"].shape[:2]
-        name = prefix + (module.replace(".", "_") if flat else module)
-        scale = 1.0 if alpha is None else float(torch.tensor(alpha, dtype=torch.bfloat16)) / rank
-        if dialect == "lycoris" and i % 3 == 0:
-            w1, w2a, w2b = randn(2, 2), randn(out // 2, rank), randn(rank, fan_in // 2)
-            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b})
-            delta = torch.kron(w1.double(), w2a.double() @ w2b.double())
-        elif dialect == "lycoris" and i % 3 == 1:
-            parts = {f"hada_w{k}_{ab}": randn(out, rank) if ab == "a" else randn(rank, fan_in) for k in (1, 2)
-                     for ab in "ab"}
-            tensors.update({f"{name}.{role}": t for role, t in parts.items()})
-            d = {role: t.double() for role, t in parts.items()}
-            delta = (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"])
-        else:
-            down, up = randn(rank, fan_in), randn(out, rank)
-            a, b = (a_role, b_role) if a_role else ("lora_down.weight", "lora_up.weight")
-            tensors[f"{name}.{a}"], tensors[f"{name}.{b}"] = down, up
-            delta = up.double() @ down.double()
-        if alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
-        deltas[module] = delta * scale
-    return tensors, deltas
+    """(file tensors, {module: float64 ΔW}) for `modules` in `dialect` (`spelled_lora`)."""
+    return spelled_lora(*DIALECTS[dialect], state, modules, alpha, seed, rank)
 
 
 def assert_merged(merged: dict[str, torch.Tensor], state: dict[str, torch.Tensor], deltas, prefix: str = ""):

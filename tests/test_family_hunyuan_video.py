@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dit_family_tools import spelled_lora
 from helpers import assert_refused, ok, rel
 from loratool.layouts.hunyuan_video import FAMILY, SWAPPED_HALVES
 
@@ -136,38 +137,8 @@ DIALECTS = {
 
 def lora(dialect: str, shapes: dict[str, torch.Tensor], modules, alpha: float | None = 3.0, seed: int = 1,
          rank: int = 2):
-    """(file tensors, {module: float64 ΔW}) for `modules` in the dialect's naming. LyCORIS modules
-    alternate LoKr (w2 factored), LoHa and LoRA."""
-    naming, prefix, flat, a_role, b_role = DIALECTS[dialect]
-    generator = torch.Generator().manual_seed(seed)
-    state, deltas = {}, {}
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator) * 0.3
-
-    for i, module in enumerate(modules):
-        out, fan_in = shapes[f"{module}.weight"].shape[:2]
-        name = prefix + (module.replace(".", "_") if flat else module)
-        scale = 1.0 if alpha is None else float(torch.tensor(alpha, dtype=torch.bfloat16)) / rank
-        if dialect == "lycoris" and i % 3 == 0:  # LoKr: kron(w1, w2_a @ w2_b)
-            w1, w2a, w2b = randn(2, 2), randn(out // 2, rank), randn(rank, fan_in // 2)
-            state.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b})
-            delta = torch.kron(w1.double(), w2a.double() @ w2b.double())
-        elif dialect == "lycoris" and i % 3 == 1:  # LoHa: (w1a @ w1b) * (w2a @ w2b)
-            parts = {f"hada_w{k}_{ab}": randn(out, rank) if ab == "a" else randn(rank, fan_in) for k in (1, 2)
-                     for ab in "ab"}
-            state.update({f"{name}.{role}": t for role, t in parts.items()})
-            d = {role: t.double() for role, t in parts.items()}
-            delta = (d["hada_w1_a"] @ d["hada_w1_b"]) * (d["hada_w2_a"] @ d["hada_w2_b"])
-        else:
-            down, up = randn(rank, fan_in), randn(out, rank)
-            a, b = (a_role, b_role) if a_role else ("lora_down.weight", "lora_up.weight")
-            state[f"{name}.{a}"], state[f"{name}.{b}"] = down, up
-            delta = up.double() @ down.double()
-        if alpha is not None:
-            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
-        deltas[module] = delta * scale
-    return state, deltas
+    """(file tensors, {module: float64 ΔW}) for `modules` in the dialect's naming (`spelled_lora`)."""
+    return spelled_lora(*DIALECTS[dialect][1:], shapes, modules, alpha, seed, rank)
 
 
 def expected(files, dialect: str, deltas: dict[str, torch.Tensor]):
