@@ -288,3 +288,55 @@ def spelled_lora(prefix: str, flat: bool, a_role: str | None, b_role: str | None
             tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
         deltas[module] = delta * scale
     return tensors, deltas
+
+
+NAMED_LORA_RANK = 2
+
+
+def named_lora(dialect: str, modules, shapes: dict[str, tuple[int, int]], seed: int = 1):
+    """(state, module -> float64 ΔW) of a rank-2 LoRA in `dialect` (musubi, comfyui, comfyui-no-alpha,
+    mochi, diffusers, onetrainer, lycoris-loha, lycoris-lokr) on `modules`, named as the dialect names
+    them (native names for musubi/ComfyUI/Mochi, diffusers names for the others) with `shapes` by name."""
+    generator = torch.Generator().manual_seed(seed)
+    state, deltas = {}, {}
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator) * 0.5
+
+    for module in modules:
+        out_features, in_features = shapes[module]
+        alpha = torch.tensor(3.0, dtype=torch.bfloat16)
+        if dialect.startswith("lycoris"):
+            name = "lycoris_" + flat(module)
+            if dialect == "lycoris-loha":
+                parts = {"hada_w1_a": rand(out_features, NAMED_LORA_RANK), "hada_w1_b": rand(NAMED_LORA_RANK, in_features),
+                         "hada_w2_a": rand(out_features, NAMED_LORA_RANK), "hada_w2_b": rand(NAMED_LORA_RANK, in_features)}
+                delta = (parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()) * (
+                    parts["hada_w2_a"].double() @ parts["hada_w2_b"].double())
+            else:
+                parts = {"lokr_w1": rand(2, 2), "lokr_w2_a": rand(out_features // 2, NAMED_LORA_RANK),
+                         "lokr_w2_b": rand(NAMED_LORA_RANK, in_features // 2)}
+                delta = torch.kron(parts["lokr_w1"].double(), parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double())
+            state.update({f"{name}.{role}": t for role, t in parts.items()})
+            state[f"{name}.alpha"] = alpha
+            deltas[module] = delta * float(alpha) / NAMED_LORA_RANK
+            continue
+        down, up = rand(NAMED_LORA_RANK, in_features), rand(out_features, NAMED_LORA_RANK)
+        scale = float(alpha) / NAMED_LORA_RANK
+        if dialect == "musubi":
+            name, a, b = "lora_unet_" + flat(module), "lora_down.weight", "lora_up.weight"
+        elif dialect == "onetrainer":
+            name, a, b = "lora_transformer_" + flat(module), "lora_down.weight", "lora_up.weight"
+        elif dialect == "diffusers":
+            name, a, b, scale, alpha = "transformer." + module, "lora_A.weight", "lora_B.weight", 1.0, None
+        elif dialect == "mochi":
+            name, a, b = "diffusion_model." + module, "lora_A", "lora_B"
+        elif dialect == "comfyui-no-alpha":
+            name, a, b, scale, alpha = "diffusion_model." + module, "lora_A.weight", "lora_B.weight", 1.0, None
+        else:
+            name, a, b = "diffusion_model." + module, "lora_A.weight", "lora_B.weight"
+        state[f"{name}.{a}"], state[f"{name}.{b}"] = down, up
+        if alpha is not None:
+            state[f"{name}.alpha"] = alpha
+        deltas[module] = up.double() @ down.double() * scale
+    return state, deltas

@@ -13,16 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dit_family_tools import flat, named_lora
 from helpers import assert_refused, load_folder, ok, rel
 
 LDM = "model.diffusion_model."
-RANK = 2
-
-
-def flat(module: str) -> str:
-    return module.replace(".", "_")
-
-
 def ltxv_model():
     from diffusers import LTXVideoTransformer3DModel
 
@@ -142,52 +136,12 @@ DIALECTS = {"musubi": True, "comfyui": True, "comfyui-no-alpha": True, "mochi": 
 
 
 def lora_file(dialect: str, natives, family, state, seed: int = 1):
-    """(LoRA state, diffusers module -> float64 ΔW) in `dialect`."""
-    generator = torch.Generator().manual_seed(seed)
-    lora, deltas = {}, {}
-
-    def rand(*shape):
-        return torch.randn(shape, generator=generator) * 0.5
-
-    for native in natives:
-        module = (family.native_to_diffusers(native) or (native,))[0]
-        named = native if DIALECTS[dialect] else module
-        out_features, in_features = state[f"{module}.weight"].shape
-        alpha = torch.tensor(3.0, dtype=torch.bfloat16)
-        if dialect.startswith("lycoris"):
-            name = "lycoris_" + flat(named)
-            if dialect == "lycoris-loha":
-                parts = {"hada_w1_a": rand(out_features, RANK), "hada_w1_b": rand(RANK, in_features),
-                         "hada_w2_a": rand(out_features, RANK), "hada_w2_b": rand(RANK, in_features)}
-                delta = (parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()) * (
-                    parts["hada_w2_a"].double() @ parts["hada_w2_b"].double())
-            else:
-                parts = {"lokr_w1": rand(2, 2), "lokr_w2_a": rand(out_features // 2, RANK),
-                         "lokr_w2_b": rand(RANK, in_features // 2)}
-                delta = torch.kron(parts["lokr_w1"].double(), parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double())
-            lora.update({f"{name}.{role}": t for role, t in parts.items()})
-            lora[f"{name}.alpha"] = alpha
-            deltas[module] = delta * float(alpha) / RANK
-            continue
-        down, up = rand(RANK, in_features), rand(out_features, RANK)
-        scale = float(alpha) / RANK
-        if dialect == "musubi":
-            name, a, b = "lora_unet_" + flat(named), "lora_down.weight", "lora_up.weight"
-        elif dialect == "onetrainer":
-            name, a, b = "lora_transformer_" + flat(named), "lora_down.weight", "lora_up.weight"
-        elif dialect == "diffusers":
-            name, a, b, scale, alpha = "transformer." + named, "lora_A.weight", "lora_B.weight", 1.0, None
-        elif dialect == "mochi":
-            name, a, b = "diffusion_model." + named, "lora_A", "lora_B"
-        elif dialect == "comfyui-no-alpha":
-            name, a, b, scale, alpha = "diffusion_model." + named, "lora_A.weight", "lora_B.weight", 1.0, None
-        else:
-            name, a, b = "diffusion_model." + named, "lora_A.weight", "lora_B.weight"
-        lora[f"{name}.{a}"], lora[f"{name}.{b}"] = down, up
-        if alpha is not None:
-            lora[f"{name}.alpha"] = alpha
-        deltas[module] = up.double() @ down.double() * scale
-    return lora, deltas
+    """(LoRA state, diffusers module -> float64 ΔW) in `dialect` on the modules `natives` name."""
+    modules = {native: (family.native_to_diffusers(native) or (native,))[0] for native in natives}
+    named = {native: native if DIALECTS[dialect] else module for native, module in modules.items()}
+    shapes = {named[n]: tuple(state[f"{module}.weight"].shape) for n, module in modules.items()}
+    lora, deltas = named_lora(dialect, list(named.values()), shapes, seed)
+    return lora, {modules[n]: deltas[named[n]] for n in natives}
 
 
 def check_merge(run_cli, tmp_path, bases, base_name, lora, deltas, *extra):

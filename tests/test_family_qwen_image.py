@@ -13,16 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dit_family_tools import flat, named_lora as lora_file
 from helpers import assert_refused, load_folder, ok, rel
 
 LDM = "model.diffusion_model."
-RANK = 2
-
-
-def flat(module: str) -> str:
-    return module.replace(".", "_")
-
-
 def qwen_model(seed: int = 0, **extra):
     from diffusers import QwenImageTransformer2DModel
 
@@ -145,54 +139,6 @@ QWEN21_DIFFUSERS = ("transformer_blocks.0.attn.to_k", "transformer_blocks.1.attn
                     "transformer_blocks.1.img_mlp.out", "modulation.1", "txt_in.out_layer", "proj_out")
 DIALECTS = ("musubi", "comfyui", "comfyui-no-alpha", "diffusers", "onetrainer", "mochi", "lycoris-loha",
             "lycoris-lokr")
-
-
-def lora_file(dialect: str, modules, shapes: dict[str, tuple[int, int]], seed: int = 1):
-    """(state, module -> float64 ΔW) of a LoRA in `dialect` on `modules` (named as the dialect names
-    them: native names for musubi/ComfyUI/Mochi, diffusers names for diffusers/OneTrainer/SimpleTuner)."""
-    generator = torch.Generator().manual_seed(seed)
-    state, deltas = {}, {}
-
-    def rand(*shape):
-        return torch.randn(shape, generator=generator) * 0.5
-
-    for module in modules:
-        out_features, in_features = shapes[module]
-        alpha = torch.tensor(3.0, dtype=torch.bfloat16)
-        if dialect.startswith("lycoris"):
-            name = "lycoris_" + flat(module)
-            if dialect == "lycoris-loha":
-                parts = {"hada_w1_a": rand(out_features, RANK), "hada_w1_b": rand(RANK, in_features),
-                         "hada_w2_a": rand(out_features, RANK), "hada_w2_b": rand(RANK, in_features)}
-                delta = (parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()) * (
-                    parts["hada_w2_a"].double() @ parts["hada_w2_b"].double())
-            else:
-                parts = {"lokr_w1": rand(2, 2), "lokr_w2_a": rand(out_features // 2, RANK),
-                         "lokr_w2_b": rand(RANK, in_features // 2)}
-                delta = torch.kron(parts["lokr_w1"].double(), parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double())
-            state.update({f"{name}.{role}": t for role, t in parts.items()})
-            state[f"{name}.alpha"] = alpha
-            deltas[module] = delta * float(alpha) / RANK
-            continue
-        down, up = rand(RANK, in_features), rand(out_features, RANK)
-        scale = float(alpha) / RANK
-        if dialect == "musubi":
-            name, a, b = "lora_unet_" + flat(module), "lora_down.weight", "lora_up.weight"
-        elif dialect == "onetrainer":
-            name, a, b = "lora_transformer_" + flat(module), "lora_down.weight", "lora_up.weight"
-        elif dialect == "diffusers":
-            name, a, b, scale, alpha = "transformer." + module, "lora_A.weight", "lora_B.weight", 1.0, None
-        elif dialect == "mochi":
-            name, a, b = "diffusion_model." + module, "lora_A", "lora_B"
-        elif dialect == "comfyui-no-alpha":
-            name, a, b, scale, alpha = "diffusion_model." + module, "lora_A.weight", "lora_B.weight", 1.0, None
-        else:
-            name, a, b = "diffusion_model." + module, "lora_A.weight", "lora_B.weight"
-        state[f"{name}.{a}"], state[f"{name}.{b}"] = down, up
-        if alpha is not None:
-            state[f"{name}.alpha"] = alpha
-        deltas[module] = up.double() @ down.double() * scale
-    return state, deltas
 
 
 def native_shapes(state: dict[str, torch.Tensor], family) -> dict[str, tuple[int, int]]:
