@@ -125,14 +125,14 @@ def _plan_full_tensors(plans: dict, layout: BaseLayout, checkpoints: Mapping[str
 def _plan_modules(plans: dict, adapter: Adapter, weight: float, layout: BaseLayout, skip_missing: bool) -> list[str]:
     """Add the adapter's ops to the plans; returns the modules left out with `skip_missing`."""
     resolution = resolve(adapter, layout, canonical_names=False, skip_missing=skip_missing)
+    if resolution.notes:  # kept once, on the plan of the first base tensor it concerns
+        plans[resolution.landings[0].piece.target.source].notes.extend(resolution.notes)
     for landing in resolution.landings:
         target, part = landing.piece.target, landing.module
         plan = plans[target.source]
-        plan.notes.extend(note for note in resolution.notes if note not in plan.notes)
         plan.add(target.weight, DeltaOp(module=part, weight=weight, transposed=landing.transposed, rows=target.rows))
         if part.bias is not None:
             plan.add(target.bias, BiasOp(module=part, weight=weight, rows=target.rows))
-        resolution.notes = []
     return resolution.skipped
 
 
