@@ -106,12 +106,8 @@ class BaseLayout:
         None for parts of a fused native tensor and for modules the tables do not rename."""
         component_name, _, path = module.partition(".") if None not in self.components else (None, "", module)
         component = self.components.get(component_name)
-        if component is None:
-            return None
-        for alias, parts in component.aliases.items():
-            if len(parts) == 1 and parts[0][0] == path and parts[0][1] is None:
-                return component.qualified(alias), parts[0][2]
-        return None
+        found = component.sole_alias(path) if component is not None else None
+        return None if found is None else (component.qualified(found[0]), found[1])
 
     def summary(self) -> str:
         """`ldm-single-file SDXL: unet (ldm-unet), text_encoder (hf-clip), …`, for error messages."""

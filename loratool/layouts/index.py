@@ -81,6 +81,7 @@ class Component:
     #: alias -> ((canonical module, rows of the LoRA's B that feed it, halves swapped), ...)
     _aliases: dict[str, tuple[tuple[str, Rows | None, bool], ...]] = field(default_factory=dict, repr=False)
     _flat: dict[str, set[tuple]] | None = field(default=None, repr=False)
+    _sole: dict[str, tuple[str, bool]] | None = field(default=None, repr=False)
     #: Fills the tables on first use: a plain model's 400k tensors need no table to say what the base is.
     build: Callable[[Component], None] | None = field(default=None, repr=False)
 
@@ -119,6 +120,16 @@ class Component:
         if parts is None:
             return None
         return tuple(Piece(self.qualified(module), self.targets[module], rows, swap) for module, rows, swap in parts)
+
+    def sole_alias(self, module: str) -> tuple[str, bool] | None:
+        """(an alias that names `module` alone, not as a row slice, and whether its halves are swapped),
+        or None: a native name to write a LoRA of `module` under."""
+        if self._sole is None:
+            self._sole = {}
+            for alias, parts in self.aliases.items():
+                if len(parts) == 1 and parts[0][1] is None:
+                    self._sole.setdefault(parts[0][0], (alias, parts[0][2]))
+        return self._sole.get(module)
 
     def flat_candidates(self, flat: str) -> list[tuple[Piece, ...]]:
         """Every distinct resolution of a kohya-flattened name (several means the name is ambiguous)."""
