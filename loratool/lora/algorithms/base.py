@@ -34,12 +34,19 @@ Rows = tuple[int, int]
 MAX_SCALE = 1e6
 
 
+def dtype_of(tensor) -> tuple[str, bool]:
+    """(the dtype's name, whether it is a float8) for a torch tensor (`float8_e4m3fn`) or a header tensor
+    (`F8_E4M3`) alike."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    return name, "float8" in name or name.startswith("F8")
+
+
 def tensor_problem(role: str, tensor) -> str | None:
     """Why `tensor` cannot hold the adapter role `role` (a factor, dora_scale or bias), or None: it must
     be a float tensor of at least one dimension with at least one element (no rank-0 factors), and not
     float8, which no trainer writes factors in. Works on torch tensors and header tensors alike."""
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if "float8" in dtype or dtype.startswith("F8"):
+    dtype, float8 = dtype_of(tensor)
+    if float8:
         return f".{role} is stored as {dtype}; float8 adapter tensors are not supported (save it in bf16/fp16/fp32)"
     if not tensor.is_floating_point():
         return f".{role} is {dtype}, not a float tensor"

@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ...errors import AdapterError
-from .base import AdapterModule
+from .base import AdapterModule, dtype_of
 from .full import FullDiff, NormDiff
 from .locon import LoCon
 from .loha import LoHa
@@ -74,8 +74,8 @@ def _scalar_alpha(name: str, parts: dict[str, torch.Tensor]) -> float | None:
         return None
     if alpha.numel() != 1:
         raise AdapterError(f"{name}: .alpha should be a scalar, got shape {list(alpha.shape)}")
-    dtype = str(alpha.dtype).removeprefix("torch.")
-    if "float8" in dtype or dtype.startswith("F8") or dtype in ("bool", "BOOL"):
+    dtype, float8 = dtype_of(alpha)
+    if float8 or dtype in ("bool", "BOOL"):
         raise AdapterError(f"{name}: .alpha is stored as {dtype}; an alpha is a float or integer scalar")
     value = float(alpha.reshape(()).item())
     if not math.isfinite(value):
