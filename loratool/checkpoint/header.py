@@ -10,10 +10,14 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..dtypes import SAFETENSORS_CODES, itemsize
 from ..errors import InvalidCheckpointError, PickleRefusedError, summarize
 from ..jsonio import HEADER, collector_paused, parse_json
+
+if TYPE_CHECKING:
+    from ..quant import Encoding
 
 #: Same ceiling as the safetensors library: anything larger is not a real header.
 MAX_HEADER_BYTES = HEADER.max_bytes
@@ -34,6 +38,9 @@ class TensorInfo:
     path: Path
     data_start: int
     nbytes: int
+    #: Set on a logical tensor stored quantized (`loratool.quant`): `nbytes` then counts all its parts,
+    #: and reading it dequantizes to `dtype` (float32).
+    encoding: Encoding | None = None
 
     @property
     def numel(self) -> int:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 SAFETENSORS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".index.json"
+GGUF_SUFFIX = ".gguf"
 #: Files copied unchanged next to a merged model folder.
 COMPANION_FILES = (
     "config.json",
@@ -55,6 +56,11 @@ class Checkpoint(Mapping[str, TensorInfo]):
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     index_path: Path | None = None
     pickled: dict[str, torch.Tensor] | None = None
+    #: Every tensor as stored, when that differs from the logical view in `tensors` (quantized weights
+    #: are one logical tensor there, their scales folded in); None when the two are the same.
+    stored: dict[str, TensorInfo] | None = None
+    #: File-level markers of a quantized encoding (ComfyUI's `scaled_fp8`), outside the logical view.
+    markers: tuple[TensorInfo, ...] = ()
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,21 +107,41 @@ class Checkpoint(Mapping[str, TensorInfo]):
             raise InvalidCheckpointError(f"{info.path}: a pickle file has no header to read tensors from")
         return HeaderTensor(info.path, info.data_start, info.dtype, info.shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh CPU memory."""
-        import torch
+    @property
+    def physical(self) -> dict[str, TensorInfo]:
+        """Every tensor as stored in the files."""
+        return self.stored if self.stored is not None else self.tensors
 
+    @property
+    def encoded(self) -> bool:
+        return self.stored is not None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory; a quantized one is dequantized to float32."""
         info = self.tensors[name]
         if self.pickled is not None:
             return self.pickled[name].clone()  # callers may update in place; the loaded state stays as read
+        if info.encoding is not None:
+            from ..quant.codec import decode
+
+            return decode(info.encoding, self.read_stored)
+        return self.read_stored(info)
+
+    def read_stored(self, info: TensorInfo) -> torch.Tensor:
+        """One physical tensor, as stored."""
+        import torch
+
         tensor = torch.empty(info.shape, dtype=info.torch_dtype)
         if info.nbytes:
             _pread_into(self.fd(info.path), tensor.reshape(-1).view(torch.uint8).numpy(), info.data_start, info)
         return tensor
 
     def row_bytes(self, name: str) -> int:
-        """Bytes per row (per index of the first dimension) of a tensor with at least one dimension."""
+        """Bytes per row (per index of the first dimension) of a tensor with at least one dimension; 0 for a
+    quantized one, which is never read in rows."""
         info = self.tensors[name]
+        if info.encoding is not None:
+            return 0
         return info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
 
     def read_rows(self, name: str, start: int, stop: int, buffer=None) -> torch.Tensor:
@@ -179,14 +205,29 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         return _open_index(path, allow_pickle)
     if path.suffix in PICKLE_SUFFIXES:
         return _open_pickle_files(path, [path], allow_pickle, is_folder=False)
+    if path.suffix == GGUF_SUFFIX:
+        from .gguf_base import open_gguf_checkpoint
+
+        return open_gguf_checkpoint(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise InvalidCheckpointError(
-            f"{path}: unknown checkpoint type; expected a .safetensors file, an .index.json or a model folder"
+            f"{path}: unknown checkpoint type; expected a .safetensors or .gguf file, an .index.json or a model folder"
         )
     header = read_header(path)
-    return Checkpoint(
+    return _with_encodings(Checkpoint(
         path=path, is_folder=False, files=[path], tensors=header.tensors, metadata={path.name: header.metadata}
-    )
+    ))
+
+
+def _with_encodings(checkpoint: Checkpoint) -> Checkpoint:
+    """Fold quantized weights and their scales into logical tensors (`loratool.quant.detect`)."""
+    from .quantized import find_encodings
+
+    found = find_encodings(checkpoint.tensors, checkpoint.config())
+    if found is not None:
+        checkpoint.stored = checkpoint.tensors
+        checkpoint.tensors, checkpoint.markers = found
+    return checkpoint
 
 
 def _open_folder(folder: Path, allow_pickle: bool) -> Checkpoint:
@@ -199,7 +240,7 @@ def _open_folder(folder: Path, allow_pickle: bool) -> Checkpoint:
         return _open_index(indexes[0], allow_pickle)
     files = sorted(folder.glob(f"*{SAFETENSORS_SUFFIX}"))
     if files:
-        return _from_files(folder, files, is_folder=True)
+        return _with_encodings(_from_files(folder, files, is_folder=True))
     pickle_indexes = sorted(p for p in folder.glob(f"*{INDEX_SUFFIX}") if Path(p.stem).suffix in PICKLE_SUFFIXES)
     if pickle_indexes:
         return _open_index(pickle_indexes[0], allow_pickle)
@@ -265,7 +306,7 @@ def _open_index(index_path: Path, allow_pickle: bool) -> Checkpoint:
                  if name not in weight_map]
     if problems:
         raise InvalidCheckpointError(f"{index_path}: index does not match the shards: {summarize(problems)}")
-    return checkpoint
+    return checkpoint if checkpoint.pickled is not None else _with_encodings(checkpoint)
 
 
 def _open_pickle_files(root: Path, files: list[Path], allow_pickle: bool, is_folder: bool) -> Checkpoint:

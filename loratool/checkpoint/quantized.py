@@ -1,0 +1,173 @@
+"""Find the quantized encodings in a safetensors checkpoint from its headers (no torch).
+
+The conventions (see ../shared/reference/lora-dialects.md §9):
+- ComfyUI scaled FP8: a `scaled_fp8` marker tensor; float8 `X.weight` with a one-value `X.scale_weight`
+  (and sometimes `X.scale_input`).
+- ComfyUI per-layer: `X.comfy_quant` (uint8 JSON, `{"format": "float8_e4m3fn"}`) with `X.weight_scale`
+  (and `X.input_scale`).
+- HF block-scaled (DeepSeek-V3, Qwen3-FP8): float8 `X.weight` with `X.weight_scale_inv`, one value per
+  `quantization_config.weight_block_size` block (128×128) of the last two dimensions.
+- Per-tensor or per-channel `X.weight_scale` (ModelOpt, compressed-tensors).
+- Plain float8: no scale at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+from .header import TensorInfo
+from ..errors import InvalidCheckpointError, summarize
+from ..quant import FP8, FP8_MAX, Encoding, grid_shape
+
+MARKER = "scaled_fp8"
+FLOAT_SCALE_CODES = ("F32", "BF16", "F16", "F64")
+#: comfy_quant formats this codec handles; the others (nvfp4, mxfp8, int8 ...) stay as stored tensors.
+COMFY_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+MAX_COMFY_QUANT_BYTES = 4096
+#: Without a config.json, the block every HF FP8 checkpoint uses; the grid check refuses any other.
+DEFAULT_BLOCK = (128, 128)
+
+
+def is_marker(name: str) -> bool:
+    return name.rpartition(".")[2] == MARKER
+
+
+def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
+                   ) -> tuple[dict[str, TensorInfo], tuple[TensorInfo, ...]] | None:
+    """(logical tensors, marker tensors) when the checkpoint holds float8 or scale tensors, else None.
+
+    An encoded weight becomes one logical float32 tensor with `encoding` set; its scale and companion
+    tensors leave the logical view. Every inconsistency is refused in one error."""
+    if not any(info.dtype in FP8_MAX for info in tensors.values()):
+        return None
+    block = _config_block(config)
+    problems: list[str] = []
+    markers = tuple(info for name, info in tensors.items() if is_marker(name))
+    taken: set[str] = {info.name for info in markers}
+    encodings: dict[str, Encoding] = {}
+    for name, info in tensors.items():
+        if info.dtype not in FP8_MAX or name in taken:
+            continue
+        encoding = _encoding_of(name, info, tensors, block, problems)
+        if encoding is None:
+            continue
+        encodings[name] = encoding
+        taken.update(part.name for part in encoding.parts)
+    for name in tensors:
+        if name not in taken and name.endswith((".scale_weight", ".weight_scale_inv")):
+            problems.append(f"{name} is a scale with no float8 weight beside it")
+    if markers and not any(e.scale is not None for e in encodings.values()):
+        problems.append(f"{markers[0].name!r} marks scaled FP8, but no tensor has a scale_weight")
+    if problems:
+        path = next(iter(tensors.values())).path
+        raise InvalidCheckpointError(f"{path}: {summarize(problems)}")
+    logical: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        if name in encodings:
+            encoding = encodings[name]
+            logical[name] = TensorInfo(name=name, dtype="F32", shape=info.shape, path=info.path,
+                                       data_start=info.data_start, nbytes=encoding.stored_bytes, encoding=encoding)
+        elif name not in taken:
+            logical[name] = info
+    return logical, markers
+
+
+def _config_block(config: dict | None) -> tuple[int, int] | None:
+    quant = (config or {}).get("quantization_config")
+    if not isinstance(quant, dict):
+        return None
+    size = quant.get("weight_block_size")
+    if size is None:
+        return None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and 0 < s <= 1 << 20 for s in size)):
+        raise InvalidCheckpointError(f"config.json: quantization_config.weight_block_size must be two positive "
+                                     f"integers, got {size!r}")
+    return (size[0], size[1])
+
+
+def _encoding_of(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], config_block: tuple[int, int] | None,
+                 problems: list[str]) -> Encoding | None:
+    stem = name[: -len("weight")] if name.endswith("weight") else name + "."
+    extras = lambda *names: tuple(tensors[n] for n in (stem + x for x in names) if n in tensors)  # noqa: E731
+    if stem + "scale_weight" in tensors:
+        scale = tensors[stem + "scale_weight"]
+        if _check_scale(scale, (), problems):
+            return Encoding(FP8, info.dtype, info, scale, None, extras("scale_input"), "comfy-scaled")
+        return None
+    if stem + "comfy_quant" in tensors:
+        fmt = _comfy_format(tensors[stem + "comfy_quant"], problems)
+        if fmt is None or COMFY_FORMATS.get(fmt) != info.dtype:
+            if fmt is not None and fmt in COMFY_FORMATS:
+                problems.append(f"{stem}comfy_quant says {fmt}, but {name} is stored as {info.dtype}")
+            return None
+        scale = tensors.get(stem + "weight_scale")
+        if scale is None:
+            problems.append(f"{name} has a comfy_quant entry but no weight_scale")
+            return None
+        return _scaled(info, scale, None, extras("comfy_quant", "input_scale"), "comfy-quant", problems)
+    if stem + "weight_scale_inv" in tensors:
+        block = config_block or DEFAULT_BLOCK
+        return _scaled(info, tensors[stem + "weight_scale_inv"], block, extras("input_scale"), "block-scaled",
+                       problems)
+    if stem + "weight_scale" in tensors:
+        return _scaled(info, tensors[stem + "weight_scale"], None, extras("input_scale"), "per-tensor", problems)
+    if config_block is not None and name.endswith(".weight") and len(info.shape) >= 2:
+        problems.append(f"{name} is block-scaled FP8 by config.json, but its weight_scale_inv is missing")
+        return None
+    return Encoding(FP8, info.dtype, info, form="plain")
+
+
+def _scaled(info: TensorInfo, scale: TensorInfo, block: tuple[int, int] | None, extras: tuple[TensorInfo, ...],
+            form: str, problems: list[str]) -> Encoding | None:
+    """A scale either holds one value, one per output row, or one per block of `block`."""
+    shape = info.shape
+    count = math.prod(scale.shape)
+    if block is None and count != 1:
+        block = (1, shape[-1]) if len(shape) >= 2 and count == math.prod(shape[:-1]) else None
+        if block is None:
+            problems.append(f"{scale.name} holds {count} values, which fits neither one scale nor one per row of "
+                            f"{info.name} {list(shape)}")
+            return None
+    if block is not None:
+        expected = grid_shape(shape, block)
+        if math.prod(expected) != count or (len(scale.shape) == len(expected) and tuple(scale.shape) != expected):
+            problems.append(f"{scale.name} has shape {list(scale.shape)}, but {info.name} {list(shape)} in "
+                            f"{block[0]}×{block[1]} blocks needs {list(expected)}")
+            return None
+    if not _check_scale(scale, None, problems):
+        return None
+    return Encoding(FP8, info.dtype, info, scale, block, extras, form)
+
+
+def _check_scale(scale: TensorInfo, shape: tuple[int, ...] | None, problems: list[str]) -> bool:
+    if scale.dtype not in FLOAT_SCALE_CODES:
+        problems.append(f"{scale.name} is stored as {scale.dtype}; a scale must be a float")
+        return False
+    if shape is not None and math.prod(scale.shape) != 1:
+        problems.append(f"{scale.name} must hold one value, has shape {list(scale.shape)}")
+        return False
+    return True
+
+
+def _comfy_format(info: TensorInfo, problems: list[str]) -> str | None:
+    if info.dtype not in ("U8", "I8") or info.nbytes > MAX_COMFY_QUANT_BYTES:
+        problems.append(f"{info.name} must be a small uint8 tensor holding JSON")
+        return None
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        raw = os.pread(fd, info.nbytes, info.data_start)
+    finally:
+        os.close(fd)
+    try:
+        entry = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        problems.append(f"{info.name} does not hold JSON")
+        return None
+    fmt = entry.get("format") if isinstance(entry, dict) else None
+    if not isinstance(fmt, str):
+        problems.append(f"{info.name} has no \"format\" string")
+        return None
+    return fmt

@@ -1,0 +1,66 @@
+"""Float8 with a multiplicative scale per block: the one codec behind ComfyUI's scaled FP8 files (a
+scale per tensor), HF's block-scaled checkpoints (a scale per 128×128 block) and plain float8 (no scale).
+
+The real value is `stored.float() * scale` of the block it sits in. A fresh scale is the block's
+|max| / the format's largest value, so the block fills the format's range; values are then rounded
+to nearest (ties to even) and saturated at ±max, which float8_e4m3fn cannot represent beyond.
+`block` is rows × columns of the last two dimensions one scale covers; None is one scale for all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import FP8_MAX, grid_shape
+
+STORAGE_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def expand(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int] | None) -> torch.Tensor:
+    """The scale of every element: each block's scale repeated over its block, cropped at the edges."""
+    scale = scale.to(torch.float32)
+    if block is None:
+        return scale.reshape(())
+    as_matrix = len(shape) >= 2
+    grid = scale.reshape(grid_shape(shape, block))
+    full = grid.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    rows, cols = (shape[-2], shape[-1]) if as_matrix else (1, shape[-1] if shape else 1)
+    return full[..., :rows, :cols].reshape(shape)
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor:
+    out = values.to(torch.float32)
+    if scale is None:
+        return out
+    return out.mul_(expand(scale, tuple(values.shape), block).to(out.device))
+
+
+def block_amax(values: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """|max| of each block of a float32 tensor (rows of a 2-D chunk must start on a block boundary)."""
+    if block is None:
+        return values.abs().amax() if values.numel() else torch.zeros((), device=values.device)
+    shape = tuple(values.shape)
+    as_matrix = values.reshape(-1, shape[-2], shape[-1]) if len(shape) >= 2 else values.reshape(1, 1, -1)
+    lead, rows, cols = as_matrix.shape
+    grid_rows, grid_cols = math.ceil(rows / block[0]), math.ceil(cols / block[1])
+    padded = as_matrix.new_zeros(lead, grid_rows * block[0], grid_cols * block[1])
+    padded[:, :rows, :cols] = as_matrix.abs()
+    blocks = padded.reshape(lead, grid_rows, block[0], grid_cols, block[1])
+    return blocks.amax(dim=(2, 4)).reshape(grid_shape(shape, block))
+
+
+def fresh_scale(amax: torch.Tensor, storage: str, scale_dtype: torch.dtype) -> torch.Tensor:
+    """amax / max per block, in the stored scale's dtype; an all-zero block gets scale 1."""
+    scale = amax.to(torch.float32) / FP8_MAX[storage]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.to(scale_dtype)
+
+
+def quantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None,
+             storage: str) -> torch.Tensor:
+    """Round `values` (float32) to float8 under `scale` (already in its stored dtype): nearest, saturating."""
+    top = FP8_MAX[storage]
+    scaled = values if scale is None else values / expand(scale, tuple(values.shape), block).to(values.device)
+    return scaled.clamp(-top, top).to(STORAGE_DTYPES[storage])
