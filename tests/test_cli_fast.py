@@ -21,7 +21,7 @@ from loratool.checkpoint.output import TEMP_MARK
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 ROOT = Path(__file__).parent.parent
-HEAVY = ("torch", "onnx", "onnxruntime", "huggingface_hub", "transformers", "numpy", "safetensors")
+HEAVY = ("torch", "onnx", "onnxruntime", "huggingface_hub", "transformers", "numpy", "safetensors", "ray")
 COMMANDS = ["inspect", "merge", "svd-extract", "resize", "combine", "convert", "extract", "export-onnx",
             "bench-onnx", "push", "pull"]
 # Runs the CLI in a fresh interpreter with stdout silenced, then reports which heavy modules it imported.
@@ -61,7 +61,7 @@ def test_import_loratool_and_the_cli_group_imports_nothing_heavy():
 def test_help_and_version_import_no_torch(args):
     report = probe(*args)
     assert report["code"] == 0
-    assert not {"torch", "onnx", "onnxruntime", "huggingface_hub", "transformers"} & set(report["loaded"])
+    assert not {"torch", "onnx", "onnxruntime", "huggingface_hub", "transformers", "ray"} & set(report["loaded"])
 
 
 @pytest.mark.parametrize("path", ["tiny-llama", "tiny-llama/model.safetensors"])

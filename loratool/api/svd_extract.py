@@ -12,7 +12,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.output import atomic_output, check_output_path
 from ..checkpoint.pipeline import ReadAhead
 from ..checkpoint.writer import LazyTensor
+from ..distributed.options import ScaleOut
+from ..distributed.runner import ClusterReport
 from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype
 from ..errors import MismatchError, NonFiniteError, UsageError, summarize
 from ..formats.peft import task_type_for, write_peft_adapter
@@ -34,6 +38,31 @@ from .merge import ProgressCallback
 from .report import FullTensorReport, LowRankResult, ModuleReport
 
 WEIGHT_SUFFIX = ".weight"
+#: What a tensor pair that is not a factorised target turned out to be.
+UNCHANGED, CHANGED = "unchanged", "changed"
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """One factorised target: its LoRA module and report; `capped` when --rank exceeded min(out, in)."""
+
+    module: LoraModule
+    report: ModuleReport
+    capped: bool
+
+
+#: A tensor pair's outcome: Extracted, UNCHANGED or CHANGED (changed, but not factorised).
+Outcome = Extracted | str
+
+
+@dataclass
+class LowRankOnCluster(LowRankResult):
+    """A low-rank result computed on a Ray cluster: `cluster` says where its tasks ran."""
+
+    cluster: ClusterReport | None = None
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "cluster": self.cluster.to_json() if self.cluster else None}
 
 
 @dataclass(frozen=True)
@@ -130,13 +159,23 @@ def svd_extract(
     force: bool = False,
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
+    seed: int = 0,
+    ray: str | None = None,
+    gpus_per_task: float | None = None,
 ) -> LowRankResult:
-    """Write a PEFT adapter whose B@A approximates FINETUNED − BASE at `rank` (or by `energy`)."""
+    """Write a PEFT adapter whose B@A approximates FINETUNED − BASE at `rank` (or by `energy`).
+
+    With `ray` (an address: auto, local, ray://HOST:PORT), balanced groups of tensor pairs are factorised
+    by Ray tasks on the cluster's nodes, which read BASE and FINETUNED from the same paths; the driver
+    writes the adapter. Each tensor's randomized SVD is seeded from `seed` and its name, so a tensor's
+    factors do not depend on which task computed it.
+    """
     started = time.perf_counter()
-    rule = RankRule(rank, energy, max_rank)
+    scale = ScaleOut.parse(ray, device, gpus_per_task)
+    rule = RankRule(rank, energy, max_rank, seed)
     output = Path(output)
     out_dtype = parse_output_dtype(dtype)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device) if scale is None else None
     with open_checkpoint(base, allow_pickle=allow_pickle) as base_ckpt, \
             open_checkpoint(finetuned, allow_pickle=allow_pickle) as ft_ckpt:
         check_output_path(output, [Path(base), Path(finetuned)], force)
@@ -145,13 +184,17 @@ def svd_extract(
         _check_pairing(base_ckpt, ft_ckpt)
         planned = plan_targets(base_ckpt, targets, exclude)
         extraction = _Extraction(base_ckpt, ft_ckpt, planned, rule, exact, torch_device, out_dtype, keep_full)
-        extraction.run(progress)
+        cluster = None
+        if scale is None:
+            extraction.run(progress)
+        else:
+            cluster = extraction.run_on_cluster(scale, [Path(base), Path(finetuned)], allow_pickle, progress)
         config = extraction.adapter_config(_module_candidates(base_ckpt))
         with atomic_output(output, is_folder=True) as temp:
             files = write_peft_adapter(temp, extraction.modules, extraction.kept, config, None)
             adapter_bytes = sum(f.stat().st_size for f in files)
         source_bytes = ft_ckpt.total_bytes
-    return LowRankResult(
+    return (LowRankResult if cluster is None else partial(LowRankOnCluster, cluster=cluster))(
         output=output,
         method="exact" if exact else "randomized",
         modules=extraction.reports,
@@ -186,24 +229,71 @@ class _Extraction:
     def _read_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.read(name), self.finetuned.read(name)
 
-    def run(self, progress: ProgressCallback | None) -> None:
-        order = sorted(self.finetuned, key=lambda n: (str(self.finetuned[n].path), self.finetuned[n].data_start))
-        total = sum(self.finetuned[n].nbytes for n in order)
-        prefetch = ReadAhead(self._read_pair, order, depth=0)  # the next pair is read during this one's SVD
+    def order(self) -> list[str]:
+        """Every tensor name, in the order the files hold them."""
+        return sorted(self.finetuned, key=lambda n: (str(self.finetuned[n].path), self.finetuned[n].data_start))
+
+    def outcomes(self, names: list[str]) -> Iterator[tuple[str, Outcome]]:
+        """Each pair's outcome, in the order of `names`; the next pair is read during this one's SVD."""
+        prefetch = ReadAhead(self._read_pair, names, depth=0)
         try:
-            for name in order:
+            for name in names:
                 before, after = prefetch.get()
                 if name in self.planned:
-                    if not self._extract(self.planned[name], before, after):
-                        self.unchanged += 1
-                elif torch.equal(before, after):
-                    self.unchanged += 1
+                    yield name, self._extract(self.planned[name], before, after) or UNCHANGED
                 else:
-                    self.changed_other.append(name)
-                if progress:
-                    progress(self.finetuned[name].nbytes, total)
+                    yield name, UNCHANGED if torch.equal(before, after) else CHANGED
         finally:
             prefetch.close()
+
+    def absorb(self, name: str, outcome: Outcome) -> None:
+        if outcome == UNCHANGED:
+            self.unchanged += 1
+        elif outcome == CHANGED:
+            self.changed_other.append(name)
+        else:
+            self.modules[outcome.module.name] = outcome.module
+            self.reports.append(outcome.report)
+            if outcome.capped:
+                self._capped.append(outcome.module.name)
+
+    def run(self, progress: ProgressCallback | None) -> None:
+        order = self.order()
+        total = sum(self.finetuned[n].nbytes for n in order)
+        for name, outcome in self.outcomes(order):
+            self.absorb(name, outcome)
+            if progress:
+                progress(self.finetuned[name].nbytes, total)
+        self.finish()
+
+    def run_on_cluster(self, scale: ScaleOut, inputs: list[Path], allow_pickle: bool,
+                       progress: ProgressCallback | None) -> ClusterReport:
+        """`run`, with the pairs factorised by Ray tasks (balanced groups by bytes); the outcomes are
+        taken in file order, as `run` takes them, so the adapter does not depend on the grouping."""
+        from ..distributed.cluster import connect
+        from ..distributed.groups import TASKS_PER_SLOT, balanced_groups
+        from ..distributed.probe import check_visible
+        from ..distributed.runner import Task, run_tasks
+
+        order = self.order()
+        costs = [self.finetuned[n].nbytes for n in order]
+        with connect(scale) as session:
+            check_visible(session, None, inputs)
+            groups = balanced_groups(order, costs, TASKS_PER_SLOT * session.slots())
+            tasks = [Task(extract_group, (
+                [str(p) for p in inputs], allow_pickle, group, {n: self.planned[n] for n in group if n in self.planned},
+                self.rule, self.exact, session.device, self.out_dtype,
+            ), sum(self.finetuned[n].nbytes for n in group)) for group in groups]
+            report = ClusterReport(session.address, session.device)
+            parts = run_tasks(session, tasks, progress, report)
+        outcomes = dict(pair for part in parts for pair in part)
+        for name in order:
+            self.absorb(name, outcomes[name])
+        self.finish()
+        return report
+
+    def finish(self) -> None:
+        """After every pair: refuse an empty result, settle the tensors kept whole, note capped ranks."""
         if not self.modules:
             if not self.changed_other:
                 raise UsageError("BASE and FINETUNED hold identical weights; there is no difference to extract")
@@ -215,29 +305,26 @@ class _Extraction:
         if self._capped:
             self.notes.append(f"rank capped at min(out, in) for {summarize(self._capped)}")
 
-    def _extract(self, target: Target, before: torch.Tensor, after: torch.Tensor) -> bool:
-        """Factorise one ΔW; False when it is zero."""
+    def _extract(self, target: Target, before: torch.Tensor, after: torch.Tensor) -> Extracted | None:
+        """Factorise one ΔW; None when it is zero."""
         delta = after.to(self.device, COMPUTE_DTYPE, copy=True).sub_(before.to(self.device))
         norm = float(torch.linalg.vector_norm(delta))
         if norm == 0:
-            return False
+            return None
         # NaN/Inf anywhere makes the norm non-finite; recheck elementwise only then (it may be an overflow).
         if not math.isfinite(norm) and not torch.isfinite(delta).all():
             raise NonFiniteError(f"{target.tensor}: the difference FINETUNED − BASE holds NaN/Inf")
         matrix = target.matrix(delta)
-        if self.rule.rank is not None and self.rule.rank > min(matrix.shape):
-            self._capped.append(target.module)
-        U, S, Vh = self.rule.factorize(matrix, self.exact)
+        capped = self.rule.rank is not None and self.rule.rank > min(matrix.shape)
+        U, S, Vh = self.rule.for_tensor(target.tensor).factorize(matrix, self.exact)
         dtype = _factor_dtype(self.out_dtype, self.finetuned[target.tensor].torch_dtype)
         B, A = (f.to(dtype) for f in split_factors(U, S, Vh))
         error = relative_error(matrix, B.to(COMPUTE_DTYPE), A.to(COMPUTE_DTYPE), norm)
-        rank = A.shape[0]
-        self.modules[target.module] = LoraModule.from_factors(target.module, target.kind, tuple(delta.shape), B, A)
-        self.reports.append(ModuleReport(
-            name=target.module, kind=target.kind.value, shape=list(delta.shape), rank=rank,
+        module = LoraModule.from_factors(target.module, target.kind, tuple(delta.shape), B, A)
+        return Extracted(module, ModuleReport(
+            name=target.module, kind=target.kind.value, shape=list(delta.shape), rank=A.shape[0],
             energy=energy_of(error), relative_error=error, delta_norm=norm,
-        ))
-        return True
+        ), capped)
 
     def _settle_full_tensors(self) -> None:
         """Keep (with --keep-full) or list every changed tensor that is not a low-rank target.
@@ -289,3 +376,13 @@ class _Extraction:
             "fan_in_fan_out": model_config.get("model_type") in CONV1D_MODEL_TYPES,
             "bias": "lora_only" if self._keeps_target_bias else "none",
         }
+
+
+def extract_group(inputs: list[str], allow_pickle: bool, names: list[str], planned: dict[str, Target],
+                  rule: RankRule, exact: bool, device: str, out_dtype: torch.dtype | None) -> list[tuple[str, Outcome]]:
+    """One Ray task's share of `svd_extract`: the outcomes of the pairs `names`, read from BASE and
+    FINETUNED (`inputs`) on this node."""
+    with open_checkpoint(inputs[0], allow_pickle=allow_pickle) as base, \
+            open_checkpoint(inputs[1], allow_pickle=allow_pickle) as finetuned:
+        extraction = _Extraction(base, finetuned, planned, rule, exact, torch.device(device), out_dtype, False)
+        return list(extraction.outcomes(names))

@@ -6,14 +6,20 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..distributed.progress import task_progress
 from ..units import format_bytes
 from .params import (LocationType, adapter_format_options, allow_pickle_option, base_option, device_option, dtype_option,
-                     force_option, json_option, output_option, rank_options)
+                     force_option, json_option, output_option, rank_options, scale_out_options)
 
 
 if TYPE_CHECKING:
     from ..api.report import LowRankResult
     from .output import Output
+
+
+def seed_option(f):
+    return click.option("--seed", type=int, default=0, show_default=True,
+                        help="Seed of the randomized SVD; each tensor's is derived from it and the tensor's name.")(f)
 
 
 def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> None:
@@ -59,10 +65,12 @@ def _report(out: Output, result: LowRankResult, verb: str, as_json: bool) -> Non
 @dtype_option
 @force_option
 @allow_pickle_option
+@seed_option
+@scale_out_options
 @json_option
 @click.pass_obj
 def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, targets, exclude, exact, keep_full, device,
-                    dtype, force, allow_pickle, as_json):
+                    dtype, force, allow_pickle, seed, ray, gpus_per_task, as_json):
     """Turn a full fine-tune into a LoRA adapter: ΔW = FINETUNED − BASE, factorised at a chosen rank.
 
     BASE and FINETUNED are .safetensors files, sharded folders or index.json files holding the same
@@ -75,13 +83,15 @@ def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, target
       loratool svd-extract base/ finetuned/ --rank 16 -o adapter/
       loratool svd-extract base/ finetuned/ --energy 0.9 --max-rank 64 -o adapter/
       loratool svd-extract base/ finetuned/ -r 8 --targets 'q_proj|v_proj' -o adapter/
+      loratool svd-extract /shared/base/ /shared/ft/ -r 16 -o /shared/adapter/ --ray auto
     """
     from ..api.svd_extract import svd_extract
 
-    with out.progress("extracting") as advance:
+    with task_progress(out, "extracting", ray) as advance:
         result = svd_extract(base, finetuned, output, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
                              exclude=exclude, exact=exact, device=device, dtype=dtype, keep_full=keep_full,
-                             force=force, allow_pickle=allow_pickle, progress=advance)
+                             force=force, allow_pickle=allow_pickle, progress=advance, seed=seed, ray=ray,
+                             gpus_per_task=gpus_per_task)
     _report(out, result, "svd-extract", as_json)
 
 

@@ -146,3 +146,15 @@ def rank_options(f):
                           "Ranks then differ per module and are written as rank_pattern/alpha_pattern.")(f)
     return click.option("--rank", "-r", type=int, default=None,
                         help="Rank of every module (capped at min(out, in)).")(f)
+
+
+def scale_out_options(f):
+    """--ray [ADDRESS] and --gpus-per-task: run the command's tasks on a Ray cluster (loratool[ray])."""
+    f = click.option("--gpus-per-task", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="With --ray: GPUs each task asks Ray for (a fraction shares a GPU). Default 1 with "
+                          "--device cuda.")(f)
+    return click.option("--ray", "ray", default=None, is_flag=False, flag_value="auto", metavar="ADDRESS",
+                        help="Run on a Ray cluster (needs loratool[ray]): auto (RAY_ADDRESS, else the cluster "
+                             "`ray start` made here; the default for a bare --ray), ray://HOST:PORT, HOST:PORT, "
+                             "or local (a private one-node Ray). Inputs and OUT must be on storage every node "
+                             "sees; see docs/scale-out.md.")(f)

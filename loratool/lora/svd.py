@@ -11,8 +11,9 @@ q = 2 its Frobenius error stayed within 0.4% of the Eckart–Young optimum on ev
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,24 +34,32 @@ def _exact(matrix: torch.Tensor) -> Factorization:
     return torch.linalg.svd(matrix, full_matrices=False)
 
 
-def _randomized(matrix: torch.Tensor, sketch: int) -> Factorization:
+def tensor_seed(seed: int, name: str) -> int:
+    """The randomized SVD's seed for one tensor: fixed by `--seed` and the tensor's name, never by the
+    order of work, so a tensor factorises the same whichever task, node or run computes it (a stable
+    hash: Python's `hash` of a str changes per process)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _randomized(matrix: torch.Tensor, sketch: int, seed: int) -> Factorization:
     """Top `sketch` triplets by randomized SVD, seeded so that the same input gives the same output."""
     on_cpu = matrix.device.type == "cpu"
     devices = [] if on_cpu else [matrix.device]
     with torch.random.fork_rng(devices=devices, device_type="cuda" if on_cpu else matrix.device.type):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         U, S, V = torch.svd_lowrank(matrix, q=sketch, niter=POWER_ITERATIONS)
     return U, S, V.mT
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int, exact: bool = False) -> Factorization:
+def truncated_svd(matrix: torch.Tensor, rank: int, exact: bool = False, seed: int = SEED) -> Factorization:
     """(U, S, Vh) of the best rank-`rank` approximation of a float matrix (rank capped at min(m, n))."""
     rank = min(rank, *matrix.shape)
     sketch = rank + OVERSAMPLE
     if exact or sketch >= EXACT_FRACTION * min(matrix.shape):
         U, S, Vh = _exact(matrix)
     else:
-        U, S, Vh = _randomized(matrix, sketch)
+        U, S, Vh = _randomized(matrix, sketch, seed)
     return U[:, :rank], S[:rank], Vh[:rank]
 
 
@@ -64,7 +73,7 @@ def rank_for_energy(singular_values: torch.Tensor, total_energy: float, energy: 
 
 
 def svd_for_energy(matrix: torch.Tensor, energy: float, max_rank: int | None = None,
-                   exact: bool = False) -> Factorization:
+                   exact: bool = False, seed: int = SEED) -> Factorization:
     """The smallest-rank truncated SVD keeping fraction `energy` of ‖matrix‖²_F, capped at `max_rank`.
 
     The randomized sketch starts at rank 32 and doubles until it holds enough energy, so the cost
@@ -75,7 +84,7 @@ def svd_for_energy(matrix: torch.Tensor, energy: float, max_rank: int | None = N
     total = float(torch.linalg.vector_norm(matrix)) ** 2
     trial = cap if exact else min(ENERGY_START_RANK, cap)
     while True:
-        U, S, Vh = truncated_svd(matrix, trial, exact)
+        U, S, Vh = truncated_svd(matrix, trial, exact, seed)
         needed = rank_for_energy(S, total, energy)
         if needed is not None or trial >= cap or len(S) >= min(matrix.shape):
             rank = min(needed or cap, cap)
@@ -130,11 +139,13 @@ def energy_of(relative_err: float) -> float:
 
 @dataclass(frozen=True)
 class RankRule:
-    """How to choose a rank: `rank` R, or the smallest keeping `energy` E; both capped by `max_rank`."""
+    """How to choose a rank: `rank` R, or the smallest keeping `energy` E; both capped by `max_rank`.
+    `seed` seeds the randomized SVD (per tensor: `for_tensor`)."""
 
     rank: int | None = None
     energy: float | None = None
     max_rank: int | None = None
+    seed: int = SEED
 
     def __post_init__(self):
         if (self.rank is None) == (self.energy is None):
@@ -146,11 +157,15 @@ class RankRule:
         if self.max_rank is not None and self.max_rank <= 0:
             raise UsageError(f"--max-rank must be a positive integer, got {self.max_rank}")
 
+    def for_tensor(self, name: str) -> RankRule:
+        """This rule with the randomized SVD seeded for tensor (or module) `name` (`tensor_seed`)."""
+        return replace(self, seed=tensor_seed(self.seed, name))
+
     def factorize(self, matrix: torch.Tensor, exact: bool = False) -> Factorization:
         """Truncated SVD of a dense matrix by this rule."""
         if self.energy is not None:
-            return svd_for_energy(matrix, self.energy, self.max_rank, exact)
-        return truncated_svd(matrix, min(self.rank, self.max_rank or self.rank), exact)
+            return svd_for_energy(matrix, self.energy, self.max_rank, exact, self.seed)
+        return truncated_svd(matrix, min(self.rank, self.max_rank or self.rank), exact, self.seed)
 
     def pick(self, singular_values: torch.Tensor) -> int:
         """The rank this rule keeps out of a complete spectrum (at least 1)."""
