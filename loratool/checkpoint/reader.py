@@ -194,9 +194,19 @@ def _pread_into(fd: int, buffer, offset: int, info: TensorInfo) -> None:
         done += got
 
 
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
-    """Open a checkpoint file, index file or folder, validating every header before returning."""
-    path = Path(path)
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, quantized: bool = True) -> Checkpoint:
+    """Open a checkpoint file, index file or folder, validating every header before returning.
+
+    Quantized weights appear as one logical tensor each, read dequantized (`loratool.quant`); adapter
+    readers pass `quantized=False` to see the tensors as stored, since an adapter's factors are never
+    an encoding to undo (a float8 factor is refused by the module check)."""
+    checkpoint = _open(Path(path), allow_pickle)
+    if quantized and checkpoint.pickled is None and checkpoint.stored is None:
+        _fold_encodings(checkpoint)
+    return checkpoint
+
+
+def _open(path: Path, allow_pickle: bool) -> Checkpoint:
     if not path.exists():
         raise InvalidCheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -214,20 +224,19 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
             f"{path}: unknown checkpoint type; expected a .safetensors or .gguf file, an .index.json or a model folder"
         )
     header = read_header(path)
-    return _with_encodings(Checkpoint(
+    return Checkpoint(
         path=path, is_folder=False, files=[path], tensors=header.tensors, metadata={path.name: header.metadata}
-    ))
+    )
 
 
-def _with_encodings(checkpoint: Checkpoint) -> Checkpoint:
-    """Fold quantized weights and their scales into logical tensors (`loratool.quant.detect`)."""
+def _fold_encodings(checkpoint: Checkpoint) -> None:
+    """Fold quantized weights and their scales into logical tensors (`quantized.py`)."""
     from .quantized import find_encodings
 
     found = find_encodings(checkpoint.tensors, checkpoint.config())
     if found is not None:
         checkpoint.stored = checkpoint.tensors
         checkpoint.tensors, checkpoint.markers = found
-    return checkpoint
 
 
 def _open_folder(folder: Path, allow_pickle: bool) -> Checkpoint:
@@ -240,7 +249,7 @@ def _open_folder(folder: Path, allow_pickle: bool) -> Checkpoint:
         return _open_index(indexes[0], allow_pickle)
     files = sorted(folder.glob(f"*{SAFETENSORS_SUFFIX}"))
     if files:
-        return _with_encodings(_from_files(folder, files, is_folder=True))
+        return _from_files(folder, files, is_folder=True)
     pickle_indexes = sorted(p for p in folder.glob(f"*{INDEX_SUFFIX}") if Path(p.stem).suffix in PICKLE_SUFFIXES)
     if pickle_indexes:
         return _open_index(pickle_indexes[0], allow_pickle)
@@ -306,7 +315,7 @@ def _open_index(index_path: Path, allow_pickle: bool) -> Checkpoint:
                  if name not in weight_map]
     if problems:
         raise InvalidCheckpointError(f"{index_path}: index does not match the shards: {summarize(problems)}")
-    return checkpoint if checkpoint.pickled is not None else _with_encodings(checkpoint)
+    return checkpoint
 
 
 def _open_pickle_files(root: Path, files: list[Path], allow_pickle: bool, is_folder: bool) -> Checkpoint:

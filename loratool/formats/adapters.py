@@ -30,7 +30,7 @@ def detect_format(path: str | os.PathLike, allow_pickle: bool = False) -> str | 
     if (path.is_dir() or path.name in WEIGHT_NAMES) and find_peft_folder(path) is not None:
         return "peft"
     try:
-        with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
+        with open_checkpoint(path, allow_pickle=allow_pickle, quantized=False) as checkpoint:
             keys = list(checkpoint)
     except LoratoolError:
         return None

@@ -76,7 +76,7 @@ def _component_configs(metadata: dict[str, str], source: Path) -> dict[str, dict
 
 
 def read(path: Path, options: ReadOptions) -> Adapter:
-    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle, quantized=False) as checkpoint:
         state = checkpoint.load_all(options.header_only)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     configs = _component_configs(metadata, path)

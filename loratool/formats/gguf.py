@@ -72,6 +72,43 @@ def import_gguf():
     return gguf
 
 
+def rope_heads(rule: ArchRule, kind: Any, n_heads: int, n_kv_heads: int, gguf) -> int | None:
+    """The head count whose rotary pairs llama.cpp's converter interleaved in a tensor of `kind` (a
+    `gguf.MODEL_TENSOR`): q uses the attention heads, k the KV heads; None where rows keep HF order."""
+    if not rule.permute_qk or kind not in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+        return None
+    return n_heads if kind == gguf.MODEL_TENSOR.ATTN_Q else n_kv_heads
+
+
+def rule_for_gguf_arch(arch_name: str, gguf) -> tuple[str, ArchRule] | None:
+    """(transformers architecture, rule) converted to GGUF architecture `arch_name` (`llama`: the first
+    listed, Llama), or None for an architecture loratool has no name map for."""
+    for architecture, rule in ARCHITECTURES.items():
+        member = getattr(gguf.MODEL_ARCH, rule.member, None)
+        if member is not None and gguf.MODEL_ARCH_NAMES[member] == arch_name:
+            return architecture, rule
+    return None
+
+
+def hf_names(rule: ArchRule, n_layers: int, gguf_names: list[str], gguf) -> dict[str, tuple[str, Any]]:
+    """GGUF tensor name -> (transformers name, `gguf.MODEL_TENSOR` kind), by llama.cpp's own name map read
+    backwards. The map lists many source spellings per GGUF tensor; the first in transformers' form
+    (`model.…`, `lm_head`) is the one `LlamaForCausalLM`/`Qwen2ForCausalLM` use. Names with no such
+    spelling (computed tensors such as `rope_freqs`) are left out."""
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, rule.member), n_layers)
+    backwards: dict[str, tuple[str, Any]] = {}
+    for source, (kind, target) in name_map.mapping.items():
+        if source.startswith(("model.", "lm_head")) and target not in backwards:
+            backwards[target] = (source, kind)
+    found = {}
+    for name in gguf_names:
+        stem, dot, suffix = name.rpartition(".")
+        if dot and stem in backwards:
+            source, kind = backwards[stem]
+            found[name] = (f"{source}.{suffix}", kind)
+    return found
+
+
 @dataclass
 class GgufBase:
     """The HF base model as llama.cpp's converter sees it."""
@@ -186,9 +223,8 @@ def plan_gguf(adapter: Adapter, base: GgufBase) -> tuple[list[GgufPair], list[st
         if kind == tensor.OUTPUT and base.tied_embeddings:
             refuse("lm_head of a tied-embedding base (its GGUF has no output.weight to apply the LoRA to)", name)
             continue
-        heads = None
-        if base.rule.permute_qk and kind in (tensor.ATTN_Q, tensor.ATTN_K):
-            heads = base.n_heads if kind == tensor.ATTN_Q else base.n_kv_heads
+        heads = rope_heads(base.rule, kind, base.n_heads, base.n_kv_heads, gguf)
+        if heads is not None:
             if module.lora_B.shape[0] % (2 * heads):
                 refuse(f"q/k rows that do not split into rotary pairs of {heads} heads", name)
                 continue

@@ -61,7 +61,7 @@ def read(path: Path, options: ReadOptions) -> Adapter:
     """LoRA, LoCon, LoHa, LoKr, full and norm diffs, with LyCORIS' DoRA; every module through the one
     role table and builder in `lora/algorithms`, so a bad module is named with its algorithm.
     `header_only` applies to plain LoRA files; the other algorithms are read in full."""
-    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle, quantized=False) as checkpoint:
         plain = all((parts := split_key(k)) is not None and parts[1] in PLAIN_ROLES for k in checkpoint)
         state = checkpoint.load_all(options.header_only and plain)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}

@@ -40,7 +40,7 @@ def _alpha(path: Path, checkpoint: Checkpoint, alpha: float | None) -> float:
 
 
 def read(path: Path, options: ReadOptions) -> Adapter:
-    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle, quantized=False) as checkpoint:
         scale_alpha = _alpha(path, checkpoint, options.alpha)
         problems, modules = [], {}
         for key in sorted(k for k in checkpoint if k.endswith(A_SUFFIX)):

@@ -119,7 +119,7 @@ def read_peft_adapter(path: Path, allow_pickle: bool = False, header_only: bool 
     config = load_config_json(config_path)
     _check_config(config, config_path)
     weights_path = _weights_file(folder, path)
-    with open_checkpoint(weights_path, allow_pickle=allow_pickle) as checkpoint:
+    with open_checkpoint(weights_path, allow_pickle=allow_pickle, quantized=False) as checkpoint:
         state = checkpoint.load_all(header_only)
     modules, full = _group_keys(state, weights_path)
     return Adapter(
@@ -159,7 +159,7 @@ def read_bare_peft_adapter(path: Path, alpha: float | None = None, allow_pickle:
     """PEFT weights downloaded or renamed without their adapter_config.json: ranks from the shapes,
     lora_alpha from `alpha` or the file's metadata. Without either, a command that computes fails
     naming --alpha; `need_alpha=False` (inspect) reads it with alpha unknown."""
-    with open_checkpoint(path, allow_pickle=allow_pickle) as checkpoint:
+    with open_checkpoint(path, allow_pickle=allow_pickle, quantized=False) as checkpoint:
         state = checkpoint.load_all(header_only)
         metadata = next(iter(checkpoint.metadata.values()), None) or {}
     known = alpha if alpha is not None else _metadata_alpha(metadata, path)

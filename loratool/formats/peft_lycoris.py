@@ -95,7 +95,7 @@ def read_peft_lycoris_adapter(path: Path, allow_pickle: bool = False) -> Adapter
     config = _load_config(folder)
     algorithm, cls, source_format = PEFT_TYPES[str(config["peft_type"]).upper()]
     weights_path = _weights_file(folder, Path(path))
-    with open_checkpoint(weights_path, allow_pickle=allow_pickle) as checkpoint:
+    with open_checkpoint(weights_path, allow_pickle=allow_pickle, quantized=False) as checkpoint:
         state = {name: checkpoint.read(name) for name in checkpoint}
     foreign = [k for k in state if not k.startswith(KEY_PREFIX)]
     if foreign:

@@ -63,7 +63,7 @@ def _config(path: Path, alpha: float | None) -> dict:
 
 def read(path: Path, options: ReadOptions) -> Adapter:
     config = _config(path, options.alpha)
-    with open_checkpoint(path, allow_pickle=options.allow_pickle) as checkpoint:
+    with open_checkpoint(path, allow_pickle=options.allow_pickle, quantized=False) as checkpoint:
         parts, saved, names = _collect(checkpoint)
     if len(names) != 1:
         found = ", ".join(sorted(names)) or "none"
