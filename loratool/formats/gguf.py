@@ -59,7 +59,7 @@ GGUF_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "
 #: torch dtype name -> GGML tensor type, for `auto`.
 _TORCH_TO_GGML = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: GGML type -> the `LlamaFileType` recorded as `general.file_type`.
-_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
+FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -297,7 +297,7 @@ def write_gguf_adapter(path: Path, pairs: list[GgufPair], alpha: float, base: Gg
                 report.types[tensor_name] = ggml_type
         most_common = Counter(report.types.values()).most_common(1)
         if most_common:
-            writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[most_common[0][0]]))
+            writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[most_common[0][0]]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -57,3 +57,12 @@ def interleave_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
         raise ValueError(f"{count} rows do not split into {n_heads} heads of rotary pairs")
     head_dim = count // n_heads
     return rows.reshape(n_heads, 2, head_dim // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def deinterleave_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `interleave_rope_rows`: a GGUF q/k projection's rows back in HF order."""
+    count = rows.shape[0]
+    if count % (2 * n_heads):
+        raise ValueError(f"{count} rows do not split into {n_heads} heads of rotary pairs")
+    head_dim = count // n_heads
+    return rows.reshape(n_heads, head_dim // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)

@@ -1,0 +1,180 @@
+"""Merge into a GGUF base: rewrite the file with the changed tensors requantized, the rest copied.
+
+Every metadata value is copied with its GGUF type, tensors keep the base's order, and an untouched
+tensor's bytes go from the base to the output unchanged. A changed tensor is dequantized, merged by
+the caller's `merged` callback (in HF row order for llama-arch q/k), put back in the file's row order
+and shape, and quantized into the base tensor's own type, or into `out_type`. Types the `gguf`
+package cannot write (the K- and I-quants) become Q8_0, and a note says so (`quant/gguf_codec.py`).
+
+GGUF puts the tensor directory before the data, so the output type and size of every tensor is fixed
+first (it depends only on the type and the row length), then the data is streamed one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError, summarize
+from ..quant.report import RoundingFigure, RoundingTally
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoint.gguf_base import GgufCheckpoint
+
+#: `out_type`s: a dequantized output or Q8_0 (`merge --dtype`).
+OUT_TYPES = ("Q8_0", "F16", "BF16", "F32")
+
+MergedFn = Callable[["torch.Tensor", str, list], "torch.Tensor"]
+
+
+def write_gguf_merge(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list], output_path: str | os.PathLike,
+                     merged: MergedFn, out_type: str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[list[RoundingFigure], list[str]]:
+    """Write the merged model to `output_path`. `ops_by_name` maps logical tensor names to the ops that
+    change them (passed through to `merged(base_float32, name, ops)`, which returns the merged float32
+    tensor). With `out_type` every tensor of two or more dimensions whose rows that type can hold is
+    converted to it; 1-D tensors (norms) keep their type unless changed. Returns one rounding figure per
+    changed tensor and notes for the user."""
+    from ..formats.gguf import FILE_TYPES, import_gguf
+    from ..quant.gguf_codec import target_type
+
+    gguf = import_gguf()
+    if out_type is not None and out_type not in OUT_TYPES:
+        raise UsageError(f"a GGUF merge writes {', '.join(OUT_TYPES)}, not {out_type}")
+    unknown = sorted(set(ops_by_name) - set(checkpoint.tensors))
+    if unknown:
+        raise UsageError(f"{checkpoint.path}: no tensors named {summarize(unknown, 3)}")
+    plans = _plan(checkpoint, ops_by_name, out_type, target_type)
+    writer = gguf.GGUFWriter(os.fspath(output_path), checkpoint.architecture or "unknown")
+    skipped = _copy_metadata(checkpoint.reader, writer, gguf)
+    if out_type is not None and out_type in FILE_TYPES:
+        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[out_type]))
+    for plan in plans:
+        writer.add_tensor_info(plan.place.stored_name, plan.byte_shape(gguf), _uint8(), plan.nbytes(),
+                               raw_dtype=gguf.GGMLQuantizationType[plan.type_name])
+    figures: list[RoundingFigure] = []
+    notes_by_reason: dict[str, list[str]] = {}
+    total = sum(checkpoint.tensors[plan.name].nbytes for plan in plans)
+    done = 0
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for plan in plans:
+            data, figure = _tensor_data(checkpoint, plan, ops_by_name.get(plan.name), merged)
+            writer.write_tensor_data(data)
+            if figure is not None:
+                figures.append(figure)
+            if plan.note is not None:
+                notes_by_reason.setdefault(plan.note, []).append(plan.name)
+            done += checkpoint.tensors[plan.name].nbytes
+            if progress is not None:
+                progress(done, total)
+    finally:
+        writer.close()
+    notes = [f"{summarize(sorted(names), 3)}: {reason}" for reason, names in notes_by_reason.items()]
+    if skipped:
+        notes.append(f"metadata not copied (empty or nested arrays, which the gguf writer cannot write): "
+                     f"{summarize(skipped, 3)}")
+    return figures, notes
+
+
+class _Plan:
+    """One tensor of the output: its type, and whether it is copied, converted or merged."""
+
+    def __init__(self, name: str, place: Any, type_name: str, note: str | None, changed: bool) -> None:
+        self.name, self.place, self.type_name, self.note, self.changed = name, place, type_name, note, changed
+
+    @property
+    def copied(self) -> bool:
+        return not self.changed and self.type_name == self.place.type_name
+
+    def nbytes(self) -> int:
+        from ..quant.gguf_codec import stored_nbytes
+
+        return stored_nbytes(self.place.stored_shape, self.type_name)
+
+    def byte_shape(self, gguf) -> tuple[int, ...]:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.type_name]]
+        shape = self.place.stored_shape or (1,)
+        return (*shape[:-1], shape[-1] // block * type_size)
+
+
+def _plan(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list], out_type: str | None, target_type
+          ) -> list[_Plan]:
+    plans = []
+    for name, place in checkpoint.places.items():
+        changed = name in ops_by_name
+        row = place.stored_shape[-1] if place.stored_shape else 1
+        wanted = out_type if out_type is not None and (changed or len(place.stored_shape) >= 2) else place.type_name
+        if changed:
+            plans.append(_Plan(name, place, *target_type(wanted, row), True))
+            continue
+        # an unchanged tensor is converted only where `out_type` itself holds its rows, else copied
+        chosen = target_type(wanted, row)[0] if wanted != place.type_name else wanted
+        plans.append(_Plan(name, place, chosen if chosen == wanted else place.type_name, None, False))
+    return plans
+
+
+def _uint8():
+    import numpy as np
+
+    return np.dtype(np.uint8)
+
+
+def _tensor_data(checkpoint: GgufCheckpoint, plan: _Plan, ops: list | None, merged: MergedFn):
+    """(the bytes to write, a rounding figure for a changed tensor)."""
+    from ..quant.gguf_codec import dequantize_bytes, requantize
+
+    physical = checkpoint.stored[plan.place.stored_name]
+    raw = checkpoint.read_stored(physical).numpy()
+    if plan.copied:
+        return raw, None
+    import torch
+
+    stored_values = torch.from_numpy(dequantize_bytes(raw, plan.place.type_name))
+    if not plan.changed:
+        data, chosen, _ = requantize(stored_values, plan.type_name)
+        assert chosen == plan.type_name
+        return data, None
+    base = checkpoint.from_stored(plan.name, stored_values)
+    exact = merged(base, plan.name, ops or []).to(torch.float32)
+    if tuple(exact.shape) != tuple(base.shape):
+        raise UsageError(f"merged {plan.name} has shape {list(exact.shape)}, the base {list(base.shape)}")
+    data, chosen, _ = requantize(checkpoint.to_stored(plan.name, exact), plan.type_name)
+    assert chosen == plan.type_name
+    written = checkpoint.from_stored(plan.name, torch.from_numpy(dequantize_bytes(data, chosen)))
+    tally = RoundingTally()
+    tally.add(base, exact, written)
+    encoding = checkpoint.tensors[plan.name].encoding.describe()
+    return data, tally.figure(plan.name, encoding if chosen == encoding else f"{encoding}→{chosen}")
+
+
+def _copy_metadata(reader, writer, gguf) -> list[str]:
+    """Add every key/value of the base with its own GGUF type; returns the keys that could not be."""
+    value_type = gguf.GGUFValueType
+    skipped = []
+    for key, entry in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        kind = entry.types[0]
+        if kind == value_type.ARRAY:
+            sub = entry.types[-1]
+            if len(entry.types) != 2 or not len(entry.data):
+                skipped.append(key)
+                continue
+            if sub == value_type.STRING:
+                value = [bytes(entry.parts[i]) for i in entry.data]
+            else:
+                value = entry.contents()
+            writer.add_key_value(key, value, kind, sub_type=sub)
+        elif kind == value_type.STRING:
+            writer.add_key_value(key, bytes(entry.parts[entry.data[0]]), kind)
+        else:
+            writer.add_key_value(key, entry.parts[entry.data[0]].tolist()[0], kind)
+        if key == gguf.Keys.General.ALIGNMENT:
+            writer.data_alignment = int(entry.parts[entry.data[0]].tolist()[0])
+    return skipped

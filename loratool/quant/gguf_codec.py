@@ -1,0 +1,122 @@
+"""GGUF block types: dequantize and requantize one tensor through the `gguf` package.
+
+The package dequantizes every common type (the K- and I-quants included) but quantizes only some of
+them (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and a few more in 0.19); K-quants need ggml's own
+quantizer, which is C. A changed tensor whose type the package cannot write becomes Q8_0, the
+nearest more precise type it writes, and the caller is told. Which types it reads and writes is asked
+of the installed package (one block each, once), not listed here, so an upgrade widens both.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from . import Encoding
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+#: What a changed tensor becomes when the package cannot write its own type.
+FALLBACK = "Q8_0"
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _gguf():
+    from ..formats.gguf import import_gguf
+
+    return import_gguf()
+
+
+def block_size(type_name: str) -> int:
+    """Values per block along a row (1 for the float types)."""
+    gguf = _gguf()
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
+@lru_cache(maxsize=None)
+def can_read(type_name: str) -> bool:
+    """Whether `gguf.quants.dequantize` handles the type (tried on one block of zeros)."""
+    import numpy as np
+
+    gguf = _gguf()
+    kind = getattr(gguf.GGMLQuantizationType, type_name, None)
+    if kind is None:
+        return False
+    size = gguf.GGML_QUANT_SIZES[kind][1]
+    try:
+        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def can_write(type_name: str) -> bool:
+    """Whether `gguf.quants.quantize` writes the type (tried on one block of zeros)."""
+    import numpy as np
+
+    gguf = _gguf()
+    kind = getattr(gguf.GGMLQuantizationType, type_name, None)
+    if kind is None:
+        return False
+    try:
+        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[kind][0]), dtype=np.float32), kind)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def dequantize_tensor(encoding: Encoding, raw: torch.Tensor) -> torch.Tensor:
+    """float32 values of one GGUF tensor, in torch order, from its stored bytes (uint8, one row of
+    bytes per row of the tensor)."""
+    import torch
+
+    values = dequantize_bytes(raw.numpy(), encoding.storage)
+    return torch.from_numpy(values)
+
+
+def dequantize_bytes(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 values of stored bytes (last dimension: bytes of one row)."""
+    import numpy as np
+
+    gguf = _gguf()
+    return np.ascontiguousarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]), dtype=np.float32)
+
+
+def target_type(type_name: str, row: int) -> tuple[str, str | None]:
+    """(the type a tensor asked to be `type_name` is written as, a note or None): the type itself where
+    the package writes it, else Q8_0; a row length that is not a multiple of that type's block stays in
+    a float type (F32 when asked for F32, else F16), as llama.cpp keeps such tensors."""
+    chosen, note = type_name, None
+    if not can_write(chosen):
+        chosen, note = FALLBACK, f"the gguf package cannot write {type_name}; stored as {FALLBACK}"
+    if row % block_size(chosen):
+        fallback = "F32" if type_name == "F32" else "F16"
+        note = f"rows of {row} values do not fill {chosen} blocks of {block_size(chosen)}; stored as {fallback}"
+        chosen = fallback
+    return chosen, note
+
+
+def stored_nbytes(shape: tuple[int, ...], type_name: str) -> int:
+    """Bytes of a tensor of `shape` (torch order) stored as `type_name`."""
+    import math
+
+    gguf = _gguf()
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return math.prod(shape) // block * type_size
+
+
+def requantize(values: np.ndarray | torch.Tensor, type_name: str) -> tuple[np.ndarray, str, str | None]:
+    """(stored bytes as uint8, the type written, a note or None) for float32 `values` asked to be stored
+    as `type_name` (see `target_type`)."""
+    import numpy as np
+
+    gguf = _gguf()
+    if not isinstance(values, np.ndarray):
+        values = values.detach().float().cpu().numpy()
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    chosen, note = target_type(type_name, values.shape[-1] if values.ndim else 1)
+    data = gguf.quants.quantize(values, gguf.GGMLQuantizationType[chosen])
+    return np.ascontiguousarray(data).view(np.uint8), chosen, note
