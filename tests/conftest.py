@@ -38,6 +38,7 @@ SLOW_TESTS = {
     "test_lycoris_merge.py::test_lycoris_file_merges_into_a_pipeline": "a LyCORIS network per case, then a merge",
     "test_lycoris_cli.py::test_kohya_lycoris_to_peft_folder_loads_and_merges_to_lycoris_forward": "PEFT's forward per case",
     "test_combine.py::test_dense_methods_match_peft_merge_utils": "dense TIES/DARE on every module, twice",
+    "test_gguf_base.py::test_cli_merge_of_a_peft_adapter_matches_peft_within_rounding": "loads transformers and PEFT",
 }
 
 

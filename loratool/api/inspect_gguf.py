@@ -50,9 +50,7 @@ def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, s
     if report["kind"] == "adapter":
         report.update(_adapter_keys(gguf_file))
     else:
-        report.update({"sharded": False, "files": [gguf_file.path.name], "model_type": None,
-                       "architectures": None, "embedded_adapter": None, "layout": "gguf",
-                       "family": report["architecture"], "variant": None, "components": {}})
+        report.update(_model_keys(gguf_file))
     report.update({
         "tensors": len(infos),
         "parameters": sum(i.numel for i in infos),
@@ -60,12 +58,33 @@ def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, s
         "dtypes": _dtypes(infos),
         "metadata": {gguf_file.path.name: metadata},
     })
+    if report["kind"] == "checkpoint":
+        # the type mix is `dtypes` (GGML types); one number for how compressed the model is
+        report["bytes_per_parameter"] = report["bytes"] / report["parameters"] if report["parameters"] else None
     if tensors:
         report["tensor_list"] = [{"name": i.name, "dtype": i.type, "shape": list(i.shape), "bytes": i.nbytes}
                                  for i in sorted(infos, key=lambda i: i.name)]
     if check:
         report["nonfinite"] = _nonfinite(gguf_file)
     return report
+
+
+def _model_keys(gguf_file: GgufFile) -> dict:
+    """A GGUF model: the transformers architecture it was converted from, where loratool reads it by HF
+    names (`checkpoint/gguf_base.py`), and llama.cpp's `general.file_type` (MOSTLY_Q4_K_M ...)."""
+    from ..formats.gguf import import_gguf, rule_for_gguf_arch
+
+    gguf = import_gguf()
+    architecture = gguf_file.metadata.get("general.architecture")
+    found = rule_for_gguf_arch(architecture, gguf) if isinstance(architecture, str) else None
+    file_type = gguf_file.metadata.get("general.file_type")
+    try:
+        file_type = gguf.LlamaFileType(file_type).name if isinstance(file_type, int) else None
+    except ValueError:
+        file_type = str(file_type)
+    return {"sharded": False, "files": [gguf_file.path.name], "model_type": architecture if found else None,
+            "architectures": [found[0]] if found else None, "embedded_adapter": None, "layout": "gguf",
+            "family": architecture, "variant": None, "components": {}, "file_type": file_type}
 
 
 def _alpha(gguf_file: GgufFile) -> float:

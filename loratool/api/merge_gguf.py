@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError, summarize
+from ..quant.gguf_codec import FALLBACK
 from ..quant.report import RoundingFigure, RoundingTally
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def write_gguf_merge(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list]
         writer.add_tensor_info(plan.place.stored_name, plan.byte_shape(gguf), _uint8(), plan.nbytes(),
                                raw_dtype=gguf.GGMLQuantizationType[plan.type_name])
     figures: list[RoundingFigure] = []
-    notes_by_reason: dict[str, list[str]] = {}
+    fallbacks: dict[str, list[_Plan]] = {}
     total = sum(checkpoint.tensors[plan.name].nbytes for plan in plans)
     done = 0
     try:
@@ -68,25 +69,35 @@ def write_gguf_merge(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list]
             writer.write_tensor_data(data)
             if figure is not None:
                 figures.append(figure)
-            if plan.note is not None:
-                notes_by_reason.setdefault(plan.note, []).append(plan.name)
+            if plan.changed and plan.type_name != plan.wanted:
+                fallbacks.setdefault(plan.type_name, []).append(plan)
             done += checkpoint.tensors[plan.name].nbytes
             if progress is not None:
                 progress(done, total)
     finally:
         writer.close()
-    notes = [f"{summarize(sorted(names), 3)}: {reason}" for reason, names in notes_by_reason.items()]
+    notes = [_fallback_note(chosen, group) for chosen, group in fallbacks.items()]
     if skipped:
         notes.append(f"metadata not copied (empty or nested arrays, which the gguf writer cannot write): "
                      f"{summarize(skipped, 3)}")
     return figures, notes
 
 
-class _Plan:
-    """One tensor of the output: its type, and whether it is copied, converted or merged."""
+def _fallback_note(chosen: str, group: list[_Plan]) -> str:
+    names = summarize([plan.name for plan in group], 3)
+    wanted = ", ".join(sorted({plan.wanted for plan in group}))
+    if chosen == FALLBACK:
+        return (f"{len(group)} changed tensor(s) written as {chosen}, the nearest more precise type the gguf package "
+                f"can write (it cannot write {wanted}): {names}")
+    return (f"{len(group)} changed tensor(s) written as {chosen}: their rows do not fill whole {wanted} blocks, "
+            f"which llama.cpp also keeps in a float type: {names}")
 
-    def __init__(self, name: str, place: Any, type_name: str, note: str | None, changed: bool) -> None:
-        self.name, self.place, self.type_name, self.note, self.changed = name, place, type_name, note, changed
+
+class _Plan:
+    """One tensor of the output: the type asked for, the type written, and whether it changed."""
+
+    def __init__(self, name: str, place: Any, wanted: str, type_name: str, changed: bool) -> None:
+        self.name, self.place, self.wanted, self.type_name, self.changed = name, place, wanted, type_name, changed
 
     @property
     def copied(self) -> bool:
@@ -110,12 +121,10 @@ def _plan(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list], out_type:
         changed = name in ops_by_name
         row = place.stored_shape[-1] if place.stored_shape else 1
         wanted = out_type if out_type is not None and (changed or len(place.stored_shape) >= 2) else place.type_name
-        if changed:
-            plans.append(_Plan(name, place, *target_type(wanted, row), True))
-            continue
-        # an unchanged tensor is converted only where `out_type` itself holds its rows, else copied
-        chosen = target_type(wanted, row)[0] if wanted != place.type_name else wanted
-        plans.append(_Plan(name, place, chosen if chosen == wanted else place.type_name, None, False))
+        chosen = target_type(wanted, row)[0]
+        if not changed and chosen != wanted:
+            chosen = place.type_name  # an unchanged tensor is converted only where `out_type` holds its rows
+        plans.append(_Plan(name, place, wanted, chosen, changed))
     return plans
 
 

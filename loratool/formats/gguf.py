@@ -350,7 +350,11 @@ def read_gguf(path: str | os.PathLike) -> GgufFile:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - a malformed file fails inside the reader in many ways; all mean "bad file"
-        raise InvalidCheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+        size = path.stat().st_size if path.is_file() else 0
+        said = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InvalidCheckpointError(f"{path}: not a readable GGUF file ({size} bytes): truncated, corrupt, or using a "
+                                     f"type the installed gguf package does not know (pip install -U gguf); "
+                                     f"the gguf reader says: {said}") from e
     metadata = {name: _field_value(f, gguf) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     tensors = {}
     for t in reader.tensors:
