@@ -37,6 +37,10 @@ MERGEABLE_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 #: Names accepted by `--dtype`, and the names printed by `inspect`.
 FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
 OUTPUT_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: `merge --dtype` also writes quantized encodings: ComfyUI's scaled FP8, or a GGUF type for a GGUF base.
+FP8_OUTPUT = "float8_e4m3fn"
+GGUF_OUTPUTS = {"q8_0": "Q8_0"}
+MERGE_DTYPE_CHOICES = OUTPUT_DTYPE_CHOICES + (FP8_OUTPUT, *GGUF_OUTPUTS)
 
 
 def itemsize(code: str) -> int:

@@ -69,6 +69,11 @@ def _nonfinite(tensor: torch.Tensor) -> dict[str, int] | None:
     return {"nan": nan, "inf": inf} if nan or inf else None
 
 
+def _stored_as(info) -> str:
+    """A tensor's dtype, or for a quantized one its encoding ("FP8 e4m3 block 128×128")."""
+    return info.encoding.describe() if info.encoding is not None else info.dtype
+
+
 def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: bool = False,
                        progress: Callable[[int, int], None] | None = None) -> dict:
     infos = list(checkpoint.values())
@@ -83,7 +88,7 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
         "tensors": len(infos),
         "parameters": sum(i.numel for i in infos),
         "bytes": sum(i.nbytes for i in infos),
-        "dtypes": _dtype_breakdown((i.dtype, i.numel, i.nbytes) for i in infos),
+        "dtypes": _dtype_breakdown((_stored_as(i), i.numel, i.nbytes) for i in infos),
         "metadata": checkpoint.metadata,
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
@@ -93,13 +98,18 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
         files = {id(p): p.name for p in {i.path for i in infos}}
         with _listing():
             report["tensor_list"] = [
-                {"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes, "file": files[id(i.path)]}
+                {"name": i.name, "dtype": _stored_as(i), "shape": list(i.shape), "bytes": i.nbytes,
+                 "file": files[id(i.path)]}
                 for i in sorted(infos, key=attrgetter("name"))
             ]
     if check:
         found = {}
         total = report["bytes"]
         for info in infos:
+            scale = info.encoding.scale if info.encoding is not None else None
+            bad_scale = _nonfinite(checkpoint.read_stored(scale)) if scale is not None else None
+            if bad_scale:
+                found[scale.name] = bad_scale
             bad = _nonfinite(checkpoint.read(info.name))
             if bad:
                 found[info.name] = bad

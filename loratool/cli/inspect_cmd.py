@@ -101,10 +101,12 @@ def _dtypes(report: dict):
     from rich.table import Table
 
     table = Table(title="dtypes", title_justify="left")
-    for column in ("dtype", "tensors", "parameters", "size"):
+    for column in ("dtype", "tensors", "parameters", "size", "B/param"):
         table.add_column(column, justify="left" if column == "dtype" else "right")
     for dtype, entry in report["dtypes"].items():
-        table.add_row(_text(dtype), f"{entry['tensors']:,}", f"{entry['parameters']:,}", format_bytes(entry["bytes"]))
+        per_parameter = f"{entry['bytes'] / entry['parameters']:.3g}" if entry["parameters"] else "-"
+        table.add_row(_text(dtype), f"{entry['tensors']:,}", f"{entry['parameters']:,}", format_bytes(entry["bytes"]),
+                      per_parameter)
     return table
 
 

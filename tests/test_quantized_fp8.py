@@ -1,0 +1,383 @@
+"""Merging into FP8 checkpoints: ComfyUI's scaled FP8 (`scaled_fp8` + `.scale_weight`), its per-layer
+`.comfy_quant` form, plain float8, and HF block-scaled folders read back by transformers' own loader.
+
+The accuracy rule for every changed tensor: ‖deq(out) − (deq(base) + ΔW)‖ ≤ 1.05 × the error of
+round-to-nearest requantization of the exact sum, computed here in float64 with a fresh amax/448 scale
+per block. Unchanged tensors must be byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from helpers import assert_refused, ok
+
+WIDTH = 64
+E4M3_MAX = 448.0
+FLUX_SHAPES = {
+    "double_blocks.0.img_attn.qkv": (3 * WIDTH, WIDTH),
+    "double_blocks.0.img_attn.proj": (WIDTH, WIDTH),
+    "single_blocks.0.linear1": (7 * WIDTH, WIDTH),
+    "single_blocks.0.linear2": (WIDTH, 4 * WIDTH),
+}
+
+
+def quantize_reference(values: torch.Tensor, block: tuple[int, int] | None):
+    """float64 round-to-nearest into e4m3 with a fresh amax/448 scale per block (None: per tensor)."""
+    values = values.double()
+    if block is None:
+        scale = values.abs().max() / E4M3_MAX
+        stored = (values / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return stored, scale.float()
+    rows, cols = values.shape
+    grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1], dtype=torch.float64)
+    padded[:rows, :cols] = values.abs()
+    scale = padded.reshape(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3)) / E4M3_MAX
+    full = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+    return (values / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale.float()
+
+
+def dequantize_reference(stored: torch.Tensor, scale: torch.Tensor | None, block=None) -> torch.Tensor:
+    values = stored.double()
+    if scale is None:
+        return values
+    if block is None or scale.numel() == 1:
+        return values * scale.double().reshape(())
+    rows, cols = values.shape
+    return values * scale.double().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+
+
+def raw_bytes(path, name: str) -> bytes:
+    with safe_open(str(path), "pt") as f:
+        tensor = f.get_tensor(name)
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
+def flux_lora(path, seed: int = 1, strength: float = 0.1, modules=("double_blocks.0.img_attn.qkv",
+                                                                       "single_blocks.0.linear1")):
+    """A kohya/musubi LoRA on native Flux names, and module -> float64 ΔW."""
+    generator = torch.Generator().manual_seed(seed)
+    state, deltas = {}, {}
+    for module in modules:
+        out, fan_in = FLUX_SHAPES[module]
+        down = torch.randn(4, fan_in, generator=generator) * strength
+        up = torch.randn(out, 4, generator=generator) * strength
+        name = "lora_unet_" + module.replace(".", "_")
+        state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(8.0)})
+        deltas[module] = up.double() @ down.double() * 2.0
+    save_file(state, str(path))
+    return deltas
+
+
+@pytest.fixture(scope="module")
+def flux_weights() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    weights = {f"{m}.weight": torch.randn(s, generator=generator) * 0.05 for m, s in FLUX_SHAPES.items()}
+    weights.update({f"{m}.bias": torch.randn(s[0], generator=generator) * 0.01 for m, s in FLUX_SHAPES.items()})
+    weights["double_blocks.0.img_attn.norm.key_norm.scale"] = torch.ones(WIDTH)
+    return weights
+
+
+def comfy_scaled(weights: dict[str, torch.Tensor], path, form: str = "scaled_fp8"):
+    """`scaled_fp8` (marker + `.scale_weight` + `.scale_input`), `comfy_quant` (JSON + `.weight_scale`),
+    or `plain` float8 with no scale; biases and norms bf16, as ComfyUI's files have them."""
+    state = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)} if form == "scaled_fp8" else {}
+    for name, tensor in weights.items():
+        if not (name.endswith(".weight") and tensor.dim() == 2):
+            state[name] = tensor.to(torch.bfloat16)
+            continue
+        stem = name.removesuffix("weight")
+        if form == "plain":
+            state[name] = tensor.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            continue
+        stored, scale = quantize_reference(tensor, None)
+        state[name] = stored
+        if form == "scaled_fp8":
+            state[stem + "scale_weight"] = scale.reshape(())
+            state[stem + "scale_input"] = torch.tensor(1.0)
+        else:
+            state[stem + "weight_scale"] = scale.reshape(())
+            state[stem + "input_scale"] = torch.tensor(0.5)
+            state[stem + "comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    save_file(state, str(path))
+    return state
+
+
+def check_accuracy(out_path, base_state, deltas, scale_key: str, block=None):
+    """Every changed tensor within 1.05× of round-to-nearest of the exact sum; the rest byte-identical."""
+    out = load_file(str(out_path))
+    assert set(out) == set(base_state)
+    for name, stored in base_state.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(scale_key) and name.removesuffix("." + scale_key) in deltas:
+            continue  # a fresh scale, checked with its weight
+        if module not in deltas:
+            assert raw_bytes(out_path, name) == stored.reshape(-1).view(torch.uint8).numpy().tobytes(), name
+            continue
+        scale_name = name.removesuffix("weight") + scale_key
+        base = dequantize_reference(stored, base_state[scale_name], block)
+        exact = base + deltas[module]
+        written = dequantize_reference(out[name], out[scale_name], block)
+        ideal_stored, ideal_scale = quantize_reference(exact, block)
+        ideal = torch.linalg.vector_norm(dequantize_reference(ideal_stored, ideal_scale, block) - exact)
+        assert torch.linalg.vector_norm(written - exact) <= 1.05 * ideal + 1e-12, name
+        assert out[name].dtype == stored.dtype and out[scale_name].shape == base_state[scale_name].shape
+
+
+@pytest.mark.parametrize("form,scale_key", [("scaled_fp8", "scale_weight"), ("comfy_quant", "weight_scale")])
+def test_a_comfyui_fp8_flux_file_merges_in_its_own_encoding(run_cli, tmp_path, flux_weights, form, scale_key):
+    """The new user's first try: a ComfyUI FP8 Flux file exited 1 with an IndexError on the marker."""
+    base = tmp_path / "flux1-dev-fp8.safetensors"
+    base_state = comfy_scaled(flux_weights, base, form)
+    deltas = flux_lora(tmp_path / "lora.safetensors")
+    out = tmp_path / "merged.safetensors"
+    result = ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--json"))
+    check_accuracy(out, base_state, deltas, scale_key)
+    report = json.loads(result.stdout)
+    assert sorted(f["name"] for f in report["rounding"]) == sorted(f"{m}.weight" for m in deltas)
+    for figure in report["rounding"]:
+        assert 0 <= figure["error"] < 0.5 and figure["survived"] > 0.5 and figure["aligned"] > 0.5, figure
+    assert any("requantized 2 tensor(s)" in note for note in report["notes"])
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_merged_figures_are_what_rounding_did(run_cli, tmp_path, flux_weights):
+    """The report's figures against their definitions, recomputed here from the files."""
+    base = tmp_path / "base.safetensors"
+    base_state = comfy_scaled(flux_weights, base)
+    deltas = flux_lora(tmp_path / "lora.safetensors", modules=("double_blocks.0.img_attn.proj",))
+    out = tmp_path / "merged.safetensors"
+    figure = json.loads(ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--json")).stdout)["rounding"][0]
+    name = "double_blocks.0.img_attn.proj.weight"
+    merged = load_file(str(out))
+    before = dequantize_reference(base_state[name], base_state[name.replace("weight", "scale_weight")])
+    after = dequantize_reference(merged[name], merged[name.replace("weight", "scale_weight")])
+    delta = deltas["double_blocks.0.img_attn.proj"]
+    norm = torch.linalg.vector_norm(delta)
+    assert figure["survived"] == pytest.approx(float(torch.linalg.vector_norm(after - before) / norm), rel=1e-4)
+    assert figure["error"] == pytest.approx(float(torch.linalg.vector_norm(after - before - delta) / norm), rel=1e-3)
+    assert figure["aligned"] == pytest.approx(float(((after - before) * delta).sum() / norm ** 2), rel=1e-3, abs=1e-6)
+
+
+def test_a_lora_lost_to_rounding_is_reported_with_the_fix(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    comfy_scaled(flux_weights, base)
+    flux_lora(tmp_path / "lora.safetensors", strength=0.002)
+    result = ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", tmp_path / "m.safetensors"))
+    assert "lost most of the adapter" in result.stderr and "--dtype bfloat16" in result.stderr, result
+
+
+def test_plain_float8_merges_by_rounding_without_a_scale(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "flux1-dev-fp8_e4m3fn.safetensors"
+    base_state = comfy_scaled(flux_weights, base, "plain")
+    deltas = flux_lora(tmp_path / "lora.safetensors", strength=0.5)
+    out = tmp_path / "m.safetensors"
+    ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out))
+    merged = load_file(str(out))
+    assert set(merged) == set(base_state)
+    for module, delta in deltas.items():
+        exact = base_state[module + ".weight"].double() + delta
+        expected = exact.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        assert torch.equal(merged[module + ".weight"].view(torch.uint8), expected.view(torch.uint8)), module
+
+
+def test_dtype_bfloat16_writes_a_plain_dequantized_merge(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    base_state = comfy_scaled(flux_weights, base)
+    deltas = flux_lora(tmp_path / "lora.safetensors")
+    out = tmp_path / "m.safetensors"
+    result = ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype", "bfloat16", "--json"))
+    merged = load_file(str(out))
+    assert set(merged) == {n for n in flux_weights}, "scales and the marker go with the encoding"
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    for name in flux_weights:
+        if name.endswith(".weight") and flux_weights[name].dim() == 2:
+            base_value = dequantize_reference(base_state[name], base_state[name.replace("weight", "scale_weight")])
+            expected = base_value + deltas.get(name.removesuffix(".weight"), 0)
+            # rounded once: within half a bf16 step of the exact sum (float32 arithmetic on the way)
+            step = torch.finfo(torch.bfloat16).eps * expected.abs()
+            assert ((merged[name].double() - expected).abs() <= 0.5 * step + 1e-7).all(), name
+    assert json.loads(result.stdout)["rounding"] == []
+
+
+def test_dtype_float8_quantizes_a_bf16_base_into_comfyui_form_in_one_pass(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in flux_weights.items()}, str(base))
+    deltas = flux_lora(tmp_path / "lora.safetensors")
+    out = tmp_path / "m.safetensors"
+    ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype", "float8_e4m3fn"))
+    merged = load_file(str(out))
+    assert merged["scaled_fp8"].dtype == torch.float8_e4m3fn and merged["scaled_fp8"].numel() == 0
+    for name, tensor in flux_weights.items():
+        if name.endswith(".weight") and tensor.dim() == 2:
+            exact = tensor.to(torch.bfloat16).double() + deltas.get(name.removesuffix(".weight"), 0)
+            stored, scale = quantize_reference(exact, None)
+            assert merged[name].dtype == torch.float8_e4m3fn and merged[name.replace("weight", "scale_weight")].shape == ()
+            written = dequantize_reference(merged[name], merged[name.replace("weight", "scale_weight")])
+            ideal = torch.linalg.vector_norm(dequantize_reference(stored, scale) - exact)
+            assert torch.linalg.vector_norm(written - exact) <= 1.05 * ideal, name
+        else:
+            assert torch.equal(merged[name], tensor.to(torch.bfloat16)), name
+    # and it reads back as the same encoding loratool merges into
+    again = ok(run_cli("inspect", out, "--json"))
+    assert "FP8 e4m3 per-tensor scaled" in again.stdout
+
+
+def tiny_llama_fp8_folder(folder, config_block: bool = True, intermediate: int = 384):
+    """A tiny llama, block-scaled as DeepSeek-V3 / Qwen3-FP8 checkpoints are (128×128 blocks; an
+    intermediate size that is not a multiple of 128 leaves ragged edge blocks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".layers." in name and name.endswith(".weight") and tensor.dim() == 2:
+            stored, scale = quantize_reference(tensor, (128, 128))
+            state[name], state[name + "_scale_inv"] = stored, scale
+        else:
+            state[name] = tensor.to(torch.bfloat16)
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config_dict = config.to_dict()
+    config_dict["torch_dtype"] = "bfloat16"
+    if config_block:
+        config_dict["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                              "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config_dict))
+    return model, state
+
+
+def peft_adapter(model, folder, seed: int = 3):
+    from peft import LoraConfig
+
+    from helpers import make_adapter
+
+    make_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]), folder, seed=seed)
+    from helpers import lora_deltas
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(folder))
+    return {name.removeprefix("base_model.model."): d for name, d in lora_deltas(peft_model).items()}
+
+
+@pytest.mark.slow
+def test_a_block_scaled_fp8_folder_merges_and_loads_in_transformers(run_cli, tmp_path):
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    model, state = tiny_llama_fp8_folder(tmp_path / "base")
+    deltas = peft_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    ok(run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    check_accuracy(out / "model.safetensors", state, deltas, "weight_scale_inv", block=(128, 128))
+    loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                                  device_map="cpu")
+    merged = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = dequantize_reference(merged[name], merged[name + "_scale_inv"], (128, 128))
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight.detach(), expected.to(torch.bfloat16))
+    # dequantized: the quantization_config goes with the encoding, and plain transformers loads it
+    plain = tmp_path / "plain"
+    ok(run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", plain, "--dtype", "bfloat16"))
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(plain, device_map="cpu")
+    exact = dequantize_reference(state[name], state[name + "_scale_inv"], (128, 128)) + deltas[name.removesuffix(".weight")]
+    reloaded_weight = reloaded.model.layers[0].self_attn.q_proj.weight.detach().double()
+    assert ((reloaded_weight - exact).abs() <= 0.5 * torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-7).all()
+
+
+def test_ragged_edge_blocks_merge_against_float64_math(run_cli, tmp_path):
+    """transformers' dequantizer (5.x) refuses a weight whose shape the grid does not divide, though
+    DeepSeek's reference `weight_dequant` and vLLM handle ragged edges; loratool does, checked in float64."""
+    model, state = tiny_llama_fp8_folder(tmp_path / "base", intermediate=320)
+    deltas = peft_adapter(model, tmp_path / "adapter")
+    ok(run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged"))
+    check_accuracy(tmp_path / "merged" / "model.safetensors", state, deltas, "weight_scale_inv", block=(128, 128))
+
+
+def test_svd_extract_takes_an_fp8_base_and_a_bf16_finetune(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    base_state = comfy_scaled(flux_weights, base)
+    generator = torch.Generator().manual_seed(5)
+    tuned, deltas = {}, {}
+    for name, tensor in flux_weights.items():
+        value = tensor
+        if name.endswith(".weight") and tensor.dim() == 2:
+            value = dequantize_reference(base_state[name], base_state[name.replace("weight", "scale_weight")]).float()
+            deltas[name] = torch.randn(tensor.shape[0], 2, generator=generator) @ torch.randn(2, tensor.shape[1],
+                                                                                              generator=generator) * 0.01
+            value = value + deltas[name]
+        tuned[name] = value.float()
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "extracted"
+    ok(run_cli("svd-extract", base, tmp_path / "tuned.safetensors", "--rank", "2", "-o", out, "--exact"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    for name, delta in deltas.items():
+        module = "base_model.model." + name.removesuffix(".weight")
+        product = adapter[module + ".lora_B.weight"].double() @ adapter[module + ".lora_A.weight"].double()
+        assert torch.allclose(product, delta.double(), atol=2e-5), name
+
+
+def test_inspect_names_each_encoding(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    comfy_scaled(flux_weights, base)
+    report = json.loads(ok(run_cli("inspect", base, "--json")).stdout)
+    text = json.dumps(report)
+    assert "FP8 e4m3 per-tensor scaled" in text
+    model, _ = tiny_llama_fp8_folder(tmp_path / "block")
+    assert "FP8 e4m3 block 128×128" in ok(run_cli("inspect", tmp_path / "block")).stdout
+
+
+def test_inspect_check_finds_a_nan_scale(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    state = comfy_scaled(flux_weights, base)
+    state["single_blocks.0.linear1.scale_weight"] = torch.tensor(float("nan"))
+    save_file(state, str(base))
+    result = run_cli("inspect", base, "--check")
+    assert result.code == 2 and "single_blocks.0.linear1" in result.stderr + result.stdout, result
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("missing_scale_inv", "weight_scale_inv is missing"),
+    ("grid", "needs [2, 2]"),
+    ("marker_without_scales", "no tensor has a scale_weight"),
+    ("orphan_scale", "no float8 weight"),
+    ("int_scale", "a scale must be a float"),
+])
+def test_broken_fp8_files_are_refused_in_one_line(run_cli, tmp_path, flux_weights, breakage, needle):
+    if breakage in ("missing_scale_inv", "grid"):
+        tiny_llama_fp8_folder(tmp_path / "base")
+        base = tmp_path / "base"
+        state = load_file(str(base / "model.safetensors"))
+        if breakage == "missing_scale_inv":
+            del state["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+        else:
+            state["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(3, 2)
+        save_file(state, str(base / "model.safetensors"))
+        out = tmp_path / "merged"
+    else:
+        base = tmp_path / "base.safetensors"
+        state = comfy_scaled(flux_weights, base, "scaled_fp8")
+        if breakage == "marker_without_scales":
+            state = {k: v for k, v in state.items() if not k.endswith(("scale_weight", "scale_input"))}
+        elif breakage == "orphan_scale":
+            state["double_blocks.0.img_attn.norm.key_norm.scale_weight"] = torch.tensor(1.0)
+        else:
+            state["single_blocks.0.linear1.scale_weight"] = torch.tensor(1, dtype=torch.int32)
+        save_file(state, str(base))
+        out = tmp_path / "merged.safetensors"
+    flux_lora(tmp_path / "lora.safetensors")
+    assert_refused(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out), out, needle)
+    assert_refused(run_cli("inspect", base), None, needle)
