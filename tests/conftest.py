@@ -29,6 +29,7 @@ class CliResult:
 #: checks that every entry still names a test.
 SLOW_TESTS = {
     "test_onnx.py": "ONNX export, onnxruntime sessions and latency runs (about 90 s)",
+    "test_ray_cluster.py": "a head and two worker Ray nodes on this machine, and CLI drivers (about 50 s)",
     "test_cli_fast.py::test_inspect_of_adapters_reads_headers_without_torch": "child interpreters, one per format",
     "test_cli_fast.py::test_inspect_of_a_sharded_checkpoint_without_torch": "child interpreters",
     "test_svd_extract.py::test_noisy_deltas_within_two_percent_of_optimal": "full SVDs of noisy matrices",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.output import atomic_output, check_output_path, read_paths
+from ..distributed.options import ScaleOut
+from ..distributed.runner import ProgressCallback
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, MismatchError, UsageError, summarize
 from ..formats.adapters import read_for_peft_output
@@ -56,6 +59,8 @@ class CombineResult:
     adapter_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    #: With `ray`: where the tasks ran (`ClusterReport.to_json()`).
+    cluster: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -68,16 +73,19 @@ class CombineResult:
             "adapter_bytes": self.adapter_bytes,
             "seconds": round(self.seconds, 3),
             "notes": self.notes,
+            "cluster": self.cluster,
         }
 
 
 @dataclass(frozen=True)
 class CombineSpec:
-    """The checked options of one combine run."""
+    """The checked options of one combine run; `seed` seeds DARE's masks and the randomized SVD, per
+    module name."""
 
     method: str
     rank: int | None
     dense: DenseOptions | None
+    seed: int = 0
 
     @classmethod
     def parse(cls, method: str, rank: int | None, density: float | None, majority_sign: str,
@@ -95,10 +103,10 @@ class CombineSpec:
                 raise UsageError(f"--method {method} needs --density (the fraction of each ΔW to keep, e.g. 0.5)")
             if not 0 < density <= 1:
                 raise UsageError(f"--density must be a fraction in (0, 1], got {density}")
-            return cls(method, rank, DenseOptions(density, majority_sign, seed))
+            return cls(method, rank, DenseOptions(density, majority_sign, seed), seed)
         if density is not None:
             raise UsageError(f"--density applies to ties, dare_linear, dare_ties and magnitude_prune, not {method}")
-        return cls(method, rank, None)
+        return cls(method, rank, None, seed)
 
     @property
     def exact(self) -> bool:
@@ -214,7 +222,7 @@ def _combine_module(name: str, terms: list[Term], spec: CombineSpec, device: tor
         target = dense_combine(spec.method, [t.delta(device) for t in terms], [t.weight for t in terms], spec.dense,
                                name)
         rank = spec.rank or max(t.module.rank for t in terms)
-        U, S, Vh = RankRule(rank=rank).factorize(target)
+        U, S, Vh = RankRule(rank=rank, seed=spec.seed).for_tensor(name).factorize(target)
         B, A = (f.to(out_dtype) for f in split_factors(U, S, Vh))
         error = relative_error(target, B.float(), A.float())
     bias = _weighted_bias(terms, out_dtype)
@@ -238,7 +246,8 @@ def _combine_dense_module(name: str, terms: list[Term], spec: CombineSpec, devic
         target = dense_combine(spec.method, deltas, [t.weight for t in terms], spec.dense, name)
     first = terms[0].module
     out_dtype = dtype or first.dtype
-    return dense_lora(name, target, logical_shape(first), RankRule(rank=spec.rank), out_dtype,
+    return dense_lora(name, target, logical_shape(first), RankRule(rank=spec.rank, seed=spec.seed).for_tensor(name),
+                      out_dtype,
                       _weighted_bias(terms, out_dtype), first.kind)
 
 
@@ -258,17 +267,22 @@ def combine(
     adapter_format: str | None = None,
     alpha: float | None = None,
     base: str | os.PathLike | None = None,
+    ray: str | None = None,
+    gpus_per_task: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> CombineResult:
     """Combine `adapters` with `method` into one PEFT adapter at `output`.
 
     A module missing from an adapter counts as zero there. Every output module has scale 1
     (lora_alpha = r), so the weights and each input's own scale are applied exactly once, in B.
+    With `ray`, balanced groups of modules are combined by Ray tasks (their terms travel with them).
     """
     started = time.perf_counter()
     spec = CombineSpec.parse(method, rank, density, majority_sign, seed)
+    scale = ScaleOut.parse(ray, device, gpus_per_task)
     output = Path(output)
     out_dtype = parse_output_dtype(dtype)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device) if scale is None else None
     loaded = [a if isinstance(a, Adapter) else read_for_peft_output(a, adapter_format, alpha, base, allow_pickle)
               for a in adapters]
     if len(loaded) < 2:
@@ -282,9 +296,17 @@ def combine(
     full = _full_tensors(loaded, weights, notes)
     modules: dict[str, LoraModule] = {}
     reports = []
-    for name in sorted({n for a in loaded for n in a.modules}):
-        terms = [Term(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules]
-        combined, error = _combine_module(name, terms, spec, torch_device, out_dtype)
+    items = [(name, [Term(w, a.modules[name]) for a, w in zip(loaded, weights) if name in a.modules])
+             for name in sorted({n for a in loaded for n in a.modules})]
+    cluster = None
+    if scale is None:
+        outcomes = combine_group(items, torch_device, spec, out_dtype)
+    else:
+        from ..distributed.runner import run_grouped
+
+        costs = [sum(math.prod(logical_shape(t.module)) for t in terms) for _, terms in items]
+        outcomes, cluster = run_grouped(scale, combine_group, items, costs, (spec, out_dtype), progress)
+    for (name, _), (combined, error) in zip(items, outcomes):
         modules[name] = combined
         ranks_in = [a.modules[name].rank if name in a.modules else 0 for a in loaded]
         reports.append(CombinedModule(name, combined.kind.value, ranks_in, combined.rank, error))
@@ -304,7 +326,14 @@ def combine(
         adapter_bytes=adapter_bytes,
         seconds=time.perf_counter() - started,
         notes=notes,
+        cluster=cluster.to_json() if cluster else None,
     )
+
+
+def combine_group(items: list[tuple[str, list[Term]]], device: torch.device | str, spec: CombineSpec,
+                  dtype: torch.dtype | None) -> list[tuple[LoraModule, float | None]]:
+    """Each module's combination and its compression error; one Ray task's share with `--ray`."""
+    return [_combine_module(name, terms, spec, torch.device(device), dtype) for name, terms in items]
 
 
 def _fill_missing_biases(modules: dict[str, LoraModule], notes: list[str]) -> None:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.output import atomic_output, check_output_path, read_paths
+from ..distributed.options import ScaleOut
+from ..distributed.runner import ProgressCallback
 from ..dtypes import parse_output_dtype
 from ..errors import AdapterError, summarize
 from ..formats.adapters import read_for_peft_output
@@ -31,6 +34,7 @@ from ..lora.conversion import lora_problems
 from ..lora.to_lora import logical_factors, logical_shape, module_as_lora
 from ..lora.targeting import compact_target_modules
 from .report import LowRankResult, ModuleReport
+from .svd_extract import LowRankOnCluster
 
 
 def _report(name: str, module: AdapterModule, resized: LoraModule, error: float) -> ModuleReport:
@@ -56,10 +60,19 @@ def resize(
     adapter_format: str | None = None,
     alpha: float | None = None,
     base: str | os.PathLike | None = None,
+    seed: int = 0,
+    ray: str | None = None,
+    gpus_per_task: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> LowRankResult:
-    """Write `adapter` re-ranked to `rank` (or the smallest rank keeping `energy` per module) as PEFT."""
+    """Write `adapter` re-ranked to `rank` (or the smallest rank keeping `energy` per module) as PEFT.
+
+    With `ray`, balanced groups of modules are re-ranked by Ray tasks (the modules travel with them);
+    the modules without factors take their randomized SVD's seed from `seed` and the module's name.
+    """
     started = time.perf_counter()
-    rule = RankRule(rank, energy, max_rank)
+    scale = ScaleOut.parse(ray, "cuda" if gpus_per_task else "cpu", gpus_per_task)
+    rule = RankRule(rank, energy, max_rank, seed)
     output = Path(output)
     out_dtype = parse_output_dtype(dtype)
     loaded = adapter if isinstance(adapter, Adapter) else \
@@ -76,8 +89,16 @@ def resize(
         raise AdapterError(f"{loaded.path}: cannot resize to LoRA: {summarize(problems)}")
     modules, reports, notes = {}, [], []
     kept_exact = []
-    for name, module in sorted(loaded.modules.items()):
-        modules[name], error = module_as_lora(module, rule, out_dtype)
+    items = sorted(loaded.modules.items())
+    cluster = None
+    if scale is None:
+        resized = resize_group(items, "cpu", rule, out_dtype)
+    else:
+        from ..distributed.runner import run_grouped
+
+        costs = [math.prod(logical_shape(module)) for _, module in items]
+        resized, cluster = run_grouped(scale, resize_group, items, costs, (rule, out_dtype), progress)
+    for (name, module), (modules[name], error) in zip(items, resized):
         reports.append(_report(name, module, modules[name], error))
         if rule.rank is not None and module.rank is not None and rule.rank >= module.rank and module.factored:
             kept_exact.append(name)
@@ -95,7 +116,7 @@ def resize(
         files = write_peft_adapter(temp, modules, loaded.full_tensors, config)
         adapter_bytes = sum(f.stat().st_size for f in files)
     source_bytes = sum(t.numel() * t.element_size() for t in loaded.named_tensors().values())
-    return LowRankResult(
+    return (LowRankResult if cluster is None else partial(LowRankOnCluster, cluster=cluster))(
         output=output,
         method="factored",
         modules=reports,
@@ -107,3 +128,10 @@ def resize(
         seconds=time.perf_counter() - started,
         notes=notes,
     )
+
+
+def resize_group(items: list[tuple[str, AdapterModule]], device: str, rule: RankRule,
+                 dtype: torch.dtype | None) -> list[tuple[LoraModule, float]]:
+    """Each module as a plain LoRA under `rule` (seeded per module name) and its relative error; one Ray
+    task's share with `--ray` (the factor math stays on the CPU: it is O((out + in)·r²))."""
+    return [module_as_lora(module, rule.for_tensor(name), dtype) for name, module in items]

@@ -270,25 +270,15 @@ class _Extraction:
                        progress: ProgressCallback | None) -> ClusterReport:
         """`run`, with the pairs factorised by Ray tasks (balanced groups by bytes); the outcomes are
         taken in file order, as `run` takes them, so the adapter does not depend on the grouping."""
-        from ..distributed.cluster import connect
-        from ..distributed.groups import TASKS_PER_SLOT, balanced_groups
-        from ..distributed.probe import check_visible
-        from ..distributed.runner import Task, run_tasks
+        from ..distributed.runner import run_grouped
 
         order = self.order()
-        costs = [self.finetuned[n].nbytes for n in order]
-        with connect(scale) as session:
-            check_visible(session, None, inputs)
-            groups = balanced_groups(order, costs, TASKS_PER_SLOT * session.slots())
-            tasks = [Task(extract_group, (
-                [str(p) for p in inputs], allow_pickle, group, {n: self.planned[n] for n in group if n in self.planned},
-                self.rule, self.exact, session.device, self.out_dtype,
-            ), sum(self.finetuned[n].nbytes for n in group)) for group in groups]
-            report = ClusterReport(session.address, session.device)
-            parts = run_tasks(session, tasks, progress, report)
-        outcomes = dict(pair for part in parts for pair in part)
-        for name in order:
-            self.absorb(name, outcomes[name])
+        outcomes, report = run_grouped(
+            scale, extract_group, order, [self.finetuned[n].nbytes for n in order],
+            ([str(p) for p in inputs], allow_pickle, self.planned, self.rule, self.exact, self.out_dtype),
+            progress, inputs)
+        for name, outcome in zip(order, outcomes):
+            self.absorb(name, outcome)
         self.finish()
         return report
 
@@ -378,11 +368,11 @@ class _Extraction:
         }
 
 
-def extract_group(inputs: list[str], allow_pickle: bool, names: list[str], planned: dict[str, Target],
-                  rule: RankRule, exact: bool, device: str, out_dtype: torch.dtype | None) -> list[tuple[str, Outcome]]:
+def extract_group(names: list[str], device: str, inputs: list[str], allow_pickle: bool, planned: dict[str, Target],
+                  rule: RankRule, exact: bool, out_dtype: torch.dtype | None) -> list[Outcome]:
     """One Ray task's share of `svd_extract`: the outcomes of the pairs `names`, read from BASE and
     FINETUNED (`inputs`) on this node."""
     with open_checkpoint(inputs[0], allow_pickle=allow_pickle) as base, \
             open_checkpoint(inputs[1], allow_pickle=allow_pickle) as finetuned:
         extraction = _Extraction(base, finetuned, planned, rule, exact, torch.device(device), out_dtype, False)
-        return list(extraction.outcomes(names))
+        return [outcome for _, outcome in extraction.outcomes(names)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from ..distributed.progress import task_progress
 from ..units import format_bytes
 from .params import (METHODS, LocationType, WeightListType, adapter_format_options, allow_pickle_option,
-                     base_option, device_option, dtype_option, force_option, json_option, output_option)
+                     base_option, device_option, dtype_option, force_option, json_option, output_option,
+                     scale_out_options)
 
 _METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
 
@@ -25,17 +27,19 @@ _METHOD_HELP = "\n".join(f"{m.name}: {m.summary}." for m in METHODS.values())
               help="Fraction of each ΔW's entries to keep, for ties, dare_* and magnitude_prune (required there).")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
               help="TIES sign election: by summed values (total) or by count of signs (frequency).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE's random pruning.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for DARE's random pruning and the randomized SVD (per module, with its name).")
 @device_option
 @dtype_option
 @force_option
 @allow_pickle_option
 @adapter_format_options
 @base_option
+@scale_out_options
 @json_option
 @click.pass_obj
 def combine_cmd(out, adapters, output, method, weights, rank, density, majority_sign, seed, device, dtype, force,
-                allow_pickle, adapter_format, alpha, base, as_json):
+                allow_pickle, adapter_format, alpha, base, ray, gpus_per_task, as_json):
     """Combine two or more ADAPTERS into one PEFT adapter, on their true deltas ΔWᵢ = sᵢ·Bᵢ·Aᵢ.
 
     Unlike PEFT's add_weighted_adapter and kohya's merge_lora.py, A and B are never mixed separately,
@@ -60,9 +64,11 @@ def combine_cmd(out, adapters, output, method, weights, rank, density, majority_
 
     from ..api.combine import combine
 
-    result = combine(list(adapters), output, method, weights=weights, rank=rank, density=density,
-                     majority_sign=majority_sign, seed=seed, device=device, dtype=dtype, force=force,
-                     allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)
+    with task_progress(out, "combining", ray) as advance:
+        result = combine(list(adapters), output, method, weights=weights, rank=rank, density=density,
+                         majority_sign=majority_sign, seed=seed, device=device, dtype=dtype, force=force,
+                         allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base, ray=ray,
+                         gpus_per_task=gpus_per_task, progress=advance if ray else None)
     if out.notes_then_json(result, as_json):
         return
     table = Table(title=f"combine --method {result.method}, weights {result.weights}", title_justify="left")

@@ -104,10 +104,12 @@ def svd_extract_cmd(out, base, finetuned, output, rank, energy, max_rank, target
 @allow_pickle_option
 @adapter_format_options
 @base_option
+@seed_option
+@scale_out_options
 @json_option
 @click.pass_obj
 def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow_pickle, adapter_format, alpha, base,
-               as_json):
+               seed, ray, gpus_per_task, as_json):
     """Re-rank ADAPTER to --rank R (or by --energy) and write it as a PEFT adapter.
 
     Works on the factors (QR of B and Aᵀ, then an SVD of the small r×r core), never on the full ΔW, so
@@ -123,6 +125,8 @@ def resize_cmd(out, adapter, output, rank, energy, max_rank, dtype, force, allow
     """
     from ..api.resize import resize
 
-    result = resize(adapter, output, rank=rank, energy=energy, max_rank=max_rank, dtype=dtype, force=force,
-                    allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base)
+    with task_progress(out, "resizing", ray) as advance:
+        result = resize(adapter, output, rank=rank, energy=energy, max_rank=max_rank, dtype=dtype, force=force,
+                        allow_pickle=allow_pickle, adapter_format=adapter_format, alpha=alpha, base=base, seed=seed,
+                        ray=ray, gpus_per_task=gpus_per_task, progress=advance if ray else None)
     _report(out, result, "resize", as_json)

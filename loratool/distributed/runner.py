@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import LoratoolError
 from .cluster import ClusterError, Session, node_name
-from .options import TASK_THREADS
+from .groups import TASKS_PER_SLOT, balanced_groups
+from .options import TASK_THREADS, ScaleOut
 from .worker import execute
 
 #: Ray's retries of a task whose worker or node died.
@@ -84,7 +86,7 @@ def run_tasks(session: Session, tasks: Sequence[Task], progress: ProgressCallbac
     pending: dict[Any, int] = {}
     try:
         for index, task in enumerate(tasks):
-            pending[remote.remote(task.call, task.args, TASK_THREADS)] = index
+            pending[remote.remote(task.call, TASK_THREADS, *task.args)] = index
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             for ref in done:
@@ -135,3 +137,28 @@ def _cancel(ray: Any, refs: list) -> None:
             continue
         except Exception:  # noqa: BLE001 - the cluster went away: nothing is left to wait for
             return
+
+
+def run_grouped(scale: ScaleOut, call: Callable, items: Sequence, costs: Sequence[int], args: tuple = (),
+                progress: ProgressCallback | None = None, inputs: Sequence[Path] = ()) -> tuple[list, ClusterReport]:
+    """Join the cluster, check that every worker node sees `inputs`, split `items` into balanced groups
+    (by `costs`) and run `call(group, device, *args)` for each, which returns one result per item.
+    Returns the results in the order of `items`, whatever the grouping, and where the tasks ran. `args`
+    go into the object store once, not once per task."""
+    from .cluster import connect
+    from .probe import check_visible
+
+    with connect(scale) as session:
+        if inputs:
+            check_visible(session, None, list(inputs))
+        groups = balanced_groups(list(range(len(items))), costs, TASKS_PER_SLOT * session.slots())
+        shared = [session.ray.put(arg) for arg in args]
+        tasks = [Task(call, ([items[i] for i in group], session.device, *shared), sum(costs[i] for i in group))
+                 for group in groups]
+        report = ClusterReport(session.address, session.device)
+        parts = run_tasks(session, tasks, progress, report)
+    results: list[Any] = [None] * len(items)
+    for group, part in zip(groups, parts):
+        for index, result in zip(group, part):
+            results[index] = result
+    return results, report

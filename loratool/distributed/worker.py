@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def execute(call: Callable, args: tuple, threads: int) -> tuple[Any, str, str, float]:
+def execute(call: Callable, threads: int, *args) -> tuple[Any, str, str, float]:
     """(call(*args), this node's id, its IP, seconds). The thread count is set here, not inherited, so
-    every node sums in the same order."""
+    every node sums in the same order. `args` come one by one, so that Ray resolves object refs in them."""
     import ray
     import torch
 
