@@ -135,31 +135,55 @@ def _uint8():
 
 
 def _tensor_data(checkpoint: GgufCheckpoint, plan: _Plan, ops: list | None, merged: MergedFn):
-    """(the bytes to write, a rounding figure for a changed tensor)."""
-    from ..quant.gguf_codec import dequantize_bytes, requantize
+    """(the bytes to write, a rounding figure for a changed tensor). Beyond the base and merged tensors,
+    requantizing and tallying take one block of rows at a time, in the file's row order (the figures
+    are sums over rows, so the order does not change them)."""
+    import numpy as np
+    import torch
+
+    from ..quant.gguf_codec import dequantize_bytes
 
     physical = checkpoint.stored[plan.place.stored_name]
     raw = checkpoint.read_stored(physical).numpy()
     if plan.copied:
         return raw, None
-    import torch
-
-    stored_values = torch.from_numpy(dequantize_bytes(raw, plan.place.type_name))
+    stored = torch.from_numpy(dequantize_bytes(raw, plan.place.type_name))
+    del raw
     if not plan.changed:
-        data, chosen, _ = requantize(stored_values, plan.type_name)
-        assert chosen == plan.type_name
-        return data, None
-    base = checkpoint.from_stored(plan.name, stored_values)
-    exact = merged(base, plan.name, ops or []).to(torch.float32)
+        return _requantized(stored, plan.type_name, None, None), None
+    base = checkpoint.from_stored(plan.name, stored)
+    exact = merged(base, plan.name, ops or [])
     if tuple(exact.shape) != tuple(base.shape):
         raise UsageError(f"merged {plan.name} has shape {list(exact.shape)}, the base {list(base.shape)}")
-    data, chosen, _ = requantize(checkpoint.to_stored(plan.name, exact), plan.type_name)
-    assert chosen == plan.type_name
-    written = checkpoint.from_stored(plan.name, torch.from_numpy(dequantize_bytes(data, chosen)))
     tally = RoundingTally()
-    tally.add(base, exact, written)
+    data = _requantized(checkpoint.to_stored(plan.name, exact.to(torch.float32)), plan.type_name, stored, tally)
     encoding = checkpoint.tensors[plan.name].encoding.describe()
-    return data, tally.figure(plan.name, encoding if chosen == encoding else f"{encoding}→{chosen}")
+    shown = encoding if plan.type_name == encoding else f"{encoding}→{plan.type_name}"
+    return np.ascontiguousarray(data), tally.figure(plan.name, shown)
+
+
+def _requantized(values: torch.Tensor, type_name: str, base: torch.Tensor | None, tally: RoundingTally | None):
+    """`values` (stored order and shape) quantized as `type_name`, a block of rows at a time; with a
+    tally, each block's rounding is added against `base` (the same rows dequantized from the base)."""
+    import numpy as np
+    import torch
+
+    from ..quant.gguf_codec import CHUNK_VALUES, dequantize_bytes, requantize
+
+    rows = values.reshape(-1, values.shape[-1]) if values.dim() else values.reshape(1, 1)
+    base_rows = base.reshape(rows.shape) if base is not None else None
+    step = max(1, CHUNK_VALUES // max(1, rows.shape[1]))
+    parts = []
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        data, chosen, _ = requantize(block, type_name)
+        assert chosen == type_name, (chosen, type_name)
+        if tally is not None:
+            written = torch.from_numpy(dequantize_bytes(data, chosen))
+            tally.add(base_rows[start:start + step], block, written)
+        parts.append(data)
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return data.reshape(*values.shape[:-1], data.shape[-1]) if values.dim() else data
 
 
 def _copy_metadata(reader, writer, gguf) -> list[str]:

@@ -77,12 +77,27 @@ def dequantize_tensor(encoding: Encoding, raw: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
+#: Values dequantized at once: the package's K-quant decoders hold several temporaries of the block's
+#: size, so a whole 4096×4096 tensor would cost a few hundred MB more than its float32 values.
+CHUNK_VALUES = 1 << 20
+
+
 def dequantize_bytes(raw: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 values of stored bytes (last dimension: bytes of one row)."""
+    """float32 values of stored bytes (last dimension: bytes of one row), a block of rows at a time."""
     import numpy as np
 
     gguf = _gguf()
-    return np.ascontiguousarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]), dtype=np.float32)
+    kind = gguf.GGMLQuantizationType[type_name]
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    row_values = raw.shape[-1] // type_size * block if raw.ndim else 0
+    if raw.ndim < 2 or raw.size // type_size * block <= CHUNK_VALUES:
+        return np.ascontiguousarray(gguf.quants.dequantize(raw, kind), dtype=np.float32)
+    rows = raw.reshape(-1, raw.shape[-1])
+    out = np.empty((rows.shape[0], row_values), dtype=np.float32)
+    step = max(1, CHUNK_VALUES // row_values)
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = gguf.quants.dequantize(rows[start:start + step], kind)
+    return out.reshape(*raw.shape[:-1], row_values)
 
 
 def target_type(type_name: str, row: int) -> tuple[str, str | None]:
