@@ -401,3 +401,44 @@ def test_inspect_shows_the_type_mix(run_cli, tmp_path):
     assert llama["architectures"] == ["LlamaForCausalLM"] and llama["file_type"] == "MOSTLY_Q8_0"
     assert set(llama["dtypes"]) == {"Q8_0", "F32"}
     ok(run_cli("inspect", Q8))
+
+
+# --- other architectures, written here in llama.cpp's layout -----------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_qwen_and_mistral_files_read_by_hf_names(tmp_path, arch):
+    """llama.cpp's layout written with the package's own forward name map (the one its converter uses):
+    the reader must give back every transformers name, rows unpermuted only for the llama arch."""
+    import transformers
+
+    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "QWEN2"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "QWEN3"),
+               "mistral": ("MistralConfig", "MistralForCausalLM", "LLAMA")}
+    config_class, model_class, member = classes[arch]
+    config = getattr(transformers, config_class)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                                 head_dim=16, tie_word_embeddings=arch == "qwen2")
+    torch.manual_seed(0)
+    state = {k: v for k, v in getattr(transformers, model_class)(config).state_dict().items()
+             if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    kind = getattr(gguf.MODEL_ARCH, member)
+    name_map = gguf.get_tensor_name_map(kind, 2)
+    path = tmp_path / f"{arch}.gguf"
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[kind])
+    writer.add_block_count(2), writer.add_embedding_length(64), writer.add_feed_forward_length(128)
+    writer.add_head_count(4), writer.add_head_count_kv(2), writer.add_key_length(16)
+    for name, value in state.items():
+        stem, suffix = name.rsplit(".", 1)
+        tensor_kind, gguf_stem = name_map.get_type_and_name(stem)
+        if member == "LLAMA" and tensor_kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            value = permute(value, 4 if tensor_kind == gguf.MODEL_TENSOR.ATTN_Q else 2)
+        writer.add_tensor(f"{gguf_stem}.{suffix}", value.detach().numpy().astype(np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    from loratool.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as checkpoint:
+        assert set(checkpoint.tensors) == set(state)
+        for name, value in state.items():
+            assert torch.equal(checkpoint.read(name), value), name
+        assert checkpoint.config()["tie_word_embeddings"] is (arch == "qwen2")
+        assert checkpoint.config()["architectures"] == [{"mistral": "LlamaForCausalLM"}.get(arch, model_class)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidCheckpointError, UsageError, summarize
+from ..jsonio import MAX_HEADS, MAX_LAYERS
 from ..quant import GGUF, Encoding
 from .header import TensorInfo
 from .reader import Checkpoint
@@ -194,6 +195,7 @@ def _hf_config(path: Path, metadata: dict, arch: str, hf_architecture: str, tens
         value = number(source, False)
         if value is not None:
             config[key] = value
-    if config["num_hidden_layers"] <= 0 or heads <= 0 or config["num_key_value_heads"] <= 0:
-        raise InvalidCheckpointError(f"{path}: layer and head counts must be positive")
+    if not (0 < config["num_hidden_layers"] <= MAX_LAYERS and 0 < heads <= MAX_HEADS
+            and 0 < config["num_key_value_heads"] <= MAX_HEADS):
+        raise InvalidCheckpointError(f"{path}: layer and head counts must be from 1 to {MAX_LAYERS} and {MAX_HEADS}")
     return config

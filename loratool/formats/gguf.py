@@ -90,23 +90,33 @@ def rule_for_gguf_arch(arch_name: str, gguf) -> tuple[str, ArchRule] | None:
     return None
 
 
+#: The module names transformers gives every architecture in ARCHITECTURES (`{bid}`: the layer). The
+#: GGUF name map lists many source spellings per tensor (`q_norm` and persimmon's `q_layernorm` both
+#: become `attn_q_norm`), so reading a file back needs the one these models use.
+DECODER_MODULES = ("model.embed_tokens", "model.norm", "lm_head", *(f"model.layers.{{bid}}.{leaf}" for leaf in (
+    "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
+
+
 def hf_names(rule: ArchRule, n_layers: int, gguf_names: list[str], gguf) -> dict[str, tuple[str, Any]]:
-    """GGUF tensor name -> (transformers name, `gguf.MODEL_TENSOR` kind), by llama.cpp's own name map read
-    backwards. The map lists many source spellings per GGUF tensor; the first in transformers' form
-    (`model.…`, `lm_head`) is the one `LlamaForCausalLM`/`Qwen2ForCausalLM` use. Names with no such
-    spelling (computed tensors such as `rope_freqs`) are left out."""
+    """GGUF tensor name -> (transformers name, `gguf.MODEL_TENSOR` kind): DECODER_MODULES sent through
+    llama.cpp's own name map, read backwards. Names no module maps to (computed tensors such as
+    `rope_freqs`) are left out."""
     name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, rule.member), n_layers)
     backwards: dict[str, tuple[str, Any]] = {}
-    for source, (kind, target) in name_map.mapping.items():
-        if source.startswith(("model.", "lm_head")) and target not in backwards:
-            backwards[target] = (source, kind)
-    found = {}
+    for template in DECODER_MODULES:
+        for bid in range(n_layers) if "{bid}" in template else (None,):
+            module = template.format(bid=bid)
+            found = name_map.get_type_and_name(module)
+            if found is not None:
+                backwards[found[1]] = (module, found[0])
+    found_names = {}
     for name in gguf_names:
         stem, dot, suffix = name.rpartition(".")
         if dot and stem in backwards:
-            source, kind = backwards[stem]
-            found[name] = (f"{source}.{suffix}", kind)
-    return found
+            module, kind = backwards[stem]
+            found_names[name] = (f"{module}.{suffix}", kind)
+    return found_names
 
 
 @dataclass
