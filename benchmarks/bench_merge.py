@@ -13,7 +13,9 @@ and prints median wall times, the ratios, and peak RSS minus the interpreter's o
 
 Cases: `--case small` (default: hidden 2048, 8 layers, 1.1 GB in 3 shards), `--case large`
 (hidden 4096, 9 layers, intermediate 11008, 4.2 GB in 2 shards) and `--case embed` (2 layers and a
-1 GB embedding, vocab 128000, that the adapter targets as well: memory must not grow with it). `--profile` runs the
+1 GB embedding, vocab 128000, that the adapter targets as well: memory must not grow with it), `--case fp8`
+(13 layers block-scaled float8 as DeepSeek-V3 ships, 3.2 GB; merged into its own encoding, no PEFT
+baseline since PEFT cannot merge into FP8). `--profile` runs the
 merge in-process and splits its time into read, ΔW math, cast/copy into the output dtype, write, and fsync.
 
 Usage: python benchmarks/bench_merge.py [--case large] [--repeat 5] [--profile] [--json]
@@ -38,6 +40,9 @@ CASES = {
     "large": dict(hidden=4096, layers=9, vocab=32000, intermediate=11008, shards=2),
     # A 1 GB embedding that the adapter targets too: peak RSS must not grow with it.
     "embed": dict(hidden=4096, layers=2, vocab=128000, intermediate=11008, shards=2, embed=True),
+    # DeepSeek-V3 / Qwen3-FP8 style: every layer's linears block-scaled float8 (128×128), 3.2 GB; each
+    # changed tensor is dequantized, merged and requantized with fresh scales (docs/quantized.md).
+    "fp8": dict(hidden=4096, layers=13, vocab=32000, intermediate=11008, shards=2, fp8=True),
 }
 PEFT_SCRIPT = """
 import os, sys, torch
@@ -59,7 +64,7 @@ BASELINE_SCRIPT = "import torch"
 
 
 def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, rank: int, shards: int,
-          embed: bool = False) -> None:
+          embed: bool = False, fp8: bool = False) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,6 +86,8 @@ def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, r
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     # Every full shard then holds more than 1/shards of the model, so greedy packing gives exactly `shards`.
     model.save_pretrained(base, max_shard_size=f"{(size // shards + largest) // 10**6 + 1}MB")
+    if fp8:
+        block_scale(base)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     targets += ["embed_tokens"] if embed else []
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
@@ -88,6 +95,32 @@ def build(work: Path, hidden: int, layers: int, vocab: int, intermediate: int, r
     # PEFT would also save the 1 GB embedding itself (`base_layer`, for resized vocabularies); that copy
     # is the adapter's, loaded whole with it, so the embed case leaves it out to measure the merge.
     peft_model.save_pretrained(adapter, save_embedding_layers=False if embed else "auto")
+
+
+def block_scale(folder: Path) -> None:
+    """Rewrite a saved bf16 folder as an HF FP8 block-scaled checkpoint, shard by shard."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loratool.quant.fp8 import block_amax, fresh_scale, quantize
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(folder.glob("*.safetensors")):
+        state = load_file(str(shard))
+        for name in [n for n in state if ".layers." in n and n.endswith("proj.weight")]:
+            values = state[name].float()
+            scale = fresh_scale(block_amax(values, (128, 128)), "F8_E4M3", torch.float32)
+            state[name] = quantize(values, scale, (128, 128), "F8_E4M3")
+            state[name + "_scale_inv"] = scale
+            index["weight_map"][name + "_scale_inv"] = shard.name
+        save_file(state, str(shard), metadata={"format": "pt"})
+        del state
+    index_path.write_text(json.dumps(index, indent=2))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def drop_outputs(work: Path) -> None:
@@ -147,11 +180,12 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     case = CASES[args.case]
+    args.no_peft = args.no_peft or case.get("fp8", False)
     work = args.work / f"merge-{args.case}"
     work.mkdir(parents=True, exist_ok=True)
     if args.build_only:
         build(work, case["hidden"], case["layers"], case["vocab"], case["intermediate"], args.rank, case["shards"],
-              case.get("embed", False))
+              case.get("embed", False), case.get("fp8", False))
         return
     # Build in a child so that this parent stays small: a forked child inherits the parent's RSS peak.
     subprocess.run([sys.executable, __file__, "--build-only", "--case", args.case, "--work", str(args.work),

@@ -307,6 +307,29 @@ def test_ragged_edge_blocks_merge_against_float64_math(run_cli, tmp_path):
     check_accuracy(tmp_path / "merged" / "model.safetensors", state, deltas, "weight_scale_inv", block=(128, 128))
 
 
+def test_fused_expert_tensors_read_per_expert_and_copy_untouched(run_cli, tmp_path):
+    """A transformers-v5 style fused MoE tensor (experts, out, in) with one 128×128 grid per expert."""
+    model, state = tiny_llama_fp8_folder(tmp_path / "base")
+    generator = torch.Generator().manual_seed(7)
+    experts = torch.randn(3, 200, 256, generator=generator)
+    quantized = [quantize_reference(e, (128, 128)) for e in experts]
+    state["model.layers.0.mlp.experts.gate_up_proj"] = torch.stack([q for q, _ in quantized])
+    state["model.layers.0.mlp.experts.gate_up_proj_scale_inv"] = torch.stack([s for _, s in quantized])
+    save_file(state, str(tmp_path / "base" / "model.safetensors"))
+    from loratool.checkpoint import open_checkpoint
+
+    with open_checkpoint(tmp_path / "base") as checkpoint:
+        info = checkpoint["model.layers.0.mlp.experts.gate_up_proj"]
+        assert info.encoding.describe() == "FP8 e4m3 block 128×128" and "gate_up_proj_scale_inv" not in str(list(checkpoint))
+        read = checkpoint.read("model.layers.0.mlp.experts.gate_up_proj")
+    for index, (stored, scale) in enumerate(quantized):
+        # a float32 product is the exact product rounded once, so it equals float64's rounded to float32
+        assert torch.equal(read[index], dequantize_reference(stored, scale, (128, 128)).float()), index
+    deltas = peft_adapter(model, tmp_path / "adapter")
+    ok(run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "merged"))
+    check_accuracy(tmp_path / "merged" / "model.safetensors", state, deltas, "weight_scale_inv", block=(128, 128))
+
+
 def test_svd_extract_takes_an_fp8_base_and_a_bf16_finetune(run_cli, tmp_path, flux_weights):
     base = tmp_path / "base.safetensors"
     base_state = comfy_scaled(flux_weights, base)

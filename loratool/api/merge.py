@@ -18,20 +18,34 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.output import atomic_output, check_output_path, copy_regular, copy_regular_file, read_paths
 from ..checkpoint.pipeline import BackgroundWriter, BufferPool, ReadAhead
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
-from ..dtypes import MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
+from ..checkpoint.quantized import MARKER
+from ..checkpoint.reader import GGUF_SUFFIX
+from ..dtypes import FP8_OUTPUT, GGUF_OUTPUTS, MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError, summarize
 from ..formats.adapters import load_adapter
 from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, as_2d
 from ..lora.module import Adapter
 from ..options import parse_weights, resolve_device
+from ..quant.report import RoundingFigure
+from ..quant.report import summary as rounding_summary
+from ..quant.report import warning as rounding_warning
 from .merge_plan import BiasOp, DeltaOp, MergePlan, ReplaceOp, plan_merge
+from ..quant.fp8 import STORAGE_DTYPES
+from .merge_quant import NEW_FP8, Fp8Target, requantize
+from .merge_ray import shard_tasks
 
 INDEX_NAME = "model.safetensors.index.json"
 #: Changed tensors stream through the merge in row chunks of at most this many bytes...
 CHUNK_BYTES = 16 << 20
 #: ...held in this many reused buffers (reader, arithmetic, writer queue, writer), so memory is fixed.
 POOL_BUFFERS = 5
+#: The prefix of a diffusion model inside a full single-file checkpoint (ComfyUI's marker goes under it).
+DIFFUSION_PREFIX = "model.diffusion_model."
+#: `--dtype` float outputs of a GGUF base, as GGUF types.
+GGUF_FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+#: ComfyUI's header metadata entry describing quantized layers.
+QUANT_METADATA = "_quantization_metadata"
 #: Called after each tensor with (bytes just written, total bytes to write).
 ProgressCallback = Callable[[int, int], None]
 
@@ -50,6 +64,10 @@ class MergeResult:
     layout: dict = field(default_factory=dict)
     #: Adapter modules the base lacks, left out with `skip_missing` ("adapter: module").
     skipped: list[str] = field(default_factory=list)
+    #: With `ray`: where the shard tasks ran (`ClusterReport.to_json()`).
+    cluster: dict | None = None
+    #: What requantization did to each changed quantized tensor (`quant/report.py`).
+    rounding: list[RoundingFigure] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -64,29 +82,86 @@ class MergeResult:
             "notes": self.notes,
             "layout": self.layout,
             "skipped": self.skipped,
+            "cluster": self.cluster,
+            "rounding": [figure.to_json() for figure in self.rounding],
         }
 
 
-def _layout(base: Checkpoint, out_dtype: torch.dtype | None, max_shard_bytes: int | None) -> dict[str, list[PlannedTensor]]:
-    """Output file name -> tensors in write order. By default each base file maps to a file of the
-    same name holding the same tensors; `max_shard_bytes` (or a pickle base) re-plans HF-style shards."""
+@dataclass(frozen=True)
+class OutputTarget:
+    """What `--dtype` asks of the output: a float type for every float tensor (quantized ones
+    dequantized), or None to keep each tensor's own encoding; `fp8` also quantizes the plain float
+    matrices into ComfyUI's scaled FP8; `gguf_type` converts a GGUF base's tensors to that type."""
 
-    def planned(name: str) -> PlannedTensor:
-        info = base[name]
-        dtype = info.torch_dtype
-        if out_dtype is not None and dtype in MERGEABLE_FLOATS:
-            dtype = out_dtype
-        return PlannedTensor(name=name, dtype=dtype, shape=info.shape)
+    float_dtype: torch.dtype | None = None
+    fp8: bool = False
+    gguf_type: str | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> OutputTarget:
+        if name == FP8_OUTPUT:
+            return cls(fp8=True)
+        if name in GGUF_OUTPUTS:
+            return cls(gguf_type=GGUF_OUTPUTS[name])
+        return cls(float_dtype=parse_output_dtype(name))
+
+
+def _quantizable(name: str, info) -> bool:
+    """The tensors `--dtype float8_e4m3fn` quantizes, as ComfyUI's scaled FP8 files do: the matrices of
+    linear layers; norms, biases, embeddings and small tensors stay as they are."""
+    leaf = name.rpartition(".")[0].rpartition(".")[2]
+    return (name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) >= 16
+            and info.torch_dtype in MERGEABLE_FLOATS and "norm" not in leaf and "embed" not in leaf)
+
+
+def _planned_parts(base: Checkpoint, name: str, target: OutputTarget) -> list[PlannedTensor]:
+    """The physical tensors one logical tensor is written as, consecutive in the output."""
+    info = base[name]
+    encoding = info.encoding
+    if encoding is not None:
+        if target.float_dtype is None:
+            return [PlannedTensor(p.name, p.torch_dtype, p.shape) for p in encoding.parts]
+        return [PlannedTensor(name, target.float_dtype, info.shape)]
+    if target.fp8 and _quantizable(name, info):
+        return [PlannedTensor(name, NEW_FP8.dtype, info.shape),
+                PlannedTensor(name.removesuffix("weight") + NEW_FP8.scale_name, NEW_FP8.scale_dtype, ())]
+    dtype = info.torch_dtype
+    if target.float_dtype is not None and dtype in MERGEABLE_FLOATS:
+        dtype = target.float_dtype
+    return [PlannedTensor(name=name, dtype=dtype, shape=info.shape)]
+
+
+def _markers(base: Checkpoint, target: OutputTarget) -> list[PlannedTensor]:
+    """ComfyUI's `scaled_fp8` marker: kept with the encodings, dropped with them, added by `--dtype
+    float8_e4m3fn` (under the diffusion model's prefix, where ComfyUI looks for it)."""
+    if target.float_dtype is not None:
+        return []
+    if base.markers or not target.fp8:
+        return [PlannedTensor(m.name, m.torch_dtype, m.shape) for m in base.markers]
+    if not any(_quantizable(n, base[n]) for n in base if base[n].encoding is None):
+        return []
+    prefix = DIFFUSION_PREFIX if any(n.startswith(DIFFUSION_PREFIX) for n in base) else ""
+    return [PlannedTensor(prefix + MARKER, NEW_FP8.dtype, (0,))]
+
+
+def _layout(base: Checkpoint, target: OutputTarget, max_shard_bytes: int | None) -> dict[str, list[PlannedTensor]]:
+    """Output file name -> tensors in write order. By default each base file maps to a file of the
+    same name holding the same tensors; `max_shard_bytes` (or a pickle base) re-plans HF-style shards.
+    A quantized tensor's parts stay together, after its values."""
+
+    def planned(name: str) -> list[PlannedTensor]:
+        return _planned_parts(base, name, target)
 
     in_file_order = sorted(base, key=lambda n: (base[n].path.name, base[n].data_start))
+    markers = _markers(base, target)
     if not base.is_folder:
-        return {"": [planned(n) for n in in_file_order]}
+        return {"": markers + [part for n in in_file_order for part in planned(n)]}
     if max_shard_bytes is None and base.pickled is None:
         layout: dict[str, list[PlannedTensor]] = {}
         for name in in_file_order:
-            layout.setdefault(base[name].path.name, []).append(planned(name))
+            layout.setdefault(base[name].path.name, []).extend(planned(name))
         return layout
-    shards = plan_shards([planned(n) for n in in_file_order], max_shard_bytes or 5 * 10**9)
+    shards = plan_shards([part for n in in_file_order for part in planned(n)], max_shard_bytes or 5 * 10**9)
     return dict(zip(shard_names(len(shards)), shards))
 
 
@@ -149,10 +224,13 @@ def _merged_whole(weight: torch.Tensor, ops: list, out_dtype: torch.dtype) -> tu
 
 
 def _update_config(path: Path, dtype: torch.dtype) -> None:
+    """The dtype a float output is in; a dequantized FP8 checkpoint also loses its quantization_config."""
     config = json.loads(path.read_text())
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = torch_dtype_name(dtype)
+    if isinstance(config.get("quantization_config"), dict) and config["quantization_config"].get("quant_method") == "fp8":
+        del config["quantization_config"]
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -196,6 +274,8 @@ def merge(
     adapter_format: str | None = None,
     alpha: float | None = None,
     skip_missing: bool = False,
+    ray: str | None = None,
+    gpus_per_task: float | None = None,
 ) -> MergeResult:
     """Merge `adapters` into `base`, writing `output` (file -> file, folder -> folder) atomically.
 
@@ -208,8 +288,8 @@ def merge(
     or with `skip_missing` left out and listed in the result's `skipped`.
     """
     started = time.perf_counter()
-    out_dtype = parse_output_dtype(dtype)
-    torch_device = resolve_device(device)
+    target = OutputTarget.parse(dtype)
+    torch_device = resolve_device(device) if ray is None else None  # with ray, each task's node decides
     if not adapters:
         raise UsageError("give at least one adapter to merge")
     base = Path(base)
@@ -223,28 +303,40 @@ def merge(
         check_output_path(output, [base, *(p for g, a in zip(adapters, loaded) for p in read_paths(g, a.path))],
                           force)
         single_file = None in checkpoints and not checkpoints[None].is_folder
-        if single_file and output.suffix != ".safetensors":
-            raise UsageError(f"BASE is a single file, so OUT must be a .safetensors file, got {output}")
+        gguf = single_file and checkpoints[None].path.suffix == GGUF_SUFFIX
+        _check_target(target, gguf, single_file)
+        if single_file and output.suffix != checkpoints[None].path.suffix:
+            raise UsageError(f"BASE is a single {checkpoints[None].path.suffix} file, so OUT must be one too, "
+                             f"got {output}")
         if not single_file and output.suffix == ".safetensors":
             raise UsageError(f"BASE is a folder, so OUT is a folder too; give a folder name, not {output}")
-        plans = plan_merge(layout, checkpoints, loaded, weights, out_dtype, allow_nonfinite, skip_missing)
-        layouts = {source: _layout(checkpoint, out_dtype, max_shard_bytes) for source, checkpoint in checkpoints.items()}
+        plans = plan_merge(layout, checkpoints, loaded, weights, target.float_dtype, allow_nonfinite, skip_missing)
+        if gguf:
+            return _merge_gguf(checkpoints[None], plans[None], output, target, torch_device, allow_nonfinite,
+                               progress, started, loaded, weights, layout)
+        layouts = {source: _layout(checkpoint, target, max_shard_bytes) for source, checkpoint in checkpoints.items()}
         total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
         report = _progress_over(progress, total)
-        with atomic_output(output, not single_file) as temp:
+        with atomic_output(output, not single_file) as temp, shard_tasks(
+                ray, gpus_per_task, device, base, checkpoints, allow_pickle, temp, report, _write) as shards:
             if None not in checkpoints:
                 _copy_pipeline_files(base, temp, set(checkpoints))
             written = 0
+            figures: list[RoundingFigure] = []
             for source, checkpoint in checkpoints.items():
-                target = temp if source is None else temp / source
+                folder = temp if source is None else temp / source
                 if source is not None:
-                    target.mkdir()
-                written += _write(checkpoint, plans[source], layouts[source], target, torch_device, allow_nonfinite,
-                                  report)
+                    folder.mkdir()
+                if shards:
+                    written += shards.submit(checkpoint, plans[source], layouts[source], folder, torch_device,
+                                             allow_nonfinite, report)
+                else:
+                    written += _write(checkpoint, plans[source], layouts[source], folder, torch_device,
+                                      allow_nonfinite, report, figures)
                 if checkpoint.is_folder:
-                    _finish_folder(checkpoint, layouts[source], target, out_dtype)
+                    _finish_folder(checkpoint, layouts[source], folder, target.float_dtype)
                 if source is not None:
-                    _copy_component_extras(base / source, target)
+                    _copy_component_extras(base / source, folder)
     finally:
         for checkpoint in checkpoints.values():
             checkpoint.close()
@@ -258,9 +350,51 @@ def merge(
         seconds=time.perf_counter() - started,
         adapters=[str(a.path) for a in loaded],
         weights=weights,
-        notes=[note for plan in plans.values() for note in plan.notes] + _skipped_note(plans),
+        notes=[note for plan in plans.values() for note in plan.notes] + _skipped_note(plans) + _rounding_notes(figures),
         layout=layout.describe(),
         skipped=[name for plan in plans.values() for name in plan.skipped],
+        cluster=shards.report.to_json() if shards else None,
+        rounding=figures,
+    )
+
+
+def _check_target(target: OutputTarget, gguf: bool, single_file: bool) -> None:
+    if target.gguf_type is not None and not gguf:
+        raise UsageError("--dtype q8_0 writes a GGUF file, so BASE must be a .gguf file (convert the model to GGUF "
+                         "with llama.cpp or ComfyUI-GGUF first, then merge into it)")
+    if target.fp8 and (gguf or not single_file):
+        raise UsageError("--dtype float8_e4m3fn writes ComfyUI's scaled FP8 single files, so BASE must be a "
+                         ".safetensors file; an FP8 folder keeps its own encoding with --dtype auto")
+
+
+def _rounding_notes(figures: list[RoundingFigure]) -> list[str]:
+    notes = [rounding_summary(figures)] if figures else []
+    warning = rounding_warning(figures)
+    return notes + ([warning] if warning else [])
+
+
+def _merge_gguf(checkpoint: Checkpoint, plan: MergePlan, output: Path, target: OutputTarget, device: torch.device,
+                allow_nonfinite: bool, progress: ProgressCallback | None, started: float, loaded: list[Adapter],
+                weights: list[float], layout) -> MergeResult:
+    """A GGUF base is rewritten by `merge_gguf.py`: changed tensors requantized in their type (or the
+    `--dtype` one), the rest and every metadata value copied."""
+    from .merge_gguf import write_gguf_merge
+
+    def merged(base: torch.Tensor, name: str, ops: list) -> torch.Tensor:
+        tensor, finite = _merged_tensor(base.clone(), name, ops, device, COMPUTE_DTYPE)
+        if not finite and not allow_nonfinite:
+            raise _nonfinite(PlannedTensor(name, COMPUTE_DTYPE, tuple(base.shape)))
+        return tensor
+
+    out_type = target.gguf_type or (GGUF_FLOAT_TYPES[target.float_dtype] if target.float_dtype is not None else None)
+    with atomic_output(output, False) as temp:
+        figures, notes = write_gguf_merge(checkpoint, plan.ops, temp, merged, out_type, progress)
+    return MergeResult(
+        output=output, files=[output.name], tensors=len(checkpoint), tensors_changed=len(plan.ops),
+        bytes_written=output.stat().st_size, seconds=time.perf_counter() - started,
+        adapters=[str(a.path) for a in loaded], weights=weights,
+        notes=plan.notes + _skipped_note({None: plan}) + notes + _rounding_notes(figures),
+        layout=layout.describe(), skipped=list(plan.skipped), rounding=figures,
     )
 
 
@@ -329,23 +463,21 @@ def _copy_pipeline_files(base: Path, temp: Path, merged: set[str | None]) -> Non
 
 
 def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[PlannedTensor]], temp: Path,
-           device: torch.device, allow_nonfinite: bool, progress: ProgressCallback | None) -> int:
+           device: torch.device, allow_nonfinite: bool, progress: ProgressCallback | None,
+           figures: list[RoundingFigure] | None = None) -> int:
     """Stream every output tensor, in file order: untouched ones copied byte for byte by the writer
     thread; plain LoRA targets and replacements read, updated and written in row chunks through a
-    fixed pool of buffers (reader thread → arithmetic here → writer thread); DoRA targets whole."""
+    fixed pool of buffers (reader thread → arithmetic here → writer thread); DoRA targets whole;
+    float8 targets requantized (`merge_quant.py`), their rounding figures appended to `figures`."""
     total = sum(item.nbytes for items in layout.values() for item in items)
     kinds: dict[str, str] = {}
     requests: list[tuple[str, int | None, int | None]] = []
     for items in layout.values():
         for item in items:
-            ops = plan.ops.get(item.name) or []
-            if not ops and checkpoint.pickled is None and checkpoint[item.name].torch_dtype == item.dtype:
-                kinds[item.name] = "copy"
-            elif _streamable(checkpoint, item.name, ops):
-                kinds[item.name] = "stream"
+            kinds[item.name] = kind = _kind(checkpoint, item, plan.ops.get(item.name) or [])
+            if kind == "stream":
                 requests += [(item.name, start, stop) for start, stop in _row_chunks(checkpoint, item.name)]
-            else:
-                kinds[item.name] = "whole"
+            elif kind == "whole":
                 requests.append((item.name, None, None))
     stop = threading.Event()
     pool = BufferPool(POOL_BUFFERS, CHUNK_BYTES, stop) if "stream" in kinds.values() else None
@@ -364,16 +496,26 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
     scratch = torch.empty(1 << 18, dtype=COMPUTE_DTYPE, device=device)
     try:
         for file_name, items in layout.items():
-            writer = SafetensorsWriter(temp / file_name if file_name else temp, items)
+            writer = SafetensorsWriter(temp / file_name if file_name else temp, items,
+                                       _file_metadata(checkpoint, file_name, items))
             for item in items:
-                source, kind = checkpoint[item.name], kinds[item.name]
+                source, kind = checkpoint.tensors.get(item.name), kinds[item.name]
                 ops = plan.ops.get(item.name)
                 if kind == "copy":
                     background.submit(partial(writer.copy_raw, item.name, checkpoint.fd(source.path), source))
+                elif kind == "parts":
+                    for part in source.encoding.parts:
+                        background.submit(partial(writer.copy_raw, part.name, checkpoint.fd(part.path), part))
+                elif kind == "marker":
+                    _write_marker(checkpoint, item, writer, background)
+                elif kind == "fp8":
+                    figure = _write_fp8(checkpoint, item.name, ops or [], writer, background, device, allow_nonfinite)
+                    if figure is not None and figures is not None:
+                        figures.append(figure)
                 elif kind == "stream":
                     _stream_tensor(item, ops or [], reader, background, writer, pool, device, scratch,
                                    check=bool(ops) and not allow_nonfinite)
-                else:
+                elif kind == "whole":
                     _, tensor = reader.get()
                     if ops:
                         tensor, finite = _merged_tensor(tensor, item.name, ops, device, item.dtype)
@@ -394,6 +536,62 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
         reader.close()
         torch.set_num_threads(threads)
     return total
+
+
+def _kind(checkpoint: Checkpoint, item: PlannedTensor, ops: list) -> str:
+    """How one planned output tensor is produced (see `_write`)."""
+    info = checkpoint.tensors.get(item.name)
+    if info is None:
+        return "marker" if item.name.rpartition(".")[2] == MARKER else "part"
+    encoding = info.encoding
+    if encoding is not None and item.dtype == encoding.data.torch_dtype:
+        return "fp8" if ops else "parts"
+    if encoding is None and item.dtype in STORAGE_DTYPES.values() and info.torch_dtype != item.dtype:
+        return "fp8"
+    if not ops and checkpoint.pickled is None and encoding is None and info.torch_dtype == item.dtype:
+        return "copy"
+    return "stream" if _streamable(checkpoint, item.name, ops) else "whole"
+
+
+def _write_fp8(checkpoint: Checkpoint, name: str, ops: list, writer: SafetensorsWriter,
+               background: BackgroundWriter, device: torch.device, allow_nonfinite: bool) -> RoundingFigure | None:
+    """A float8 tensor with fresh scales: its values, its scale, then its riders copied as they are."""
+    info = checkpoint[name]
+    streams = all(type(op) is BiasOp or (type(op) is DeltaOp and op.module.streams) for op in ops)
+    terms = [_term(op, device) for op in ops] if streams else None
+    values, scale, figure = requantize(
+        checkpoint, name, Fp8Target.of(info), terms,
+        lambda base: _merged_tensor(base, name, ops, device, COMPUTE_DTYPE)[0], device, allow_nonfinite)
+    background.submit(partial(writer.write, name, values))
+    encoding = info.encoding
+    if scale is not None:
+        scale_name = encoding.scale.name if encoding is not None else name.removesuffix("weight") + NEW_FP8.scale_name
+        background.submit(partial(writer.write, scale_name, scale))
+    for part in encoding.extras if encoding is not None else ():
+        background.submit(partial(writer.copy_raw, part.name, checkpoint.fd(part.path), part))
+    return figure
+
+
+def _write_marker(checkpoint: Checkpoint, item: PlannedTensor, writer: SafetensorsWriter,
+                  background: BackgroundWriter) -> None:
+    marker = next((m for m in checkpoint.markers if m.name == item.name), None)
+    if marker is not None:
+        background.submit(partial(writer.copy_raw, item.name, checkpoint.fd(marker.path), marker))
+    else:
+        background.submit(partial(writer.write, item.name, torch.empty(item.shape, dtype=item.dtype)))
+
+
+def _file_metadata(checkpoint: Checkpoint, file_name: str, items: list[PlannedTensor]) -> dict[str, str] | None:
+    """The base file's own `__metadata__`, kept; ComfyUI's `_quantization_metadata` only while the
+    output still holds float8 tensors."""
+    if checkpoint.pickled is not None:
+        return None
+    metadata = checkpoint.metadata.get(file_name or checkpoint.path.name)
+    if not metadata:
+        return None
+    if not any(item.dtype in STORAGE_DTYPES.values() for item in items):
+        metadata = {k: v for k, v in metadata.items() if k != QUANT_METADATA}
+    return metadata or None
 
 
 def _nonfinite(item: PlannedTensor) -> NonFiniteError:

@@ -1,10 +1,11 @@
-"""Merge into float8 tensors: W' = Q(deq(W) + Σ ΔW) with a fresh scale per block, in two passes over rows.
+"""Merge into float8 tensors: W' = Q(deq(W) + Σ ΔW) with a fresh scale per block.
 
-The first pass finds each block's |max| of the exact float32 sum, which fixes the new scales; the second
-recomputes the sum, rounds it under those scales and tallies what rounding did (`quant.report`). Rows
-are recomputed rather than kept, so memory holds the stored tensor once plus a few row chunks, never
-the float32 sum of a whole matrix. Updates without factors (DoRA, LoHa, LoKr, full diffs) and tensors
-that are not matrices are summed whole first.
+The exact float32 sum of one tensor is built a chunk of rows at a time (base rows dequantized, factored
+updates added with `addmm_`), its blocks' |max| fix the new scales, and it is then rounded a chunk at a
+time while the rounding is tallied (`quant.report`). Memory holds one tensor's float32 sum and its
+stored bytes: the sum cannot be rounded before every value of a block is known, and recomputing it
+instead would cost a second pass of the arithmetic. Updates without factors (DoRA, LoHa, LoKr, full
+diffs) and tensors that are not matrices go through `merged_whole`.
 """
 
 from __future__ import annotations
@@ -66,55 +67,51 @@ class Fp8Target:
 def requantize(checkpoint: Checkpoint, name: str, target: Fp8Target, terms: list[Term] | None,
                merged_whole: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device,
                allow_nonfinite: bool) -> tuple[torch.Tensor, torch.Tensor | None, RoundingFigure | None]:
-    """(float8 values, scale, figure) for one tensor. `terms` streams factored updates; otherwise
-    `merged_whole(base float32) -> float32` gives the whole sum. With no update at all (terms == [])
-    this quantizes the base as it is, and there is no figure."""
-    info = checkpoint[name]
+    """(float8 values, scale, figure) for one tensor. `terms` (factored updates) are added to the base
+    a chunk of rows at a time; without them `merged_whole(base float32) -> float32` gives the sum.
+    With no update at all (terms == []) the base is quantized as it is, and there is no figure."""
     source = _Source(checkpoint, name, device)
-    shape = tuple(info.shape)
-    whole = None
-    if terms is None or len(shape) != 2:
-        base = source.rows(0, shape[0]) if shape else source.whole()
-        whole = merged_whole(base) if merged_whole is not None else _apply(base, terms or [])
+    shape = source.shape
     chunks = _chunks(shape, target.block)
-
-    def exact(start: int, stop: int) -> torch.Tensor:
-        if whole is not None:
-            return whole[start:stop] if shape else whole
-        base = source.rows(start, stop)
-        return _apply(base, terms, start)
-
-    amax = _amax(exact, chunks, shape, target.block, device)
+    if terms is None or len(shape) != 2:
+        exact = merged_whole(source.rows(0, shape[0]) if shape else source.whole()) if merged_whole is not None \
+            else source.rows(0, shape[0]) if shape else source.whole()
+        if terms:
+            exact = _apply(exact, terms)
+    else:
+        exact = torch.empty(shape, dtype=COMPUTE_DTYPE, device=device)
+        for start, stop in chunks:
+            add_deltas_blockwise(source.rows(start, stop), exact[start:stop],
+                                 [(left, right, alpha, offset - start) for left, right, alpha, offset in terms])
+    amax = block_amax(exact, target.block)
     if not allow_nonfinite and not math.isfinite(float(amax.max())):
         raise NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
     scale = fresh_scale(amax, target.storage, target.scale_dtype) if target.scale_dtype is not None else None
     values = torch.empty(shape, dtype=STORAGE_DTYPES[target.storage], device=device)
     tally = RoundingTally() if terms != [] else None
     for start, stop in chunks:
-        summed = exact(start, stop)
+        rows = exact[start:stop] if len(shape) == 2 else exact
         rows_scale = _scale_rows(scale, start, stop, target.block) if len(shape) == 2 and scale is not None else scale
-        stored = quantize(summed, rows_scale, target.block, target.storage)
-        if shape:
+        stored = quantize(rows, rows_scale, target.block, target.storage)
+        if len(shape) == 2:
             values[start:stop] = stored
         else:
             values.copy_(stored)
         if tally is not None:
-            base = source.rows(start, stop) if shape else source.whole()
-            tally.add(base, summed, dequantize(stored, rows_scale, target.block))
+            base = source.rows(start, stop) if len(shape) == 2 else source.whole()
+            tally.add(base, rows, dequantize(stored, rows_scale, target.block))
     figure = tally.figure(name, target.description) if tally is not None else None
     return values.cpu(), scale.reshape(target.scale_shape).cpu() if scale is not None else None, figure
 
 
-def _apply(base: torch.Tensor, terms: list[Term], start: int = 0) -> torch.Tensor:
-    if not terms:
-        return base
+def _apply(base: torch.Tensor, terms: list[Term]) -> torch.Tensor:
     out = torch.empty_like(base)
-    add_deltas_blockwise(base, out, [(left, right, alpha, offset - start) for left, right, alpha, offset in terms])
+    add_deltas_blockwise(base, out, terms)
     return out
 
 
 def _chunks(shape: tuple[int, ...], block: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """Row ranges of the 2-D view, each starting on a block boundary (one range for other shapes)."""
+    """Row ranges of a matrix, each starting on a block boundary (one range for other shapes)."""
     if len(shape) != 2:
         return [(0, shape[0] if shape else 1)]
     rows, cols = shape
@@ -122,15 +119,6 @@ def _chunks(shape: tuple[int, ...], block: tuple[int, int] | None) -> list[tuple
     if block is not None:
         step = max(block[0], step // block[0] * block[0])
     return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
-
-
-def _amax(exact: Callable[[int, int], torch.Tensor], chunks: list[tuple[int, int]], shape: tuple[int, ...],
-          block: tuple[int, int] | None, device: torch.device) -> torch.Tensor:
-    if block is None:
-        return torch.stack([block_amax(exact(start, stop), None) for start, stop in chunks]).amax()
-    if len(shape) != 2:
-        return block_amax(exact(*chunks[0]), block)
-    return torch.cat([block_amax(exact(start, stop), block) for start, stop in chunks], dim=0)
 
 
 def _scale_rows(scale: torch.Tensor, start: int, stop: int, block: tuple[int, int] | None) -> torch.Tensor:

@@ -6,7 +6,8 @@ The conventions (see ../shared/reference/lora-dialects.md §9):
 - ComfyUI per-layer: `X.comfy_quant` (uint8 JSON, `{"format": "float8_e4m3fn"}`) with `X.weight_scale`
   (and `X.input_scale`).
 - HF block-scaled (DeepSeek-V3, Qwen3-FP8): float8 `X.weight` with `X.weight_scale_inv`, one value per
-  `quantization_config.weight_block_size` block (128×128) of the last two dimensions.
+  `quantization_config.weight_block_size` block (128×128) of the last two dimensions; fused 3-D expert
+  tensors (`experts.gate_up_proj` with `experts.gate_up_proj_scale_inv`) have one grid per expert.
 - Per-tensor or per-channel `X.weight_scale` (ModelOpt, compressed-tensors).
 - Plain float8: no scale at all.
 """
@@ -57,7 +58,7 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
         encodings[name] = encoding
         taken.update(part.name for part in encoding.parts)
     for name in tensors:
-        if name not in taken and name.endswith((".scale_weight", ".weight_scale_inv")):
+        if name not in taken and name.endswith((".scale_weight", "_scale_inv")):
             problems.append(f"{name} is a scale with no float8 weight beside it")
     if markers and not any(e.scale is not None for e in encodings.values()):
         problems.append(f"{markers[0].name!r} marks scaled FP8, but no tensor has a scale_weight")
@@ -108,14 +109,13 @@ def _encoding_of(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo],
             problems.append(f"{name} has a comfy_quant entry but no weight_scale")
             return None
         return _scaled(info, scale, None, extras("comfy_quant", "input_scale"), "comfy-quant", problems)
-    if stem + "weight_scale_inv" in tensors:
+    if name + "_scale_inv" in tensors:
         block = config_block or DEFAULT_BLOCK
-        return _scaled(info, tensors[stem + "weight_scale_inv"], block, extras("input_scale"), "block-scaled",
-                       problems)
-    if stem + "weight_scale" in tensors:
-        return _scaled(info, tensors[stem + "weight_scale"], None, extras("input_scale"), "per-tensor", problems)
-    if config_block is not None and name.endswith(".weight") and len(info.shape) >= 2:
-        problems.append(f"{name} is block-scaled FP8 by config.json, but its weight_scale_inv is missing")
+        return _scaled(info, tensors[name + "_scale_inv"], block, extras("input_scale"), "block-scaled", problems)
+    if name + "_scale" in tensors:
+        return _scaled(info, tensors[name + "_scale"], None, extras("input_scale"), "per-tensor", problems)
+    if config_block is not None and len(info.shape) >= 2:
+        problems.append(f"{name} is block-scaled FP8 by config.json, but {name}_scale_inv is missing")
         return None
     return Encoding(FP8, info.dtype, info, form="plain")
 

@@ -1,15 +1,15 @@
 """Float8 with a multiplicative scale per block: the one codec behind ComfyUI's scaled FP8 files (a
-scale per tensor), HF's block-scaled checkpoints (a scale per 128×128 block) and plain float8 (no scale).
+scale per tensor), HF's block-scaled checkpoints (a scale per 128×128 block), per-row scales, and
+plain float8 (no scale).
 
 The real value is `stored.float() * scale` of the block it sits in. A fresh scale is the block's
 |max| / the format's largest value, so the block fills the format's range; values are then rounded
 to nearest (ties to even) and saturated at ±max, which float8_e4m3fn cannot represent beyond.
 `block` is rows × columns of the last two dimensions one scale covers; None is one scale for all.
+Matrices take a broadcasting path (no full-size scale tensor is ever built); other shapes expand.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -23,28 +23,59 @@ def expand(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int] |
     scale = scale.to(torch.float32)
     if block is None:
         return scale.reshape(())
-    as_matrix = len(shape) >= 2
     grid = scale.reshape(grid_shape(shape, block))
     full = grid.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
-    rows, cols = (shape[-2], shape[-1]) if as_matrix else (1, shape[-1] if shape else 1)
+    rows, cols = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[-1] if shape else 1)
     return full[..., :rows, :cols].reshape(shape)
+
+
+def _column_groups(matrix: torch.Tensor, width: int):
+    """(view of full column blocks as (rows, blocks, width), ragged last columns or None)."""
+    rows, cols = matrix.shape
+    full = cols // width * width
+    body = matrix[:, :full].view(rows, cols // width, width) if full else None
+    return body, (matrix[:, full:] if full < cols else None)
+
+
+def _scale_in_place(matrix: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool) -> None:
+    """matrix ×= (or /=) its blocks' scales, broadcasting a (rows, grid columns) scale over each block."""
+    per_row = scale.to(torch.float32).repeat_interleave(block[0], dim=0)[: matrix.shape[0]]
+    body, tail = _column_groups(matrix, block[1])
+    op = torch.Tensor.div_ if divide else torch.Tensor.mul_
+    if body is not None:
+        op(body, per_row[:, : body.shape[1], None])
+    if tail is not None:
+        op(tail, per_row[:, -1:])
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor:
     out = values.to(torch.float32)
     if scale is None:
         return out
+    if block is not None and out.dim() == 2:
+        _scale_in_place(out, scale.reshape(grid_shape(tuple(out.shape), block)).to(out.device), block, divide=False)
+        return out
     return out.mul_(expand(scale, tuple(values.shape), block).to(out.device))
 
 
 def block_amax(values: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-    """|max| of each block of a float32 tensor (rows of a 2-D chunk must start on a block boundary)."""
+    """|max| of each block of a float32 tensor (a 2-D chunk of rows must start on a block boundary)."""
     if block is None:
         return values.abs().amax() if values.numel() else torch.zeros((), device=values.device)
+    if values.dim() == 2 and values.numel():
+        body, tail = _column_groups(values, block[1])
+        parts = ([body.abs().amax(dim=-1)] if body is not None else []) + \
+                ([tail.abs().amax(dim=-1, keepdim=True)] if tail is not None else [])
+        per_row = torch.cat(parts, dim=1)
+        rows = values.shape[0]
+        grid_rows = -(-rows // block[0])
+        padded = per_row.new_zeros(grid_rows * block[0], per_row.shape[1])
+        padded[:rows] = per_row
+        return padded.view(grid_rows, block[0], -1).amax(dim=1)
     shape = tuple(values.shape)
     as_matrix = values.reshape(-1, shape[-2], shape[-1]) if len(shape) >= 2 else values.reshape(1, 1, -1)
     lead, rows, cols = as_matrix.shape
-    grid_rows, grid_cols = math.ceil(rows / block[0]), math.ceil(cols / block[1])
+    grid_rows, grid_cols = -(-rows // block[0]), -(-cols // block[1])
     padded = as_matrix.new_zeros(lead, grid_rows * block[0], grid_cols * block[1])
     padded[:, :rows, :cols] = as_matrix.abs()
     blocks = padded.reshape(lead, grid_rows, block[0], grid_cols, block[1])
@@ -62,5 +93,13 @@ def quantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int,
              storage: str) -> torch.Tensor:
     """Round `values` (float32) to float8 under `scale` (already in its stored dtype): nearest, saturating."""
     top = FP8_MAX[storage]
-    scaled = values if scale is None else values / expand(scale, tuple(values.shape), block).to(values.device)
-    return scaled.clamp(-top, top).to(STORAGE_DTYPES[storage])
+    if scale is None:
+        scaled = values.clamp(-top, top)
+    elif block is not None and values.dim() == 2:
+        scaled = values.clone()
+        _scale_in_place(scaled, scale.reshape(grid_shape(tuple(values.shape), block)).to(values.device), block,
+                        divide=True)
+        scaled.clamp_(-top, top)
+    else:
+        scaled = (values / expand(scale, tuple(values.shape), block).to(values.device)).clamp_(-top, top)
+    return scaled.to(STORAGE_DTYPES[storage])

@@ -48,13 +48,15 @@ class RoundingTally:
         self._delta = self._error = self._moved = self._dot = 0.0
 
     def add(self, base: torch.Tensor, exact: torch.Tensor, written: torch.Tensor) -> None:
-        """`base` and `written` dequantized, `exact` = base + ΔW; all float32, same shape, any device."""
-        delta = (exact - base).double()
-        moved = (written - base).double()
-        self._delta += float(delta.square().sum())
-        self._error += float((written - exact).double().square().sum())
-        self._moved += float(moved.square().sum())
-        self._dot += float((moved * delta).sum())
+        """`base` and `written` dequantized, `exact` = base + ΔW; all float32, same shape, any device.
+        Differences are float32, their sums accumulate in float64."""
+        delta = exact - base
+        moved = written - base
+        error = written - exact
+        self._delta += _sum_of_products(delta, delta)
+        self._error += _sum_of_products(error, error)
+        self._moved += _sum_of_products(moved, moved)
+        self._dot += _sum_of_products(moved, delta)
 
     def figure(self, name: str, encoding: str) -> RoundingFigure:
         norm = math.sqrt(self._delta)
@@ -62,6 +64,10 @@ class RoundingTally:
             return RoundingFigure(name, encoding, 0.0, 0.0, 1.0, 1.0)
         return RoundingFigure(name, encoding, norm, math.sqrt(self._error) / norm, math.sqrt(self._moved) / norm,
                               self._dot / self._delta)
+
+
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.sum(a * b, dtype=torch.float64))
 
 
 def summary(figures: list[RoundingFigure]) -> str:
