@@ -144,10 +144,16 @@ def kquant_bytes(rows: int, cols: int, kind, seed: int) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def write_mixed(path: Path, arch: str = "flux", extra_keys=None, extra_tensors=()) -> dict[str, tuple]:
-    """A file of Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, F16 and F32 tensors; returns name -> (type, torch-order shape)."""
+def write_mixed(path: Path, arch: str | None = "flux", extra_keys=None, extra_tensors=(), alignment=None
+                ) -> dict[str, tuple]:
+    """A file of Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, F16 and F32 tensors; returns name -> (type, torch-order shape).
+    `arch` None: no general.architecture, as some stable-diffusion.cpp files."""
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch or "")
+    if arch is None:
+        writer.kv_data[0].pop("general.architecture", None)  # an empty name is not written anyway
+    if alignment:
+        writer.add_custom_alignment(alignment)
     writer.add_name("mixed")
     for key, value in (extra_keys or {}).items():
         writer.add_array(key, value) if isinstance(value, list) else writer.add_uint32(key, value)
@@ -267,9 +273,10 @@ def test_merge_keeps_each_tensor_type(tmp_path, path):
         assert figure.kept > 0.9 and figure.error < 0.1, figure
 
 
-def test_k_quants_become_q8_0_with_a_note(tmp_path):
+@pytest.mark.parametrize("arch, alignment", [("flux", None), (None, 64)], ids=["flux", "no-arch-aligned-64"])
+def test_k_quants_become_q8_0_with_a_note(tmp_path, arch, alignment):
     path = tmp_path / "mixed.gguf"
-    made = write_mixed(path)
+    made = write_mixed(path, arch, alignment=alignment)
     from loratool.checkpoint import open_checkpoint
 
     with open_checkpoint(path) as checkpoint:

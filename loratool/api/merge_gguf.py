@@ -49,7 +49,9 @@ def write_gguf_merge(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list]
     if unknown:
         raise UsageError(f"{checkpoint.path}: no tensors named {summarize(unknown, 3)}")
     plans = _plan(checkpoint, ops_by_name, out_type, target_type)
-    writer = gguf.GGUFWriter(os.fspath(output_path), checkpoint.architecture or "unknown")
+    writer = gguf.GGUFWriter(os.fspath(output_path), checkpoint.architecture)
+    if gguf.Keys.General.ARCHITECTURE not in checkpoint.reader.fields:
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # some stable-diffusion.cpp files have none
     skipped = _copy_metadata(checkpoint.reader, writer, gguf)
     if out_type is not None and out_type in FILE_TYPES:
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[out_type]))

@@ -95,6 +95,9 @@ def open_gguf_checkpoint(path: str | os.PathLike) -> GgufCheckpoint:
     gguf_file = read_gguf(path)
     reader, metadata = gguf_file._reader, gguf_file.metadata
     tensors = list(reader.tensors)
+    if getattr(reader, "byte_order", "I") == "S":
+        raise InvalidCheckpointError(f"{path}: a GGUF file of the other byte order (big-endian); loratool reads "
+                                     "little-endian GGUF files only")
     if metadata.get("general.type") == "adapter" or any(t.name.endswith(ADAPTER_SUFFIXES) for t in tensors):
         raise UsageError(f"{path} is a LoRA adapter, not a base model (pass it as an ADAPTER)")
     _check_tensors(path, tensors, can_read)
