@@ -449,3 +449,52 @@ def test_qwen_and_mistral_files_read_by_hf_names(tmp_path, arch):
             assert torch.equal(checkpoint.read(name), value), name
         assert checkpoint.config()["tie_word_embeddings"] is (arch == "qwen2")
         assert checkpoint.config()["architectures"] == [{"mistral": "LlamaForCausalLM"}.get(arch, model_class)]
+
+
+def test_cli_merge_of_a_kohya_lora_into_a_flux_gguf(run_cli, tmp_path):
+    """A ComfyUI-GGUF-style Flux file (native names, Q8_0 and Q4_K matrices, F32 vectors): the layout is
+    detected from the file's names, and a kohya LoRA lands on its tensor within one rounding."""
+    from safetensors.torch import save_file
+
+    from loratool.checkpoint import open_checkpoint
+
+    width, rank = 256, 4
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"double_blocks.0.img_attn.qkv.weight": (3 * width, width), "single_blocks.0.linear1.weight": (7 * width, width),
+              "single_blocks.0.linear2.weight": (width, 5 * width), "double_blocks.0.img_attn.qkv.bias": (3 * width,),
+              "double_blocks.0.img_attn.norm.key_norm.scale": (width,)}
+    path = tmp_path / "flux1-dev-Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, shape in shapes.items():
+        values = torch.randn(shape, generator=generator).numpy()
+        if len(shape) == 1:
+            writer.add_tensor(name, values)
+        elif "linear1" in name:
+            writer.add_tensor(name, kquant_bytes(*shape, Q.Q4_K, 3), raw_dtype=Q.Q4_K)
+        else:
+            writer.add_tensor(name, quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    down, up = 0.1 * torch.randn(rank, width, generator=generator), 0.1 * torch.randn(3 * width, rank, generator=generator)
+    down1, up1 = 0.1 * torch.randn(rank, width, generator=generator), 0.1 * torch.randn(7 * width, rank, generator=generator)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float(rank)),
+               "lora_unet_single_blocks_0_linear1.lora_down.weight": down1,
+               "lora_unet_single_blocks_0_linear1.lora_up.weight": up1,
+               "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(float(rank))}, str(lora))
+    out = tmp_path / "merged.gguf"
+    result = ok(run_cli("merge", path, lora, "-o", out))
+    assert "Q4_K" in result.stderr and "Q8_0" in result.stderr  # the K-quant's fallback is said
+    before, after = raw_tensors(path), raw_tensors(out)
+    for name, delta in (("double_blocks.0.img_attn.qkv.weight", up.double() @ down.double()),
+                        ("single_blocks.0.linear1.weight", up1.double() @ down1.double())):
+        exact = deq(before[name]).double() + delta
+        assert after[name].tensor_type == Q.Q8_0
+        bound = (rtn(exact.float(), Q.Q8_0).double() - exact).norm()
+        assert (deq(after[name]).double() - exact).norm() <= 1.05 * bound, name
+    for name in shapes:
+        if "qkv.weight" not in name and "linear1" not in name:
+            assert bytes(after[name].data) == bytes(before[name].data), name
+    with open_checkpoint(out) as merged:
+        assert merged.config() is None
