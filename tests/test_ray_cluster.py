@@ -112,6 +112,18 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _products_differ(first: dict, second: dict) -> float:
+    """The largest relative difference of a module's B@A between two adapters' tensors (the factors
+    themselves may turn within a subspace; the product is what a merge adds)."""
+    assert first.keys() == second.keys()
+    worst = 0.0
+    for key in (k for k in first if k.endswith("lora_B.weight")):
+        other = key.replace("lora_B", "lora_A")
+        a, b = (f[key].double().flatten(1) @ f[other].double().flatten(1) for f in (first, second))
+        worst = max(worst, _relative(a, b))
+    return worst
+
+
 def test_svd_extract_runs_on_both_workers_repeats_its_bytes_and_matches_the_local_run(cluster, pair, tmp_path,
                                                                                       run_cli):
     _, _, worker_ids = cluster
@@ -130,7 +142,7 @@ def test_svd_extract_runs_on_both_workers_repeats_its_bytes_and_matches_the_loca
     local = load_file(tmp_path / "local" / "adapter_model.safetensors")
     assert on_cluster.keys() == local.keys() and len(local) == 24
     # The same per-tensor seeds; only BLAS's summation order (1 thread in a task) differs.
-    assert max(_relative(on_cluster[k], local[k]) for k in local) < 1e-4
+    assert _products_differ(on_cluster, local) < 1e-5
     assert json.loads((tmp_path / "first" / "adapter_config.json").read_text()) == \
         json.loads((tmp_path / "local" / "adapter_config.json").read_text())
 
@@ -167,8 +179,7 @@ def test_resize_and_combine_on_the_cluster_match_the_local_run(cluster, tmp_path
         call(tmp_path / f"{name}-local")
         on_cluster = load_file(tmp_path / f"{name}-ray" / "adapter_model.safetensors")
         local = load_file(tmp_path / f"{name}-local" / "adapter_model.safetensors")
-        assert on_cluster.keys() == local.keys(), name
-        assert max(_relative(on_cluster[k], local[k]) for k in local) < 1e-4, name
+        assert _products_differ(on_cluster, local) < 1e-5, name
 
 
 def test_a_bad_input_in_one_task_fails_the_run_with_its_line(cluster, tmp_path, run_cli):
