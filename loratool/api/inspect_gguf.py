@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import InvalidCheckpointError
-from ..formats.gguf import LORA_A, LORA_B, GgufFile, read_gguf
+from ..formats.gguf import LORA_A, LORA_B
+from ..gguf_file import GgufFile, read_gguf
 from ..lora.scaling import llamacpp_scale
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -72,7 +73,8 @@ def inspect_gguf(path: str | Path, check: bool = False, tensors: bool = False, s
 def _model_keys(gguf_file: GgufFile) -> dict:
     """A GGUF model: the transformers architecture it was converted from, where loratool reads it by HF
     names (`checkpoint/gguf_base.py`), and llama.cpp's `general.file_type` (MOSTLY_Q4_K_M ...)."""
-    from ..formats.gguf import import_gguf, rule_for_gguf_arch
+    from ..gguf_arch import rule_for_gguf_arch
+    from ..gguf_file import import_gguf
 
     gguf = import_gguf()
     architecture = gguf_file.metadata.get("general.architecture")

@@ -39,7 +39,8 @@ def write_gguf_merge(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list]
     tensor). With `out_type` every tensor of two or more dimensions whose rows that type can hold is
     converted to it; 1-D tensors (norms) keep their type unless changed. Returns one rounding figure per
     changed tensor and notes for the user."""
-    from ..formats.gguf import FILE_TYPES, import_gguf
+    from ..gguf_arch import FILE_TYPES
+    from ..gguf_file import import_gguf
     from ..quant.gguf_codec import target_type
 
     gguf = import_gguf()

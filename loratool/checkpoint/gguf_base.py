@@ -1,7 +1,7 @@
 """A GGUF model file as a `Checkpoint`: every tensor a logical float32 tensor encoded as its GGUF type.
 
 Two kinds of GGUF model are read:
-- llama.cpp LLMs of an architecture loratool has a name map for (`formats.gguf.ARCHITECTURES`): tensors
+- llama.cpp LLMs of an architecture loratool has a name map for (`gguf_arch.ARCHITECTURES`): tensors
   are named as transformers names them (`blk.0.attn_q.weight` is `model.layers.0.self_attn.q_proj.weight`,
   by llama.cpp's own map read backwards), the q/k rows that the converter interleaved per head are put
   back in HF order on read, and `config()` is an HF-style config built from the GGUF metadata, so that
@@ -87,7 +87,8 @@ class GgufCheckpoint(Checkpoint):
 
 def open_gguf_checkpoint(path: str | os.PathLike) -> GgufCheckpoint:
     """Open a GGUF model file, checking every tensor's type and extent before returning."""
-    from ..formats.gguf import hf_names, import_gguf, read_gguf, rule_for_gguf_arch, rope_heads
+    from ..gguf_arch import hf_names, rope_heads, rule_for_gguf_arch
+    from ..gguf_file import import_gguf, read_gguf
     from ..quant.gguf_codec import can_read
 
     gguf = import_gguf()

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, InvalidCheckpointError, MismatchError, UsageError, summarize
+from ..gguf_arch import ARCHITECTURES, FILE_TYPES, ArchRule, rope_heads
+from ..gguf_file import import_gguf
 from ..jsonio import MODEL_CONFIG_RULES, read_json
 from ..lora.llamacpp import folded_factors, interleave_rope_rows
 from ..lora.module import Adapter
@@ -35,88 +37,11 @@ GGUF_SUFFIX = ".gguf"
 LORA_A, LORA_B = ".lora_a", ".lora_b"
 
 
-@dataclass(frozen=True)
-class ArchRule:
-    """How llama.cpp's `convert_hf_to_gguf.py` converts one transformers architecture."""
-
-    member: str
-    """The `gguf.MODEL_ARCH` member it converts to (its name map and `general.architecture`)."""
-    permute_qk: bool
-    """Whether it reorders q/k rows per head (`LlamaModel.permute`), which lora_b must then follow."""
-
-
-#: transformers architecture -> llama.cpp's conversion of it. Only architectures whose LoRA path has
-#: been checked end to end are listed; others are refused rather than guessed.
-ARCHITECTURES: dict[str, ArchRule] = {
-    "LlamaForCausalLM": ArchRule("LLAMA", True),
-    "MistralForCausalLM": ArchRule("LLAMA", True),
-    "Qwen2ForCausalLM": ArchRule("QWEN2", False),
-    "Qwen3ForCausalLM": ArchRule("QWEN3", False),
-}
-
 #: `--dtype` name -> GGML tensor type. `auto` keeps each tensor's own float type.
 GGUF_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
 #: torch dtype name -> GGML tensor type, for `auto`.
 _TORCH_TO_GGML = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-#: GGML type -> the `LlamaFileType` recorded as `general.file_type`.
-FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def import_gguf():
-    """The `gguf` package, or a one-line error naming the extra that provides it."""
-    try:
-        import gguf
-    except ImportError as e:
-        raise UsageError("GGUF needs the gguf package: pip install 'loratool[gguf]'") from e
-    return gguf
-
-
-def rope_heads(rule: ArchRule, kind: Any, n_heads: int, n_kv_heads: int, gguf) -> int | None:
-    """The head count whose rotary pairs llama.cpp's converter interleaved in a tensor of `kind` (a
-    `gguf.MODEL_TENSOR`): q uses the attention heads, k the KV heads; None where rows keep HF order."""
-    if not rule.permute_qk or kind not in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-        return None
-    return n_heads if kind == gguf.MODEL_TENSOR.ATTN_Q else n_kv_heads
-
-
-def rule_for_gguf_arch(arch_name: str, gguf) -> tuple[str, ArchRule] | None:
-    """(transformers architecture, rule) converted to GGUF architecture `arch_name` (`llama`: the first
-    listed, Llama), or None for an architecture loratool has no name map for."""
-    for architecture, rule in ARCHITECTURES.items():
-        member = getattr(gguf.MODEL_ARCH, rule.member, None)
-        if member is not None and gguf.MODEL_ARCH_NAMES[member] == arch_name:
-            return architecture, rule
-    return None
-
-
-#: The module names transformers gives every architecture in ARCHITECTURES (`{bid}`: the layer). The
-#: GGUF name map lists many source spellings per tensor (`q_norm` and persimmon's `q_layernorm` both
-#: become `attn_q_norm`), so reading a file back needs the one these models use.
-DECODER_MODULES = ("model.embed_tokens", "model.norm", "lm_head", *(f"model.layers.{{bid}}.{leaf}" for leaf in (
-    "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-    "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
-
-
-def hf_names(rule: ArchRule, n_layers: int, gguf_names: list[str], gguf) -> dict[str, tuple[str, Any]]:
-    """GGUF tensor name -> (transformers name, `gguf.MODEL_TENSOR` kind): DECODER_MODULES sent through
-    llama.cpp's own name map, read backwards. Names no module maps to (computed tensors such as
-    `rope_freqs`) are left out."""
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, rule.member), n_layers)
-    backwards: dict[str, tuple[str, Any]] = {}
-    for template in DECODER_MODULES:
-        for bid in range(n_layers) if "{bid}" in template else (None,):
-            module = template.format(bid=bid)
-            found = name_map.get_type_and_name(module)
-            if found is not None:
-                backwards[found[1]] = (module, found[0])
-    found_names = {}
-    for name in gguf_names:
-        stem, dot, suffix = name.rpartition(".")
-        if dot and stem in backwards:
-            module, kind = backwards[stem]
-            found_names[name] = (f"{module}.{suffix}", kind)
-    return found_names
 
 
 @dataclass
@@ -323,64 +248,3 @@ def _encode(tensor: torch.Tensor, ggml_type: str, gguf) -> tuple[Any, str]:
     if ggml_type == "Q8_0" and values.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
         ggml_type = "F16"
     return gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, ggml_type)), ggml_type
-
-
-@dataclass
-class GgufTensorInfo:
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    """In torch order (GGUF stores dimensions innermost first)."""
-    numel: int
-    nbytes: int
-
-
-@dataclass
-class GgufFile:
-    """A GGUF file's metadata and tensor directory; `read()` dequantizes one tensor to float32."""
-
-    path: Path
-    metadata: dict[str, Any]
-    tensors: dict[str, GgufTensorInfo]
-    _reader: Any = field(repr=False)
-
-    def read(self, name: str) -> torch.Tensor:
-        import torch
-
-        gguf = import_gguf()
-        raw = next(t for t in self._reader.tensors if t.name == name)
-        values = gguf.quants.dequantize(raw.data, raw.tensor_type)
-        return torch.from_numpy(values.astype("float32").reshape(self.tensors[name].shape))
-
-
-def read_gguf(path: str | os.PathLike) -> GgufFile:
-    """Open a GGUF file: metadata values (arrays as a `[n × TYPE]` summary) and tensor headers."""
-    gguf = import_gguf()
-    path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - a malformed file fails inside the reader in many ways; all mean "bad file"
-        size = path.stat().st_size if path.is_file() else 0
-        said = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InvalidCheckpointError(f"{path}: not a readable GGUF file ({size} bytes): truncated, corrupt, or using a "
-                                     f"type the installed gguf package does not know (pip install -U gguf); "
-                                     f"the gguf reader says: {said}") from e
-    metadata = {name: _field_value(f, gguf) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-    tensors = {}
-    for t in reader.tensors:
-        tensors[t.name] = GgufTensorInfo(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())),
-                                         int(t.n_elements), int(t.n_bytes))
-    return GgufFile(path, metadata, tensors, reader)
-
-
-def _field_value(f, gguf) -> Any:
-    """One metadata value, read from the field's raw parts (which every gguf release has)."""
-    kinds = f.types
-    if not kinds:
-        return None
-    if kinds[0] == gguf.GGUFValueType.ARRAY:
-        return f"[{len(f.data)} × {kinds[-1].name}]"
-    value = f.parts[f.data[0]]
-    if kinds[0] == gguf.GGUFValueType.STRING:
-        return bytes(value).decode("utf-8", errors="replace")
-    return value.tolist()[0]

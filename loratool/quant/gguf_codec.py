@@ -24,7 +24,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _gguf():
-    from ..formats.gguf import import_gguf
+    from ..gguf_file import import_gguf
 
     return import_gguf()
 
