@@ -271,6 +271,20 @@ def test_ctrl_c_cancels_the_tasks_and_leaves_no_output(cluster, big_merge, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ray_local_starts_a_private_ray_with_the_same_bytes(cluster, pair, tmp_path, run_cli):
+    """`--ray local`: a one-node Ray of this run only, on 127.0.0.1, gone afterwards; its tasks run on one
+    thread like the cluster's, so the adapter is byte for byte the cluster's."""
+    base, tuned = pair
+    assert run_cli("svd-extract", base, tuned, "-r", "4", "-o", tmp_path / "cluster", "--ray", "auto").code == 0
+    driver = _driver("svd-extract", base, tuned, "-r", "4", "-o", tmp_path / "local", "--ray", "local", "--json")
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 0 and stderr == "", stderr
+    report = json.loads(stdout)["cluster"]
+    assert report["address"].startswith("127.0.0.1:") and [n["tasks"] for n in report["nodes"]] == [report["tasks"]]
+    assert (tmp_path / "local" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "cluster" / "adapter_model.safetensors").read_bytes()
+
+
 def test_removing_a_worker_node_mid_run_gives_the_same_output(cluster, tmp_path):
     """Runs last: one of the two worker nodes is killed once the first task is done, while the other
     tasks run or wait (8 tasks of exact SVDs, about 0.2 s each); Ray runs them again on the other node,

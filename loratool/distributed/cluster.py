@@ -2,7 +2,7 @@
 
 `auto` is Ray's own: RAY_ADDRESS when set, else the cluster `ray start` made on this node. `ray://…` is
 a Ray client address, HOST:PORT a cluster's GCS, and `local` a private one-node Ray for this run, bound
-to 127.0.0.1 and without a dashboard. A cluster loratool joined is left as it was (only this driver
+to 127.0.0.1 (every port it opens) and without a dashboard. A cluster loratool joined is left as it was (only this driver
 disconnects); a private one is shut down with the run.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,15 @@ class ClusterError(LoratoolError):
     """The Ray cluster cannot be reached, cannot run the tasks, or lost them beyond Ray's retries."""
 
 
-def import_ray() -> Any:
+#: Ray reads this when it is imported: "0" binds every process of a Ray it starts to 127.0.0.1 (Linux).
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(local: bool = False) -> Any:
+    """The `ray` module; with `local` (a private Ray for this run), imported so that the Ray it starts
+    listens on the loopback address only, unless the caller set LOOPBACK_ONLY themselves."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
     try:
         import ray
     except ImportError:
@@ -105,7 +115,7 @@ def _joined(ray: Any, address: str) -> str:
 @contextlib.contextmanager
 def connect(options: ScaleOut) -> Iterator[Session]:
     """A driver session on the cluster; a driver already connected (an API caller's) is used as it is."""
-    ray = import_ray()
+    ray = import_ray(local=options.address == "local")
     owned = not ray.is_initialized()
     if owned:
         _init(ray, options.address)
