@@ -254,7 +254,9 @@ def big_merge(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "base", folder / "adapter"
 
 
-def test_ctrl_c_cancels_the_tasks_and_leaves_no_output(cluster, big_merge, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_cancels_the_tasks_and_leaves_no_output(cluster, big_merge, tmp_path, signum):
+    """(ray.init installs its own SIGTERM handler; loratool's must be the one in force.)"""
     made, _, _ = cluster
     base, adapter = big_merge
     out = tmp_path / "merged"
@@ -263,7 +265,7 @@ def test_ctrl_c_cancels_the_tasks_and_leaves_no_output(cluster, big_merge, tmp_p
     while not [p for p in tmp_path.rglob(f"*{TEMP_MARK}part-*")]:  # a task is writing its shard
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
         time.sleep(0.005)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(signum)
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["Error: interrupted; no output was written"]
