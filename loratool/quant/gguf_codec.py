@@ -83,7 +83,9 @@ CHUNK_VALUES = 1 << 20
 
 
 def dequantize_bytes(raw: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 values of stored bytes (last dimension: bytes of one row), a block of rows at a time."""
+    """float32 values of stored bytes (last dimension: bytes of one row), a block of rows at a time, in
+    memory of their own: the package returns F32 as a view of the bytes, and callers update values in
+    place (the rounding tally uses up what it is given)."""
     import numpy as np
 
     gguf = _gguf()
@@ -91,7 +93,8 @@ def dequantize_bytes(raw: np.ndarray, type_name: str) -> np.ndarray:
     block, type_size = gguf.GGML_QUANT_SIZES[kind]
     row_values = raw.shape[-1] // type_size * block if raw.ndim else 0
     if raw.ndim < 2 or raw.size // type_size * block <= CHUNK_VALUES:
-        return np.ascontiguousarray(gguf.quants.dequantize(raw, kind), dtype=np.float32)
+        values = np.ascontiguousarray(gguf.quants.dequantize(raw, kind), dtype=np.float32)
+        return values.copy() if np.shares_memory(values, raw) else values
     rows = raw.reshape(-1, raw.shape[-1])
     out = np.empty((rows.shape[0], row_values), dtype=np.float32)
     step = max(1, CHUNK_VALUES // row_values)
