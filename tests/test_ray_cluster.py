@@ -22,12 +22,14 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from helpers import make_adapter, tiny_llama
+from hub_server import FakeHub
 from loratool.checkpoint.output import TEMP_MARK
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = ROOT / "fixtures"
 #: What every Ray process of these tests (and the CLI drivers they start) runs with.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+TOKEN = "hf_test_token_do_not_print"
 
 
 def _warm(ray, node_id: str) -> int:
@@ -46,15 +48,37 @@ def _warm(ray, node_id: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
+def hub():
+    """A local Hub-compatible server (tests/hub_server.py) the worker nodes download from."""
+    server = FakeHub(token=TOKEN, user="tester")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def nodes_hf_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("nodes_hf_cache")
+
+
+@pytest.fixture(scope="module")
+def cluster(hub, nodes_hf_cache):
+    """The nodes' environment: RAY_ENV, and a Hub at `hub` with the nodes' own cache (for hf:// inputs)."""
+    nodes_env = {**RAY_ENV, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+                 "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(nodes_hf_cache)}
+    saved = {k: os.environ.get(k) for k in nodes_env}
+    os.environ.update(nodes_env)
     import ray
     from ray.cluster_utils import Cluster
 
     made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [made.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=made.address, logging_level="ERROR", log_to_driver=False)
+    for key, value in saved.items():  # this process's own tests keep their environment
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    os.environ.update(RAY_ENV)
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"} and len(nodes) == 3
@@ -202,13 +226,17 @@ def test_ray_options_are_checked_and_a_missing_ray_names_the_extra(run_cli, tmp_
     assert not (tmp_path / "m").exists()
 
 
-def _driver(*args, namespace: list[str] | None = None) -> subprocess.Popen:
-    """`loratool ARGS` as its own driver process, optionally inside `namespace` (an `unshare` prefix)."""
-    env = dict(os.environ, **RAY_ENV, LORATOOL_NO_PROGRESS="1")
+def _driver_env(**extra) -> dict:
+    env = dict(os.environ, **RAY_ENV, LORATOOL_NO_PROGRESS="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _driver(*args, namespace: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
+    """`loratool ARGS` as its own driver process, optionally inside `namespace` (an `unshare` prefix)."""
     command = [sys.executable, "-m", "loratool", *map(str, args)]
     return subprocess.Popen([*(namespace or []), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=_driver_env(**(env or {})))
 
 
 def _private_mount(folder: Path) -> list[str] | None:
@@ -271,6 +299,39 @@ def test_ctrl_c_cancels_the_tasks_and_leaves_no_output(cluster, big_merge, tmp_p
     assert stderr.strip().splitlines() == ["Error: interrupted; no output was written"]
     time.sleep(1)  # a cancelled task that went on writing would show up now
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_inputs_are_fetched_by_each_node_into_its_own_cache(cluster, hub, nodes_hf_cache, tmp_path, monkeypatch):
+    """The driver resolves hf:// into a cache on a tmpfs only it sees; the worker nodes download the same
+    commit into their own cache, and the merge is the local one, byte for byte."""
+    import huggingface_hub
+
+    made, _, _ = cluster
+    private = tmp_path / "driver-cache"
+    private.mkdir()
+    namespace = _private_mount(private)
+    if namespace is None:
+        pytest.skip("needs unshare with user and mount namespaces")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True, raising=False)
+    api = huggingface_hub.HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/base")
+    api.upload_folder(repo_id="tester/base", folder_path=str(FIXTURES / "tiny-llama"))
+    driver = _driver("merge", "hf://tester/base", FIXTURES / "lora-llama", "--max-shard-size", "100KB", "-o",
+                     tmp_path / "merged", "--ray", made.address, namespace=namespace,
+                     env={"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                          "HF_HUB_CACHE": str(private)})
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 0, stderr
+    assert list(private.iterdir()) == []  # the driver's cache vanished with its namespace
+    [fetched] = nodes_hf_cache.glob("models--tester--base/snapshots/*")
+    assert (fetched / "model.safetensors").read_bytes() == (FIXTURES / "tiny-llama" / "model.safetensors").read_bytes()
+    local = tmp_path / "local"
+    assert subprocess.run([sys.executable, "-m", "loratool", "merge", FIXTURES / "tiny-llama", FIXTURES / "lora-llama",
+                           "--max-shard-size", "100KB", "-o", local], env=_driver_env()).returncode == 0
+    names = sorted(os.listdir(local))
+    assert sorted(os.listdir(tmp_path / "merged")) == names
+    assert all((tmp_path / "merged" / n).read_bytes() == (local / n).read_bytes() for n in names)
 
 
 def test_ray_local_starts_a_private_ray_with_the_same_bytes(cluster, pair, tmp_path, run_cli):

@@ -91,9 +91,10 @@ def write_shard(base: str, allow_pickle: bool, source: str | None, plan, items: 
     """One Ray task: write the merged shard `shard` (its planned `items`) of BASE's component `source`."""
     import torch
 
+    from ..distributed.inputs import on_this_node
     from ..layouts import open_base
 
-    _, checkpoints = open_base(Path(base), allow_pickle=allow_pickle)
+    _, checkpoints = open_base(Path(on_this_node(base)), allow_pickle=allow_pickle)
     final = Path(shard)
     partial = final.with_name(f".{final.name}{PART_MARK}{uuid.uuid4().hex[:8]}")
     try:

@@ -372,6 +372,9 @@ def extract_group(names: list[str], device: str, inputs: list[str], allow_pickle
                   rule: RankRule, exact: bool, out_dtype: torch.dtype | None) -> list[Outcome]:
     """One Ray task's share of `svd_extract`: the outcomes of the pairs `names`, read from BASE and
     FINETUNED (`inputs`) on this node."""
+    from ..distributed.inputs import on_this_node
+
+    inputs = [on_this_node(path) for path in inputs]
     with open_checkpoint(inputs[0], allow_pickle=allow_pickle) as base, \
             open_checkpoint(inputs[1], allow_pickle=allow_pickle) as finetuned:
         extraction = _Extraction(base, finetuned, planned, rule, exact, torch.device(device), out_dtype, False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..checkpoint.output import TEMP_MARK, fsync_path
 from ..errors import OutputPathError, printable
 from .cluster import ClusterError, Session, node_name
+from .inputs import hub_snapshot
 
 PROBE_NAME = f"{TEMP_MARK}probe"
 #: How long the probe tasks get to be scheduled and answer.
@@ -62,7 +63,8 @@ def check_visible(session: Session, folder: Path | None, inputs: list[Path]) -> 
         with open(probe, "w") as f:
             f.write(token)
         fsync_path(probe)
-    expected = {os.path.abspath(p): fingerprint(str(p)) for p in inputs}
+    # A Hub snapshot a node lacks is downloaded there (`inputs.on_this_node`), so it is not probed.
+    expected = {os.path.abspath(p): fingerprint(str(p)) for p in inputs if hub_snapshot(p) is None}
     try:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
