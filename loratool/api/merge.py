@@ -424,6 +424,10 @@ def _row_chunks(checkpoint: Checkpoint, name: str) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+#: The thread count `_write` found, before it lowered it for streaming.
+_full_threads = 1
+
+
 def _compute_threads(device: torch.device) -> int:
     """Threads for the arithmetic. The reader and writer threads keep one core busy with page copies,
     and on a small or shared machine two OpenMP threads that get descheduled make `addmm_` several
@@ -489,7 +493,8 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
         buffer = pool.take() if (end - start) * checkpoint.row_bytes(name) <= pool.size else None
         return buffer, checkpoint.read_rows(name, start, end, buffer)
 
-    threads = torch.get_num_threads()
+    global _full_threads
+    threads = _full_threads = torch.get_num_threads()
     torch.set_num_threads(_compute_threads(device))
     reader = ReadAhead(read, requests, depth=1, stop=stop)
     background = BackgroundWriter()
@@ -559,9 +564,14 @@ def _write_fp8(checkpoint: Checkpoint, name: str, ops: list, writer: Safetensors
     info = checkpoint[name]
     streams = all(type(op) is BiasOp or (type(op) is DeltaOp and op.module.streams) for op in ops)
     terms = [_term(op, device) for op in ops] if streams else None
-    values, scale, figure = requantize(
-        checkpoint, name, Fp8Target.of(info), terms,
-        lambda base: _merged_tensor(base, name, ops, device, COMPUTE_DTYPE)[0], device, allow_nonfinite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_full_threads)  # requantizing is arithmetic-bound: the I/O threads wait meanwhile
+    try:
+        values, scale, figure = requantize(
+            checkpoint, name, Fp8Target.of(info), terms,
+            lambda base: _merged_tensor(base, name, ops, device, COMPUTE_DTYPE)[0], device, allow_nonfinite)
+    finally:
+        torch.set_num_threads(threads)
     background.submit(partial(writer.write, name, values))
     encoding = info.encoding
     if scale is not None:

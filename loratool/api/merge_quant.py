@@ -1,11 +1,11 @@
 """Merge into float8 tensors: W' = Q(deq(W) + Σ ΔW) with a fresh scale per block.
 
-The exact float32 sum of one tensor is built a chunk of rows at a time (base rows dequantized, factored
-updates added with `addmm_`), its blocks' |max| fix the new scales, and it is then rounded a chunk at a
-time while the rounding is tallied (`quant.report`). Memory holds one tensor's float32 sum and its
-stored bytes: the sum cannot be rounded before every value of a block is known, and recomputing it
-instead would cost a second pass of the arithmetic. Updates without factors (DoRA, LoHa, LoKr, full
-diffs) and tensors that are not matrices go through `merged_whole`.
+Where every scale covers rows of one chunk (128×128 blocks, per-row scales, plain float8), each chunk of
+rows is dequantized, updated (`addmm_`), scaled, rounded and tallied (`quant.report`) in one go, so
+memory holds the tensor's stored bytes and one chunk. A per-tensor scale needs the |max| of the whole
+sum first: the exact float32 sum of that one tensor is kept while it is rounded, since recomputing it
+would cost a second pass of the arithmetic. Updates without factors (DoRA, LoHa, LoKr, full diffs)
+and tensors that are not matrices go through `merged_whole`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import NonFiniteError
-from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise
+from ..lora.delta import COMPUTE_DTYPE
 from ..quant import grid_shape
 from ..quant.fp8 import STORAGE_DTYPES, block_amax, dequantize, fresh_scale, quantize
 from ..quant.report import RoundingFigure, RoundingTally
@@ -72,42 +72,80 @@ def requantize(checkpoint: Checkpoint, name: str, target: Fp8Target, terms: list
     With no update at all (terms == []) the base is quantized as it is, and there is no figure."""
     source = _Source(checkpoint, name, device)
     shape = source.shape
-    chunks = _chunks(shape, target.block)
-    if terms is None or len(shape) != 2:
-        exact = merged_whole(source.rows(0, shape[0]) if shape else source.whole()) if merged_whole is not None \
-            else source.rows(0, shape[0]) if shape else source.whole()
-        if terms:
-            exact = _apply(exact, terms)
-    else:
-        exact = torch.empty(shape, dtype=COMPUTE_DTYPE, device=device)
-        for start, stop in chunks:
-            add_deltas_blockwise(source.rows(start, stop), exact[start:stop],
-                                 [(left, right, alpha, offset - start) for left, right, alpha, offset in terms])
-    amax = block_amax(exact, target.block)
-    if not allow_nonfinite and not math.isfinite(float(amax.max())):
-        raise NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
-    scale = fresh_scale(amax, target.storage, target.scale_dtype) if target.scale_dtype is not None else None
+    matrix = len(shape) == 2 and terms is not None
+    chunks = _chunks(shape, target.block) if matrix else [(0, shape[0] if shape else 1)]
     values = torch.empty(shape, dtype=STORAGE_DTYPES[target.storage], device=device)
     tally = RoundingTally() if terms != [] else None
-    for start, stop in chunks:
-        rows = exact[start:stop] if len(shape) == 2 else exact
-        rows_scale = _scale_rows(scale, start, stop, target.block) if len(shape) == 2 and scale is not None else scale
-        stored = quantize(rows, rows_scale, target.block, target.storage)
-        if len(shape) == 2:
-            values[start:stop] = stored
-        else:
-            values.copy_(stored)
-        if tally is not None:
-            base = source.rows(start, stop) if len(shape) == 2 else source.whole()
-            tally.add(base, rows, dequantize(stored, rows_scale, target.block))
+    if matrix and (target.block is not None or target.scale_dtype is None):
+        # every scale covers rows of one chunk only: each chunk is summed, scaled and rounded in one go
+        scale = torch.empty(grid_shape(shape, target.block), dtype=target.scale_dtype or torch.float32,
+                            device=device)
+        for start, stop in chunks:
+            base = source.rows(start, stop)
+            exact = _with_terms(base, terms, start, keep=tally is not None)
+            rows_scale = _scale_rows(scale, start, stop, target.block) if target.scale_dtype else None
+            _round(exact, rows_scale, target, name, allow_nonfinite, values[start:stop], base, tally)
+        scale = scale if target.scale_dtype is not None else None
+    else:
+        exact = _exact_whole(source, terms, merged_whole, chunks) if matrix else \
+            (merged_whole or (lambda x: x))(source.whole())
+        scale = torch.empty(grid_shape(shape, target.block), dtype=target.scale_dtype or torch.float32,
+                            device=device) if target.scale_dtype is not None else None
+        _fill_scale(exact, scale, target, name, allow_nonfinite)
+        for start, stop in chunks:
+            rows = exact[start:stop] if len(shape) == 2 else exact
+            rows_scale = _scale_rows(scale, start, stop, target.block) if scale is not None and len(shape) == 2 \
+                else scale
+            base = source.rows(start, stop) if tally is not None else None
+            _round(rows, rows_scale, target, name, allow_nonfinite, values[start:stop] if len(shape) == 2 else values,
+                   base, tally, fresh=False)
     figure = tally.figure(name, target.description) if tally is not None else None
     return values.cpu(), scale.reshape(target.scale_shape).cpu() if scale is not None else None, figure
 
 
-def _apply(base: torch.Tensor, terms: list[Term]) -> torch.Tensor:
-    out = torch.empty_like(base)
-    add_deltas_blockwise(base, out, terms)
+def _with_terms(rows: torch.Tensor, terms: list[Term], start: int, keep: bool = False) -> torch.Tensor:
+    """rows + Σ alpha·left@right over the rows [start, start + len) of the matrix: in place, or with
+    `keep` into a new tensor that leaves `rows` as it was."""
+    out = rows.clone() if keep else rows
+    stop = start + rows.shape[0]
+    for left, right, alpha, offset in terms:
+        low, high = max(start, offset), min(stop, offset + left.shape[0])
+        if low < high:
+            out[low - start:high - start].addmm_(left[low - offset:high - offset], right, alpha=alpha)
     return out
+
+
+def _exact_whole(source: _Source, terms: list[Term] | None, merged_whole, chunks) -> torch.Tensor:
+    if terms is None:
+        return merged_whole(source.rows(0, source.shape[0]))
+    exact = torch.empty(source.shape, dtype=COMPUTE_DTYPE, device=source.device)
+    for start, stop in chunks:
+        exact[start:stop] = source.rows(start, stop)
+        _with_terms(exact[start:stop], terms, start)
+    return exact
+
+
+def _fill_scale(exact: torch.Tensor, scale: torch.Tensor | None, target: Fp8Target, name: str,
+                allow_nonfinite: bool) -> None:
+    """The fresh scale(s) of `exact` into `scale` (a view of the whole grid, or its rows)."""
+    amax = block_amax(exact, target.block)
+    if not allow_nonfinite and not math.isfinite(float(amax.max())):
+        raise NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
+    if scale is not None:
+        scale.copy_(fresh_scale(amax, target.storage, scale.dtype).reshape(scale.shape))
+
+
+def _round(exact: torch.Tensor, scale: torch.Tensor | None, target: Fp8Target, name: str, allow_nonfinite: bool,
+           into: torch.Tensor, base: torch.Tensor | None, tally: RoundingTally | None, fresh: bool = True) -> None:
+    """Round `exact` into `into` under `scale` (filled from `exact` first when `fresh`), tallying."""
+    if fresh:
+        _fill_scale(exact, scale, target, name, allow_nonfinite)
+    elif scale is None and not allow_nonfinite and not bool(torch.isfinite(exact).all()):
+        raise NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
+    stored = quantize(exact, scale, target.block, target.storage)
+    into.copy_(stored.reshape(into.shape))
+    if tally is not None:
+        tally.add(base, exact, dequantize(stored, scale, target.block))
 
 
 def _chunks(shape: tuple[int, ...], block: tuple[int, int] | None) -> list[tuple[int, int]]:

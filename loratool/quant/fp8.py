@@ -64,8 +64,8 @@ def block_amax(values: torch.Tensor, block: tuple[int, int] | None) -> torch.Ten
         return values.abs().amax() if values.numel() else torch.zeros((), device=values.device)
     if values.dim() == 2 and values.numel():
         body, tail = _column_groups(values, block[1])
-        parts = ([body.abs().amax(dim=-1)] if body is not None else []) + \
-                ([tail.abs().amax(dim=-1, keepdim=True)] if tail is not None else [])
+        parts = ([_abs_max(body, keepdim=False)] if body is not None else []) + \
+                ([_abs_max(tail, keepdim=True)] if tail is not None else [])
         per_row = torch.cat(parts, dim=1)
         rows = values.shape[0]
         grid_rows = -(-rows // block[0])
@@ -80,6 +80,12 @@ def block_amax(values: torch.Tensor, block: tuple[int, int] | None) -> torch.Ten
     padded[:, :rows, :cols] = as_matrix.abs()
     blocks = padded.reshape(lead, grid_rows, block[0], grid_cols, block[1])
     return blocks.amax(dim=(2, 4)).reshape(grid_shape(shape, block))
+
+
+def _abs_max(values: torch.Tensor, keepdim: bool) -> torch.Tensor:
+    """|max| over the last dimension, from its max and min: no |values| copy of a large chunk."""
+    low, high = torch.aminmax(values, dim=-1, keepdim=keepdim)
+    return torch.maximum(high, low.neg_())
 
 
 def fresh_scale(amax: torch.Tensor, storage: str, scale_dtype: torch.dtype) -> torch.Tensor:

@@ -49,14 +49,15 @@ class RoundingTally:
 
     def add(self, base: torch.Tensor, exact: torch.Tensor, written: torch.Tensor) -> None:
         """`base` and `written` dequantized, `exact` = base + ΔW; all float32, same shape, any device.
-        Differences are float32, their sums accumulate in float64."""
-        delta = exact - base
-        moved = written - base
-        error = written - exact
-        self._delta += _sum_of_products(delta, delta)
-        self._error += _sum_of_products(error, error)
-        self._moved += _sum_of_products(moved, moved)
-        self._dot += _sum_of_products(moved, delta)
+        `written` is used up. Each chunk's sums are float32 dot products (BLAS, blocked), accumulated
+        across chunks in float64."""
+        delta = (exact - base).reshape(-1)
+        moved = written.sub_(base).reshape(-1)
+        self._delta += float(torch.dot(delta, delta))
+        self._moved += float(torch.dot(moved, moved))
+        self._dot += float(torch.dot(moved, delta))
+        error = moved.sub_(delta)
+        self._error += float(torch.dot(error, error))
 
     def figure(self, name: str, encoding: str) -> RoundingFigure:
         norm = math.sqrt(self._delta)
@@ -64,10 +65,6 @@ class RoundingTally:
             return RoundingFigure(name, encoding, 0.0, 0.0, 1.0, 1.0)
         return RoundingFigure(name, encoding, norm, math.sqrt(self._error) / norm, math.sqrt(self._moved) / norm,
                               self._dot / self._delta)
-
-
-def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.sum(a * b, dtype=torch.float64))
 
 
 def summary(figures: list[RoundingFigure]) -> str:
