@@ -20,7 +20,8 @@ from test_cli_fast import FIXTURES, child_env
 def test_tensor_seed_is_a_stable_hash_of_seed_and_name():
     # Fixed values: a change of hash (Python's `hash` of a str differs per process) would show here.
     assert tensor_seed(0, "model.layers.0.self_attn.q_proj.weight") == 703670949295175329
-    assert tensor_seed(1, "model.layers.0.self_attn.q_proj.weight") != tensor_seed(0, "model.layers.0.self_attn.q_proj.weight")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert tensor_seed(1, name) != tensor_seed(0, name)
     assert tensor_seed(0, "a") != tensor_seed(0, "b") and 0 <= tensor_seed(7, "x") < 2**63
 
 
@@ -65,7 +66,8 @@ def test_single_process_runs_never_import_ray(tmp_path):
             "main(['merge', sys.argv[1], sys.argv[3], '-o', sys.argv[2] + '/m'])]; "
             "import json; print(json.dumps([codes, 'ray' in sys.modules]))")
     result = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "tiny-llama"), str(tmp_path),
-                             str(FIXTURES / "lora-llama")], capture_output=True, text=True, env=child_env(), timeout=120)
+                             str(FIXTURES / "lora-llama")], capture_output=True, text=True, env=child_env(),
+                            timeout=120)
     codes, imported = json.loads(result.stdout.strip().splitlines()[-1])
     # svd-extract of a model against itself refuses (nothing changed); both went through their full path
     assert codes == [2, 0] and not imported, result.stderr

@@ -2,8 +2,8 @@
 
 `auto` is Ray's own: RAY_ADDRESS when set, else the cluster `ray start` made on this node. `ray://…` is
 a Ray client address, HOST:PORT a cluster's GCS, and `local` a private one-node Ray for this run, bound
-to 127.0.0.1 (every port it opens) and without a dashboard. A cluster loratool joined is left as it was (only this driver
-disconnects); a private one is shut down with the run.
+to 127.0.0.1 (every port it opens) and without a dashboard. A cluster loratool joined is left as it was
+(only this driver disconnects); a private one is shut down with the run.
 """
 
 from __future__ import annotations

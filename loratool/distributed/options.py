@@ -30,7 +30,8 @@ class ScaleOut:
             raise UsageError("--ray needs an address: auto, local, ray://HOST:PORT or HOST:PORT")
         if gpus_per_task is not None:
             if not 0 < gpus_per_task:
-                raise UsageError(f"--gpus-per-task must be a positive number (it may be a fraction), got {gpus_per_task}")
+                raise UsageError(f"--gpus-per-task must be a positive number (a fraction shares a GPU), "
+                                 f"got {gpus_per_task}")
             if device == "cpu":
                 raise UsageError("--gpus-per-task asks for GPUs, but --device is cpu; drop one of them")
         return cls(address.strip(), device, gpus_per_task)
