@@ -404,3 +404,17 @@ def test_broken_fp8_files_are_refused_in_one_line(run_cli, tmp_path, flux_weight
     flux_lora(tmp_path / "lora.safetensors")
     assert_refused(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out), out, needle)
     assert_refused(run_cli("inspect", base), None, needle)
+
+
+def test_file_metadata_is_kept_and_quantization_metadata_goes_with_the_encoding(run_cli, tmp_path, flux_weights):
+    base = tmp_path / "base.safetensors"
+    state = comfy_scaled(flux_weights, base, "comfy_quant")
+    layers = {"format_version": "1.0", "layers": {"single_blocks.0.linear1": {"format": "float8_e4m3fn"}}}
+    metadata = {"modelspec.title": "tiny", "_quantization_metadata": json.dumps(layers)}
+    save_file(state, str(base), metadata=metadata)
+    flux_lora(tmp_path / "lora.safetensors")
+    for dtype, expected in (("auto", metadata), ("bfloat16", {"modelspec.title": "tiny"})):
+        out = tmp_path / f"{dtype}.safetensors"
+        ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype", dtype))
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata() == expected, dtype

@@ -502,7 +502,7 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
     try:
         for file_name, items in layout.items():
             writer = SafetensorsWriter(temp / file_name if file_name else temp, items,
-                                       _file_metadata(checkpoint, file_name, items))
+                                       _file_metadata(checkpoint, items))
             for item in items:
                 source, kind = checkpoint.tensors.get(item.name), kinds[item.name]
                 ops = plan.ops.get(item.name)
@@ -591,15 +591,17 @@ def _write_marker(checkpoint: Checkpoint, item: PlannedTensor, writer: Safetenso
         background.submit(partial(writer.write, item.name, torch.empty(item.shape, dtype=item.dtype)))
 
 
-def _file_metadata(checkpoint: Checkpoint, file_name: str, items: list[PlannedTensor]) -> dict[str, str] | None:
-    """The base file's own `__metadata__`, kept; ComfyUI's `_quantization_metadata` only while the
-    output still holds float8 tensors."""
+def _file_metadata(checkpoint: Checkpoint, items: list[PlannedTensor]) -> dict[str, str] | None:
+    """The `__metadata__` of the base file this output file's tensors come from (when they all come
+    from one), kept; ComfyUI's `_quantization_metadata` only while float8 tensors remain."""
     if checkpoint.pickled is not None:
         return None
-    metadata = checkpoint.metadata.get(file_name or checkpoint.path.name)
-    if not metadata:
+    physical = checkpoint.physical
+    sources = {physical[item.name].path.name for item in items if item.name in physical}
+    if len(sources) != 1:
         return None
-    if not any(item.dtype in STORAGE_DTYPES.values() for item in items):
+    metadata = checkpoint.metadata.get(sources.pop())
+    if metadata and not any(item.dtype in STORAGE_DTYPES.values() for item in items):
         metadata = {k: v for k, v in metadata.items() if k != QUANT_METADATA}
     return metadata or None
 
