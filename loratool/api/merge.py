@@ -318,7 +318,7 @@ def merge(
         total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
         report = _progress_over(progress, total)
         with atomic_output(output, not single_file) as temp, shard_tasks(
-                ray, gpus_per_task, device, base, checkpoints, allow_pickle, temp, report, _write) as shards:
+                ray, gpus_per_task, device, base, checkpoints, allow_pickle, temp, progress, _write) as shards:
             if None not in checkpoints:
                 _copy_pipeline_files(base, temp, set(checkpoints))
             written = 0
@@ -424,10 +424,6 @@ def _row_chunks(checkpoint: Checkpoint, name: str) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-#: The thread count `_write` found, before it lowered it for streaming.
-_full_threads = 1
-
-
 def _compute_threads(device: torch.device) -> int:
     """Threads for the arithmetic. The reader and writer threads keep one core busy with page copies,
     and on a small or shared machine two OpenMP threads that get descheduled make `addmm_` several
@@ -493,8 +489,7 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
         buffer = pool.take() if (end - start) * checkpoint.row_bytes(name) <= pool.size else None
         return buffer, checkpoint.read_rows(name, start, end, buffer)
 
-    global _full_threads
-    threads = _full_threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(_compute_threads(device))
     reader = ReadAhead(read, requests, depth=1, stop=stop)
     background = BackgroundWriter()
@@ -514,7 +509,8 @@ def _write(checkpoint: Checkpoint, plan: MergePlan, layout: dict[str, list[Plann
                 elif kind == "marker":
                     _write_marker(checkpoint, item, writer, background)
                 elif kind == "fp8":
-                    figure = _write_fp8(checkpoint, item.name, ops or [], writer, background, device, allow_nonfinite)
+                    figure = _write_fp8(checkpoint, item.name, ops or [], writer, background, device, allow_nonfinite,
+                                        threads)
                     if figure is not None and figures is not None:
                         figures.append(figure)
                 elif kind == "stream":
@@ -559,19 +555,21 @@ def _kind(checkpoint: Checkpoint, item: PlannedTensor, ops: list) -> str:
 
 
 def _write_fp8(checkpoint: Checkpoint, name: str, ops: list, writer: SafetensorsWriter,
-               background: BackgroundWriter, device: torch.device, allow_nonfinite: bool) -> RoundingFigure | None:
-    """A float8 tensor with fresh scales: its values, its scale, then its riders copied as they are."""
+               background: BackgroundWriter, device: torch.device, allow_nonfinite: bool,
+               threads: int) -> RoundingFigure | None:
+    """A float8 tensor with fresh scales: its values, its scale, then its riders copied as they are.
+    Requantizing is bound by arithmetic, not I/O, so it runs on all `threads` while the I/O threads wait."""
     info = checkpoint[name]
     streams = all(type(op) is BiasOp or (type(op) is DeltaOp and op.module.streams) for op in ops)
     terms = [_term(op, device) for op in ops] if streams else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_full_threads)  # requantizing is arithmetic-bound: the I/O threads wait meanwhile
+    streaming_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         values, scale, figure = requantize(
             checkpoint, name, Fp8Target.of(info), terms,
             lambda base: _merged_tensor(base, name, ops, device, COMPUTE_DTYPE)[0], device, allow_nonfinite)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(streaming_threads)
     background.submit(partial(writer.write, name, values))
     encoding = info.encoding
     if scale is not None:
