@@ -7,6 +7,7 @@ removes a worker node runs last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,25 @@ FIXTURES = ROOT / "fixtures"
 #: What every Ray process of these tests (and the CLI drivers they start) runs with.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 TOKEN = "hf_test_token_do_not_print"
+
+
+def _listening(*nodes) -> set[str]:
+    """The addresses the nodes' processes (GCS, raylets, workers, ...) listen on."""
+    import psutil
+
+    pids = set()
+    for node in nodes:
+        for infos in node.all_processes.values():
+            for info in infos:
+                root = psutil.Process(info.process.pid)
+                pids |= {root.pid, *(p.pid for p in root.children(recursive=True))}
+    addresses = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            addresses |= {c.laddr.ip for c in psutil.Process(pid).net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN}
+    assert addresses, "no listening socket found: the check would be empty"
+    return addresses
 
 
 def _warm(ray, node_id: str) -> int:
@@ -85,6 +105,7 @@ def cluster(hub, nodes_hf_cache):
         worker_ids = {w.node_id for w in workers}
         for node_id in worker_ids:
             assert _warm(ray, node_id) != os.getpid()
+        assert _listening(made.head_node, *workers) <= {"127.0.0.1", "::ffff:127.0.0.1"}
         yield made, workers, worker_ids
     finally:
         ray.shutdown()
