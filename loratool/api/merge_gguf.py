@@ -36,7 +36,7 @@ def write_gguf_merge(checkpoint: GgufCheckpoint, ops_by_name: Mapping[str, list]
                      progress: Callable[[int, int], None] | None = None) -> tuple[list[RoundingFigure], list[str]]:
     """Write the merged model to `output_path`. `ops_by_name` maps logical tensor names to the ops that
     change them (passed through to `merged(base_float32, name, ops)`, which returns the merged float32
-    tensor). With `out_type` every tensor of two or more dimensions whose rows that type can hold is
+    tensor and must not update `base_float32` in place: it is also the rounding tally's base). With `out_type` every tensor of two or more dimensions whose rows that type can hold is
     converted to it; 1-D tensors (norms) keep their type unless changed. Returns one rounding figure per
     changed tensor and notes for the user."""
     from ..gguf_arch import FILE_TYPES
