@@ -26,7 +26,7 @@ from ..errors import InvalidCheckpointError, UsageError, summarize
 from ..jsonio import MAX_HEADS, MAX_LAYERS
 from ..quant import GGUF, Encoding
 from .header import TensorInfo
-from .reader import Checkpoint
+from .base import Checkpoint
 
 if TYPE_CHECKING:
     import torch

@@ -166,7 +166,7 @@ class _DirectSink:
 
     def read_from(self, source_fd: int, source: TensorInfo) -> None:
         """Read a tensor's bytes from an open file straight into the staging buffer."""
-        from .reader import _pread_into
+        from .base import _pread_into
 
         done = 0
         while done < source.nbytes:
