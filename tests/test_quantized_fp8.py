@@ -418,3 +418,20 @@ def test_file_metadata_is_kept_and_quantization_metadata_goes_with_the_encoding(
         ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype", dtype))
         with safe_open(str(out), "pt") as f:
             assert f.metadata() == expected, dtype
+
+
+def test_dtype_float8_in_a_full_checkpoint_quantizes_the_diffusion_model_only(run_cli, tmp_path, flux_weights):
+    """ComfyUI's full checkpoints: the marker under `model.diffusion_model.`, text encoders untouched."""
+    prefix = "model.diffusion_model."
+    state = {prefix + k: v.to(torch.bfloat16) for k, v in flux_weights.items()}
+    state["text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"] = torch.randn(64, 32)
+    base = tmp_path / "full.safetensors"
+    save_file(state, str(base))
+    flux_lora(tmp_path / "lora.safetensors")
+    out = tmp_path / "m.safetensors"
+    ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype", "float8_e4m3fn"))
+    merged = load_file(str(out))
+    assert merged[prefix + "scaled_fp8"].dtype == torch.float8_e4m3fn and "scaled_fp8" not in merged
+    assert merged[prefix + "single_blocks.0.linear2.weight"].dtype == torch.float8_e4m3fn
+    clip = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(merged[clip], state[clip])

@@ -110,11 +110,17 @@ def _quantizable(name: str, info) -> bool:
     """The tensors `--dtype float8_e4m3fn` quantizes, as ComfyUI's scaled FP8 files do: the matrices of
     linear layers; norms, biases, embeddings and small tensors stay as they are."""
     leaf = name.rpartition(".")[0].rpartition(".")[2]
-    return (name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) >= 16
+    return (info.encoding is None and name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) >= 16
             and info.torch_dtype in MERGEABLE_FLOATS and "norm" not in leaf and "embed" not in leaf)
 
 
-def _planned_parts(base: Checkpoint, name: str, target: OutputTarget) -> list[PlannedTensor]:
+def _fp8_prefix(base: Checkpoint) -> str:
+    """Where `--dtype float8_e4m3fn` quantizes: under the diffusion model's prefix in a full single-file
+    checkpoint (its text encoders and VAE stay as they are, as in ComfyUI's files), else everywhere."""
+    return DIFFUSION_PREFIX if any(n.startswith(DIFFUSION_PREFIX) for n in base) else ""
+
+
+def _planned_parts(base: Checkpoint, name: str, target: OutputTarget, fp8_prefix: str) -> list[PlannedTensor]:
     """The physical tensors one logical tensor is written as, consecutive in the output."""
     info = base[name]
     encoding = info.encoding
@@ -122,7 +128,7 @@ def _planned_parts(base: Checkpoint, name: str, target: OutputTarget) -> list[Pl
         if target.float_dtype is None:
             return [PlannedTensor(p.name, p.torch_dtype, p.shape) for p in encoding.parts]
         return [PlannedTensor(name, target.float_dtype, info.shape)]
-    if target.fp8 and _quantizable(name, info):
+    if target.fp8 and name.startswith(fp8_prefix) and _quantizable(name, info):
         return [PlannedTensor(name, NEW_FP8.dtype, info.shape),
                 PlannedTensor(name.removesuffix("weight") + NEW_FP8.scale_name, NEW_FP8.scale_dtype, ())]
     dtype = info.torch_dtype
@@ -131,29 +137,29 @@ def _planned_parts(base: Checkpoint, name: str, target: OutputTarget) -> list[Pl
     return [PlannedTensor(name=name, dtype=dtype, shape=info.shape)]
 
 
-def _markers(base: Checkpoint, target: OutputTarget) -> list[PlannedTensor]:
+def _markers(base: Checkpoint, target: OutputTarget, fp8_prefix: str) -> list[PlannedTensor]:
     """ComfyUI's `scaled_fp8` marker: kept with the encodings, dropped with them, added by `--dtype
     float8_e4m3fn` (under the diffusion model's prefix, where ComfyUI looks for it)."""
     if target.float_dtype is not None:
         return []
     if base.markers or not target.fp8:
         return [PlannedTensor(m.name, m.torch_dtype, m.shape) for m in base.markers]
-    if not any(_quantizable(n, base[n]) for n in base if base[n].encoding is None):
+    if not any(n.startswith(fp8_prefix) and _quantizable(n, base[n]) for n in base):
         return []
-    prefix = DIFFUSION_PREFIX if any(n.startswith(DIFFUSION_PREFIX) for n in base) else ""
-    return [PlannedTensor(prefix + MARKER, NEW_FP8.dtype, (0,))]
+    return [PlannedTensor(fp8_prefix + MARKER, NEW_FP8.dtype, (0,))]
 
 
 def _layout(base: Checkpoint, target: OutputTarget, max_shard_bytes: int | None) -> dict[str, list[PlannedTensor]]:
     """Output file name -> tensors in write order. By default each base file maps to a file of the
     same name holding the same tensors; `max_shard_bytes` (or a pickle base) re-plans HF-style shards.
     A quantized tensor's parts stay together, after its values."""
+    fp8_prefix = _fp8_prefix(base) if target.fp8 else ""
 
     def planned(name: str) -> list[PlannedTensor]:
-        return _planned_parts(base, name, target)
+        return _planned_parts(base, name, target, fp8_prefix)
 
     in_file_order = sorted(base, key=lambda n: (base[n].path.name, base[n].data_start))
-    markers = _markers(base, target)
+    markers = _markers(base, target, fp8_prefix)
     if not base.is_folder:
         return {"": markers + [part for n in in_file_order for part in planned(n)]}
     if max_shard_bytes is None and base.pickled is None:
