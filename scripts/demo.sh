@@ -2,7 +2,8 @@
 # The demo behind `make demo`: inspect, merge, svd-extract, resize, combine, convert (also to GGUF) and extract on
 # the bundled fixtures (fixtures/make_fixtures.py), a LyCORIS LoHa file (scripts/lycoris_demo_file.py)
 # inspected and converted, a tiny native Wan file merged with a musubi LoRA (scripts/wan_demo_files.py),
-# then export-onnx and a short bench-onnx.
+# quantized to ComfyUI's scaled FP8 while merging and merged into again, a LoRA merged into a Q8_0 GGUF
+# made by llama.cpp's converter, then export-onnx and a short bench-onnx.
 set -euo pipefail
 BIN=$(cd "${1:-.venv/bin}" && pwd)
 LT="$BIN/loratool"
@@ -64,6 +65,11 @@ for key, w in base.items():
     worst = max(worst, (merged[key].double() - expected).abs().max().item())
 print(f"musubi Wan LoRA into a native Wan file (ComfyUI's model.diffusion_model.): max |merged - (W + alpha/r*B@A)| = {worst:.2e}")
 PY
+step "$LT" merge "$OUT/tiny-wan.safetensors" "$OUT/wan-musubi-lora.safetensors" --dtype float8_e4m3fn -o "$OUT/wan-fp8.safetensors"
+step "$LT" inspect "$OUT/wan-fp8.safetensors"
+step "$LT" merge "$OUT/wan-fp8.safetensors" "$OUT/wan-musubi-lora.safetensors" --weights -1 -o "$OUT/wan-fp8-unmerged.safetensors"
+step "$LT" merge fixtures/gguf-base/tiny-llama-q8_0.gguf fixtures/lora-llama -o "$OUT/merged-q8_0.gguf"
+step "$LT" inspect "$OUT/merged-q8_0.gguf"
 "$BIN/python" scripts/lycoris_demo_file.py "$OUT"
 step "$LT" inspect "$OUT/style-loha.safetensors"
 step "$LT" convert "$OUT/style-loha.safetensors" --to peft --base "$OUT/tiny-unet" -o "$OUT/loha-peft"

@@ -213,9 +213,18 @@ def test_dtype_float8_quantizes_a_bf16_base_into_comfyui_form_in_one_pass(run_cl
     save_file({k: v.to(torch.bfloat16) for k, v in flux_weights.items()}, str(base))
     deltas = flux_lora(tmp_path / "lora.safetensors")
     out = tmp_path / "m.safetensors"
-    ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype", "float8_e4m3fn"))
+    report = json.loads(ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out, "--dtype",
+                                   "float8_e4m3fn", "--json")).stdout)
     merged = load_file(str(out))
     assert merged["scaled_fp8"].dtype == torch.float8_e4m3fn and merged["scaled_fp8"].numel() == 0
+    for figure in report["rounding"]:  # survival against the base quantized alone, Q(W), not against W
+        name = figure["name"]
+        plain = flux_weights[name].to(torch.bfloat16).double()
+        alone = dequantize_reference(*quantize_reference(plain, None))
+        written = dequantize_reference(merged[name], merged[name.replace("weight", "scale_weight")])
+        delta = deltas[name.removesuffix(".weight")]
+        expected = float(torch.linalg.vector_norm(written - alone) / torch.linalg.vector_norm(delta))
+        assert figure["survived"] == pytest.approx(expected, rel=1e-3), name
     for name, tensor in flux_weights.items():
         if name.endswith(".weight") and tensor.dim() == 2:
             exact = tensor.to(torch.bfloat16).double() + deltas.get(name.removesuffix(".weight"), 0)

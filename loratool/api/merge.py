@@ -108,9 +108,9 @@ class OutputTarget:
 
 def _quantizable(name: str, info) -> bool:
     """The tensors `--dtype float8_e4m3fn` quantizes, as ComfyUI's scaled FP8 files do: the matrices of
-    linear layers; norms, biases, embeddings and small tensors stay as they are."""
+    linear layers; norms, biases and embeddings stay as they are."""
     leaf = name.rpartition(".")[0].rpartition(".")[2]
-    return (info.encoding is None and name.endswith(".weight") and len(info.shape) == 2 and min(info.shape) >= 16
+    return (info.encoding is None and name.endswith(".weight") and len(info.shape) == 2
             and info.torch_dtype in MERGEABLE_FLOATS and "norm" not in leaf and "embed" not in leaf)
 
 

@@ -92,15 +92,29 @@ def requantize(checkpoint: Checkpoint, name: str, target: Fp8Target, terms: list
         scale = torch.empty(grid_shape(shape, target.block), dtype=target.scale_dtype or torch.float32,
                             device=device) if target.scale_dtype is not None else None
         _fill_scale(exact, scale, target, name, allow_nonfinite)
+        base_as_stored = _as_quantized(source, chunks, target) if tally is not None else None
         for start, stop in chunks:
             rows = exact[start:stop] if len(shape) == 2 else exact
             rows_scale = _scale_rows(scale, start, stop, target.block) if scale is not None and len(shape) == 2 \
                 else scale
-            base = source.rows(start, stop) if tally is not None else None
+            base = base_as_stored(start, stop) if base_as_stored is not None else None
             _round(rows, rows_scale, target, name, allow_nonfinite, values[start:stop] if len(shape) == 2 else values,
                    base, tally, fresh=False)
     figure = tally.figure(name, target.description) if tally is not None else None
     return values.cpu(), scale.reshape(target.scale_shape).cpu() if scale is not None else None, figure
+
+
+def _as_quantized(source: _Source, chunks: list[tuple[int, int]], target: Fp8Target):
+    """Rows of the base as the report compares with: as stored when it is float8 already; a plain base
+    (`--dtype float8_e4m3fn`) quantized on its own, so that "survived" compares Q(W+ΔW) with Q(W), not
+    with W, whose own rounding is no part of what the adapter lost."""
+    if source.encoding is not None:
+        return source.rows
+    if target.scale_dtype is None:
+        return lambda start, stop: dequantize(quantize(source.rows(start, stop), None, None, target.storage), None, None)
+    amax = torch.stack([block_amax(source.rows(start, stop), None) for start, stop in chunks]).amax()
+    scale = fresh_scale(amax, target.storage, target.scale_dtype)
+    return lambda start, stop: dequantize(quantize(source.rows(start, stop), scale, None, target.storage), scale, None)
 
 
 def _with_terms(rows: torch.Tensor, terms: list[Term], start: int, keep: bool = False) -> torch.Tensor:
