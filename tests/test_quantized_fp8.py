@@ -366,8 +366,8 @@ def test_inspect_names_each_encoding(run_cli, tmp_path, flux_weights):
     base = tmp_path / "base.safetensors"
     comfy_scaled(flux_weights, base)
     report = json.loads(ok(run_cli("inspect", base, "--json")).stdout)
-    text = json.dumps(report)
-    assert "FP8 e4m3 per-tensor scaled" in text
+    assert report["dtypes"]["FP8 e4m3 per-tensor scaled"]["tensors"] == 4
+    assert report["quantization"]["forms"] == {"comfy-scaled": 4} and report["quantization"]["markers"] == ["scaled_fp8"]
     model, _ = tiny_llama_fp8_folder(tmp_path / "block")
     assert "FP8 e4m3 block 128×128" in ok(run_cli("inspect", tmp_path / "block")).stdout
 

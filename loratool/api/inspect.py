@@ -9,6 +9,7 @@ import contextlib
 import gc
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path
@@ -94,6 +95,10 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
         "architectures": config.get("architectures"),
         **layout_of({k: i.shape for k, i in checkpoint.items()}, checkpoint.path, config).describe(),
     }
+    forms = Counter(i.encoding.form for i in infos if i.encoding is not None)
+    if forms:
+        report["quantization"] = {"forms": dict(sorted(forms.items())), "markers": [m.name for m in checkpoint.markers],
+                                  "config": config.get("quantization_config")}
     if tensors:
         files = {id(p): p.name for p in {i.path for i in infos}}
         with _listing():

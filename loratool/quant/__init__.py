@@ -21,6 +21,7 @@ class TensorInfo(Protocol):
     shape: tuple[int, ...]
     nbytes: int
 
+
 #: Schemes: float8 values times a scale per block of the last two dimensions (a plain float8 tensor is
 #: the same with no scale), and GGUF's block types.
 FP8 = "fp8"
