@@ -37,15 +37,16 @@ def test_randomized_svd_depends_on_seed_and_name_only():
     assert not torch.equal(first[0], other[0])
 
 
-def test_balanced_groups_split_by_cost_and_keep_the_order():
+def test_balanced_groups_are_consecutive_runs_of_equal_cost():
     names = [f"t{i}" for i in range(10)]
     costs = [100, 1, 1, 1, 50, 50, 1, 1, 1, 1]
     groups = balanced_groups(names, costs, 3)
-    assert sorted(n for g in groups for n in g) == sorted(names)
-    loads = [sum(costs[names.index(n)] for n in g) for g in groups]
-    assert max(loads) == 100 and all(g == sorted(g, key=names.index) for g in groups)
+    assert [n for g in groups for n in g] == names  # consecutive: each task reads one stretch of the files
+    assert [sum(costs[names.index(n)] for n in g) for g in groups] == [100, 53, 54]
     assert balanced_groups(names, costs, 3) == groups
-    assert balanced_groups(names[:2], costs[:2], 8) == [["t0"], ["t1"]]
+    assert balanced_groups(names[:2], costs[:2], 8) == [["t0"], ["t1"]] and balanced_groups([], [], 4) == []
+    even = balanced_groups(list(range(60)), [1] * 60, 8)
+    assert len(even) == 8 and {len(g) for g in even} == {7, 8}
 
 
 @pytest.mark.parametrize("args, message", [

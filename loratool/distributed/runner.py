@@ -22,7 +22,9 @@ from .worker import execute
 
 #: Ray's retries of a task whose worker or node died.
 MAX_RETRIES = 3
-#: How long cancelled tasks get to end before the temporary output is removed anyway.
+#: How long interrupted tasks get to stop before their workers are killed...
+INTERRUPT_WAIT_S = 5.0
+#: ...and how long killed ones get to end before the temporary output is removed anyway.
 CANCEL_WAIT_S = 30.0
 #: The driver wakes this often while it waits (so Ctrl-C is seen at once).
 POLL_S = 0.2
@@ -120,23 +122,35 @@ def _result(ray: Any, ref: Any) -> Any:
 
 
 def _cancel(ray: Any, refs: list) -> None:
-    """Cancel `refs` (killing their workers) and wait until each has ended, so none writes afterwards."""
-    if not refs:
-        return
-    for ref in refs:
-        try:
-            ray.cancel(ref, force=True)
-        except Exception:  # noqa: BLE001 - a task that already finished cannot be cancelled
-            pass
-    deadline = time.monotonic() + CANCEL_WAIT_S
+    """Cancel `refs` and wait until each has ended, so that none writes afterwards: first an interrupt
+    (a KeyboardInterrupt in the task, which cleans up after itself), then, for any still running after
+    INTERRUPT_WAIT_S, killing its worker. (A forced cancel that meets a task just finishing can crash
+    Ray's driver-side task manager, ray-project/ray#54798, so it is kept for tasks that do not stop.)"""
+    waiting = _cancelled(ray, refs, False, INTERRUPT_WAIT_S)
+    _cancelled(ray, waiting, True, CANCEL_WAIT_S)
+
+
+def _cancelled(ray: Any, refs: list, force: bool, seconds: float) -> list:
+    """Cancel `refs` and wait up to `seconds` for them to end; the ones still running."""
     waiting = list(refs)
+    try:
+        waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0)[1] if waiting else []
+    except Exception:  # noqa: BLE001 - the cluster went away: nothing is left to wait for
+        return []
+    for ref in waiting:
+        try:
+            ray.cancel(ref, force=force)
+        except Exception:  # noqa: BLE001 - a task that finished meanwhile cannot be cancelled
+            pass
+    deadline = time.monotonic() + seconds
     while waiting and time.monotonic() < deadline:
         try:
             _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=POLL_S)
         except KeyboardInterrupt:  # a second Ctrl-C: the cleanup goes on
             continue
         except Exception:  # noqa: BLE001 - the cluster went away: nothing is left to wait for
-            return
+            return []
+    return waiting
 
 
 def run_grouped(scale: ScaleOut, call: Callable, items: Sequence, costs: Sequence[int], args: tuple = (),
