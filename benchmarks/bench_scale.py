@@ -3,10 +3,13 @@
 Builds a float32 BASE/FINETUNED pair of about --size bytes together (default 512MB; the figures in
 docs/scale-out.md are from --size 2GB), made of 2048×2048 linears, each moved by a rank-64 update plus
 noise. Then times svd-extract at rank 16 (randomized SVD, the default):
-  plain     the single-process run on one thread, in a fresh interpreter at Ray's worker niceness (15):
-            the same CPUs, and the same share of them on a busy machine, as one Ray worker node
-  1 node    --ray on a local Ray cluster: a head node without CPUs and one worker node of 1 CPU
-  2 nodes   the same cluster after a second worker node of 1 CPU joins
+  plain     the single-process run on one thread, in a fresh interpreter pinned to core 0, at Ray's worker
+            niceness (15): the same CPU, and the same share of it on a busy machine, as worker node 1
+  1 node    --ray on a local Ray cluster: a head node without CPUs (driver, GCS: any core) and worker node 1
+            of 1 CPU, whose processes are pinned to core 0
+  2 nodes   the same cluster after worker node 2 (1 CPU, pinned to core 1) joins
+Pinned, each node does its reading, arithmetic and Ray bookkeeping on its own core, as a one-CPU
+machine would (unpinned, one node's reader thread would borrow the idle second core).
 and prints the ratios: speed-up (1 node / 2 nodes, aim ≥ 1.7) and Ray's overhead (1 node / plain, aim
 ≤ 1.15), with the load average before and after (other work on the machine shows up there, and in the
 per-node task seconds). Each configuration runs 3 times, best counts. Each worker node is warmed first
@@ -63,6 +66,8 @@ def make_pair(folder: Path, size: int) -> tuple[Path, Path]:
 PLAIN = """
 import os, shutil, sys, time, torch
 os.nice(int(sys.argv[6]))
+if sys.argv[7]:
+    os.sched_setaffinity(0, {int(c) for c in sys.argv[7].split(",")})
 torch.set_num_threads(int(sys.argv[4]))
 from loratool.api.svd_extract import svd_extract
 best = None
@@ -81,13 +86,37 @@ RUNS = 3
 RAY_WORKER_NICENESS = 15
 
 
-def plain(base: Path, tuned: Path, out: Path, threads: int, rank: int, niceness: int) -> float:
+def plain(base: Path, tuned: Path, out: Path, threads: int, rank: int, niceness: int, cores: set[int] | None) -> float:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    pinned = ",".join(map(str, sorted(cores))) if cores else ""
     run = subprocess.run([sys.executable, "-c", PLAIN.replace("RUNS", str(RUNS)), str(base), str(tuned), str(out),
-                          str(threads), str(rank), str(niceness)], capture_output=True, text=True, env=env, check=True)
+                          str(threads), str(rank), str(niceness), pinned], capture_output=True, text=True, env=env,
+                         check=True)
     seconds = float(run.stdout.strip().splitlines()[-1])
-    print(f"{'plain':8s} {seconds:7.2f} s  (one process, {threads} thread(s), niceness {niceness})", flush=True)
+    print(f"{'plain':8s} {seconds:7.2f} s  (one process, {threads} thread(s), niceness {niceness}, cores "
+          f"{pinned or 'all'})", flush=True)
     return seconds
+
+
+def node_cores(index: int, cpus: int) -> set[int] | None:
+    """The cores worker node `index` is pinned to: its own `cpus` of them, or None where that cannot be."""
+    wanted = set(range(index * cpus, (index + 1) * cpus))
+    if not hasattr(os, "sched_getaffinity") or not wanted <= os.sched_getaffinity(0):
+        return None
+    return wanted
+
+
+def add_node(cluster, cpus: int, cores: set[int] | None):
+    """A worker node of `cpus` CPUs whose processes (raylet, agents, workers) run on `cores` only: a
+    node of one CPU does its reading, arithmetic and Ray bookkeeping on that one CPU, as on a cluster."""
+    if cores is None:
+        return cluster.add_node(num_cpus=cpus)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)  # the node's processes inherit it
+    try:
+        return cluster.add_node(num_cpus=cpus)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def on_cluster(label: str, out: Path, *args, **kwargs) -> float:
@@ -130,18 +159,19 @@ def main() -> None:
         print(f"pair: {pair_bytes / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s; rank {options.rank}, "
               f"{os.cpu_count()} cores here, load average {os.getloadavg()[0]:.2f} before the runs", flush=True)
 
-        single = plain(base, tuned, folder / "plain", options.cpus_per_node, options.rank, options.plain_nice)
+        cores = [node_cores(i, options.cpus_per_node) for i in range(2)]
+        single = plain(base, tuned, folder / "plain", options.cpus_per_node, options.rank, options.plain_nice, cores[0])
 
         import ray
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
         try:
-            first = cluster.add_node(num_cpus=options.cpus_per_node)
+            first = add_node(cluster, options.cpus_per_node, cores[0])
             ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
             warm(ray, first.node_id)
             one = on_cluster("1 node", folder / "one", base, tuned, rank=options.rank, ray="auto")
-            second = cluster.add_node(num_cpus=options.cpus_per_node)
+            second = add_node(cluster, options.cpus_per_node, cores[1])
             warm(ray, second.node_id)
             two = on_cluster("2 nodes", folder / "two", base, tuned, rank=options.rank, ray="auto")
             same = (folder / "one" / "adapter_model.safetensors").read_bytes() == \
