@@ -444,3 +444,19 @@ def test_dtype_float8_in_a_full_checkpoint_quantizes_the_diffusion_model_only(ru
     assert merged[prefix + "single_blocks.0.linear2.weight"].dtype == torch.float8_e4m3fn
     clip = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(merged[clip], state[clip])
+
+
+def test_a_nan_code_in_a_float8_base_is_never_read_as_a_number(run_cli, tmp_path, flux_weights):
+    """e4m3fn's NaN (S.1111.111) has no float16 twin on the fast widening path: it must stay NaN."""
+    base = tmp_path / "base.safetensors"
+    state = comfy_scaled(flux_weights, base)
+    name = "single_blocks.0.linear1.weight"
+    codes = state[name].view(torch.uint8).clone()
+    codes[3, 5] = 0xFF
+    state[name] = codes.view(torch.float8_e4m3fn)
+    save_file(state, str(base))
+    flux_lora(tmp_path / "lora.safetensors")
+    out = tmp_path / "m.safetensors"
+    assert_refused(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out), out, "NaN")
+    checked = json.loads(run_cli("inspect", base, "--check", "--json").stdout)
+    assert checked["nonfinite"][name] == {"nan": 1, "inf": 0}

@@ -20,7 +20,7 @@ from ..checkpoint import Checkpoint
 from ..errors import NonFiniteError
 from ..lora.delta import COMPUTE_DTYPE
 from ..quant import grid_shape
-from ..quant.fp8 import STORAGE_DTYPES, block_amax, dequantize, fresh_scale, quantize
+from ..quant.fp8 import STORAGE_DTYPES, block_amax, dequantize, fresh_scale, holds_nan, quantize
 from ..quant.report import RoundingFigure, RoundingTally
 
 #: Rows of float32 sum computed at a time.
@@ -159,7 +159,8 @@ def _round(exact: torch.Tensor, scale: torch.Tensor | None, target: Fp8Target, n
     stored = quantize(exact, scale, target.block, target.storage)
     into.copy_(stored.reshape(into.shape))
     if tally is not None:
-        tally.add(base, exact, dequantize(stored, scale, target.block))
+        # finite sums round to finite codes; only --allow-nonfinite can have written a NaN
+        tally.add(base, exact, dequantize(stored, scale, target.block, None if allow_nonfinite else True))
 
 
 def _chunks(shape: tuple[int, ...], block: tuple[int, int] | None) -> list[tuple[int, int]]:
@@ -190,6 +191,7 @@ class _Source:
         self.shape = tuple(info.shape)
         if self.encoding is not None:
             self.stored = checkpoint.read_stored(self.encoding.data).to(device)
+            self.nan_free = not holds_nan(self.stored)
             self.scale = None
             if self.encoding.scale is not None:
                 scale = checkpoint.read_stored(self.encoding.scale).to(device)
@@ -205,9 +207,9 @@ class _Source:
             return self.checkpoint.read_rows(self.name, start, stop).to(device=self.device, dtype=COMPUTE_DTYPE)
         block = self.encoding.block
         if len(self.shape) != 2:
-            return dequantize(self.stored, self.scale, block)
+            return dequantize(self.stored, self.scale, block, self.nan_free)
         if self.scale is None or block is None:
-            return dequantize(self.stored[start:stop], self.scale, block)
+            return dequantize(self.stored[start:stop], self.scale, block, self.nan_free)
         first = start // block[0] * block[0]
-        rows = dequantize(self.stored[first:stop], _scale_rows(self.scale, start, stop, block), block)
+        rows = dequantize(self.stored[first:stop], _scale_rows(self.scale, start, stop, block), block, self.nan_free)
         return rows[start - first:]

@@ -37,25 +37,59 @@ def _column_groups(matrix: torch.Tensor, width: int):
     return body, (matrix[:, full:] if full < cols else None)
 
 
-def _scale_in_place(matrix: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool) -> None:
-    """matrix ×= (or /=) its blocks' scales, broadcasting a (rows, grid columns) scale over each block."""
+def _scale_in_place(matrix: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """matrix × (or /) its blocks' scales, broadcasting a (rows, grid columns) scale over each block;
+    into `out` (same shape, float32) when given, else in place."""
+    out = matrix if out is None else out
     per_row = scale.to(torch.float32).repeat_interleave(block[0], dim=0)[: matrix.shape[0]]
-    body, tail = _column_groups(matrix, block[1])
-    op = torch.Tensor.div_ if divide else torch.Tensor.mul_
+    (body, tail), (out_body, out_tail) = _column_groups(matrix, block[1]), _column_groups(out, block[1])
+    op = torch.div if divide else torch.mul
     if body is not None:
-        op(body, per_row[:, : body.shape[1], None])
+        op(body, per_row[:, : body.shape[1], None], out=out_body)
     if tail is not None:
-        op(tail, per_row[:, -1:])
+        op(tail, per_row[:, -1:], out=out_tail)
+    return out
 
 
-def dequantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor:
-    out = values.to(torch.float32)
+def holds_nan(values: torch.Tensor) -> bool:
+    """Whether a float8 tensor holds a NaN code (e4m3fn has only S.1111.111; e5m2's widen exactly)."""
+    if values.dtype != torch.float8_e4m3fn:
+        return False
+    magnitude = values.view(torch.uint8).bitwise_and(0x7F)
+    return bool(magnitude.eq_(0x7F).any())
+
+
+def _widened(values: torch.Tensor, nan_free: bool | None) -> tuple[torch.Tensor, float]:
+    """(wider, factor) with values == wider × factor exactly. torch's own float8 -> float32 cast is a slow
+    scalar loop on CPU; float8 bits placed into float16 bits (e5m2 is float16's top byte; e4m3fn's
+    exponent and mantissa fit float16's, off by 2⁸, subnormals included) are vectorised integer ops.
+    e4m3fn's NaN code has no float16 twin, so a tensor holding one takes the slow cast (`nan_free`
+    says so when the caller knows, else it is checked)."""
+    if values.device.type != "cpu":
+        return values.to(torch.float32), 1.0
+    if values.dtype == torch.float8_e5m2:
+        return values.view(torch.uint8).to(torch.int16).bitwise_left_shift_(8).view(torch.float16), 1.0
+    signed = values.view(torch.int8)
+    if not (nan_free if nan_free is not None else not holds_nan(values)):
+        return values.to(torch.float32), 1.0
+    wide = signed.to(torch.int16)
+    bits = wide.bitwise_and(0x7F).bitwise_left_shift_(7)
+    bits.bitwise_or_(wide.bitwise_and_(-(1 << 15)))
+    return bits.view(torch.float16), 256.0
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None,
+               nan_free: bool | None = None) -> torch.Tensor:
+    wide, factor = _widened(values, nan_free)
     if scale is None:
-        return out
-    if block is not None and out.dim() == 2:
-        _scale_in_place(out, scale.reshape(grid_shape(tuple(out.shape), block)).to(out.device), block, divide=False)
-        return out
-    return out.mul_(expand(scale, tuple(values.shape), block).to(out.device))
+        return wide.to(torch.float32).mul_(factor) if factor != 1.0 else wide.to(torch.float32)
+    scale = scale.to(device=values.device, dtype=torch.float32) * factor
+    if block is not None and values.dim() == 2:
+        out = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+        return _scale_in_place(wide, scale.reshape(grid_shape(tuple(values.shape), block)), block, False, out)
+    # a 0-dim float32 scale would not promote a float16 tensor: widen first
+    return wide.to(torch.float32).mul_(expand(scale, tuple(values.shape), block))
 
 
 def block_amax(values: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
@@ -102,9 +136,8 @@ def quantize(values: torch.Tensor, scale: torch.Tensor | None, block: tuple[int,
     if scale is None:
         scaled = values.clamp(-top, top)
     elif block is not None and values.dim() == 2:
-        scaled = values.clone()
-        _scale_in_place(scaled, scale.reshape(grid_shape(tuple(values.shape), block)).to(values.device), block,
-                        divide=True)
+        scaled = _scale_in_place(values, scale.reshape(grid_shape(tuple(values.shape), block)).to(values.device), block,
+                                 divide=True, out=torch.empty_like(values))
         scaled.clamp_(-top, top)
     else:
         scaled = (values / expand(scale, tuple(values.shape), block).to(values.device)).clamp_(-top, top)
