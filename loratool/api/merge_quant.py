@@ -23,8 +23,8 @@ from ..quant import grid_shape
 from ..quant.fp8 import STORAGE_DTYPES, block_amax, dequantize, fresh_scale, holds_nan, quantize
 from ..quant.report import RoundingFigure, RoundingTally
 
-#: Rows of float32 sum computed at a time.
-CHUNK_BYTES = 16 << 20
+#: Bytes of float32 rows worked on at a time; each step holds a few such buffers (base, sum, rounding).
+CHUNK_BYTES = 8 << 20
 #: A term as merge streams it: alpha·left@right added from row `offset` of the 2-D view.
 Term = tuple[torch.Tensor, torch.Tensor, float, int]
 
