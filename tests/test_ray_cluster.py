@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -209,6 +210,29 @@ def test_merge_gives_the_local_bytes_shard_by_shard(cluster, tmp_path, run_cli):
     assert run_cli("merge", *single, "-o", tmp_path / "one-local.safetensors").code == 0
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "one-local.safetensors").read_bytes()
     assert not [p for p in tmp_path.rglob("*") if TEMP_MARK in p.name]
+
+
+def test_a_block_scaled_fp8_merge_gives_the_local_bytes_and_rounding_report(cluster, tmp_path, run_cli):
+    """Requantized shards (DeepSeek-V3-style 128×128 blocks): the same bytes, and the same rounding
+    figures, gathered from the tasks in file order."""
+    from test_quantized_fp8 import peft_adapter, tiny_llama_fp8_folder
+
+    model, _ = tiny_llama_fp8_folder(tmp_path / "base")
+    peft_adapter(model, tmp_path / "adapter")
+    args = [tmp_path / "base", tmp_path / "adapter", "--max-shard-size", "200KB", "--json"]
+    on_cluster = run_cli("merge", *args, "-o", tmp_path / "ray", "--ray", "auto")
+    local = run_cli("merge", *args, "-o", tmp_path / "local")
+    assert on_cluster.code == 0 and local.code == 0, (on_cluster, local)
+    ray_json, local_json = json.loads(on_cluster.stdout), json.loads(local.stdout)
+    assert ray_json["cluster"]["tasks"] == len(local_json["files"]) > 1
+    names = sorted(os.listdir(tmp_path / "local"))
+    assert sorted(os.listdir(tmp_path / "ray")) == names
+    assert all((tmp_path / "ray" / n).read_bytes() == (tmp_path / "local" / n).read_bytes() for n in names)
+    # The figures are float sums over the tensor (BLAS dots), so they agree to rounding, like svd-extract's.
+    figures = [(a, b) for a, b in zip(ray_json["rounding"], local_json["rounding"], strict=True)]
+    assert figures and all(a["name"] == b["name"] and a["encoding"] == b["encoding"] for a, b in figures)
+    assert all(math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6) for a, b in figures
+               for k in ("delta_norm", "error", "survived", "aligned"))
 
 
 def test_resize_and_combine_on_the_cluster_match_the_local_run(cluster, tmp_path):

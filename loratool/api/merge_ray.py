@@ -32,10 +32,14 @@ class ShardTasks:
         self.write, self.progress = write, progress
         self.tasks: list[Task] = []
         self.report = ClusterReport(session.address, session.device)
+        #: Per task, the list its rounding figures go to once it has run (a requantized merge's notes).
+        self.figures: list[list | None] = []
 
-    def submit(self, checkpoint, plan, layout: dict, target: Path, device, allow_nonfinite: bool, progress) -> int:
+    def submit(self, checkpoint, plan, layout: dict, target: Path, device, allow_nonfinite: bool, progress,
+               figures: list | None = None) -> int:
         """Takes `merge._write`'s arguments (the device and progress are the cluster's); returns the bytes
-        planned, as `_write` returns the bytes written."""
+        planned, as `_write` returns the bytes written. `figures` gets the shards' rounding figures, in
+        file order, when `run` has run."""
         source = next(s for s, c in self.checkpoints.items() if c is checkpoint)
         plan_ref = self.session.ray.put(plan)
         total = 0
@@ -44,13 +48,16 @@ class ShardTasks:
             shard = target / file_name if file_name else target
             self.tasks.append(Task(write_shard, (str(self.base), self.allow_pickle, source, plan_ref, items, str(shard),
                                                  self.session.device, allow_nonfinite, self.write), nbytes))
+            self.figures.append(figures)
             total += nbytes
         return total
 
     def run(self) -> None:
         from ..distributed.runner import run_tasks
 
-        run_tasks(self.session, self.tasks, self.progress, self.report)
+        for target, (_, found) in zip(self.figures, run_tasks(self.session, self.tasks, self.progress, self.report)):
+            if target is not None:
+                target.extend(found)
 
 
 def _remove_partials(temp: Path) -> None:
@@ -87,8 +94,9 @@ def shard_tasks(ray: str | None, gpus_per_task: float | None, device: str, base:
 
 
 def write_shard(base: str, allow_pickle: bool, source: str | None, plan, items: list, shard: str, device: str,
-                allow_nonfinite: bool, write: Callable) -> int:
-    """One Ray task: write the merged shard `shard` (its planned `items`) of BASE's component `source`."""
+                allow_nonfinite: bool, write: Callable) -> tuple[int, list]:
+    """One Ray task: write the merged shard `shard` (its planned `items`) of BASE's component `source`;
+    returns the bytes written and the rounding figures of the tensors it requantized."""
     import torch
 
     from ..distributed.inputs import on_this_node
@@ -98,11 +106,13 @@ def write_shard(base: str, allow_pickle: bool, source: str | None, plan, items: 
     final = Path(shard)
     partial = final.with_name(f".{final.name}{PART_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        written = write(checkpoints[source], plan, {"": items}, partial, torch.device(device), allow_nonfinite, None)
+        figures: list = []
+        written = write(checkpoints[source], plan, {"": items}, partial, torch.device(device), allow_nonfinite, None,
+                        figures)
         fsync_path(partial)
         os.replace(partial, final)
         fsync_path(final.parent)
-        return written
+        return written, figures
     finally:
         partial.unlink(missing_ok=True)
         for checkpoint in checkpoints.values():
