@@ -13,5 +13,5 @@ Nothing here imports Ray at module level; `cluster.connect` does, when a command
 - `progress.py`: the one progress bar over all tasks, naming the nodes in use.
 
 The commands' own task functions stay with them (`api/svd_extract.extract_group`, `api/resize.resize_group`,
-`api/combine.combine_group`, `api/merge_ray.write_shard`), so this package knows nothing of tensors.
+`api/combine.combine_group`, `api/merge_ray.write_shard`), so this package knows nothing of their math.
 """
