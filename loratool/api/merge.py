@@ -333,12 +333,9 @@ def merge(
                 folder = temp if source is None else temp / source
                 if source is not None:
                     folder.mkdir()
-                if shards:
-                    written += shards.submit(checkpoint, plans[source], layouts[source], folder, torch_device,
-                                             allow_nonfinite, report)
-                else:
-                    written += _write(checkpoint, plans[source], layouts[source], folder, torch_device,
-                                      allow_nonfinite, report, figures)
+                write = shards.submit if shards else _write  # with --ray, one cluster task per output file
+                written += write(checkpoint, plans[source], layouts[source], folder, torch_device, allow_nonfinite,
+                                 report, figures)
                 if checkpoint.is_folder:
                     _finish_folder(checkpoint, layouts[source], folder, target.float_dtype)
                 if source is not None:

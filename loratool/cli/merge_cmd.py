@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..distributed.progress import task_progress
 from ..dtypes import MERGE_DTYPE_CHOICES
 from .params import (LocationType, SizeType, WeightListType, adapter_format_options, allow_pickle_option, device_option,
                      force_option, json_option, scale_out_options)
@@ -63,7 +64,7 @@ def merge_cmd(out, base, adapters, output, weights, dtype, max_shard_size, devic
     """
     from ..api.merge import merge
 
-    with out.progress("merging") as advance:
+    with task_progress(out, "merging", ray) as advance:
         result = merge(base, list(adapters), output, weights=weights, dtype=dtype, max_shard_bytes=max_shard_size,
                        device=device, force=force, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
                        progress=advance, adapter_format=adapter_format, alpha=alpha, skip_missing=skip_missing,
