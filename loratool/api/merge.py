@@ -318,8 +318,11 @@ def merge(
             raise UsageError(f"BASE is a folder, so OUT is a folder too; give a folder name, not {output}")
         plans = plan_merge(layout, checkpoints, loaded, weights, target.float_dtype, allow_nonfinite, skip_missing)
         if gguf:
-            return _merge_gguf(checkpoints[None], plans[None], output, target, torch_device, allow_nonfinite,
-                               progress, started, loaded, weights, layout)
+            result = _merge_gguf(checkpoints[None], plans[None], output, target, torch_device or resolve_device(device),
+                                 allow_nonfinite, progress, started, loaded, weights, layout)
+            if ray is not None:
+                result.notes.append("a GGUF base is one file, so it was merged here, not on the Ray cluster")
+            return result
         layouts = {source: _layout(checkpoint, target, max_shard_bytes) for source, checkpoint in checkpoints.items()}
         total = sum(item.nbytes for layout_ in layouts.values() for items in layout_.values() for item in items)
         report = _progress_over(progress, total)
