@@ -460,3 +460,29 @@ def test_a_nan_code_in_a_float8_base_is_never_read_as_a_number(run_cli, tmp_path
     assert_refused(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out), out, "NaN")
     checked = json.loads(run_cli("inspect", base, "--check", "--json").stdout)
     assert checked["nonfinite"][name] == {"nan": 1, "inf": 0}
+
+
+def test_comfyui_formats_it_cannot_requantize_are_kept_as_stored(run_cli, tmp_path, flux_weights):
+    """An nvfp4 layer (two values per byte, float8 block scales): copied byte for byte, its scales never
+    taken for weights, a merge into it or a dequantized output refused in one line."""
+    base = tmp_path / "mixed.safetensors"
+    state = {k: v.to(torch.bfloat16) for k, v in flux_weights.items()}
+    stem = "double_blocks.0.img_attn.proj."
+    state[stem + "weight"] = torch.randint(0, 255, (WIDTH, WIDTH // 2), dtype=torch.uint8)
+    state[stem + "weight_scale"] = torch.ones(WIDTH, WIDTH // 16).to(torch.float8_e4m3fn)
+    state[stem + "weight_scale_2"] = torch.tensor(0.5)
+    state[stem + "comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file(state, str(base))
+    report = json.loads(ok(run_cli("inspect", base, "--json", "--check")).stdout)
+    assert report["dtypes"]["nvfp4 (ComfyUI, kept as stored)"]["parameters"] == WIDTH * WIDTH
+    deltas = flux_lora(tmp_path / "lora.safetensors")  # qkv and linear1: not the nvfp4 layer
+    out = tmp_path / "m.safetensors"
+    ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out))
+    for name in (stem + "weight", stem + "weight_scale", stem + "weight_scale_2", stem + "comfy_quant"):
+        assert raw_bytes(out, name) == state[name].reshape(-1).view(torch.uint8).numpy().tobytes(), name
+    assert set(load_file(str(out))) == set(state) and deltas
+    flux_lora(tmp_path / "proj.safetensors", modules=("double_blocks.0.img_attn.proj",))
+    assert_refused(run_cli("merge", base, tmp_path / "proj.safetensors", "-o", tmp_path / "p.safetensors"),
+                   tmp_path / "p.safetensors", "nvfp4", "cannot requantize")
+    assert_refused(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", tmp_path / "b.safetensors", "--dtype",
+                           "bfloat16"), tmp_path / "b.safetensors", "cannot dequantize")

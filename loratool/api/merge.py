@@ -27,6 +27,7 @@ from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, as_2d
 from ..lora.module import Adapter
 from ..options import parse_weights, resolve_device
+from ..quant import OPAQUE
 from ..quant.report import RoundingFigure
 from ..quant.report import summary as rounding_summary
 from ..quant.report import warning as rounding_warning
@@ -310,7 +311,7 @@ def merge(
                           force)
         single_file = None in checkpoints and not checkpoints[None].is_folder
         gguf = single_file and checkpoints[None].path.suffix == GGUF_SUFFIX
-        _check_target(target, gguf, single_file)
+        _check_target(target, gguf, single_file, checkpoints)
         if single_file and output.suffix != checkpoints[None].path.suffix:
             raise UsageError(f"BASE is a single {checkpoints[None].path.suffix} file, so OUT must be one too, "
                              f"got {output}")
@@ -364,13 +365,19 @@ def merge(
     )
 
 
-def _check_target(target: OutputTarget, gguf: bool, single_file: bool) -> None:
+def _check_target(target: OutputTarget, gguf: bool, single_file: bool, checkpoints: dict) -> None:
     if target.gguf_type is not None and not gguf:
         raise UsageError("--dtype q8_0 writes a GGUF file, so BASE must be a .gguf file (convert the model to GGUF "
                          "with llama.cpp or ComfyUI-GGUF first, then merge into it)")
     if target.fp8 and (gguf or not single_file):
         raise UsageError("--dtype float8_e4m3fn writes ComfyUI's scaled FP8 single files, so BASE must be a "
                          ".safetensors file; an FP8 folder keeps its own encoding with --dtype auto")
+    if target.float_dtype is not None:
+        opaque = [name for checkpoint in checkpoints.values() for name, info in checkpoint.items()
+                  if info.encoding is not None and info.encoding.scheme == OPAQUE]
+        if opaque:
+            raise UsageError(f"BASE holds {len(opaque)} layer(s) in a ComfyUI format loratool cannot dequantize "
+                             f"({summarize(opaque, 3)}); keep them as stored with --dtype auto")
 
 
 def _rounding_notes(figures: list[RoundingFigure]) -> list[str]:

@@ -21,13 +21,16 @@ from collections.abc import Mapping
 
 from .header import TensorInfo
 from ..errors import InvalidCheckpointError, summarize
-from ..quant import FP8, FP8_MAX, Encoding, grid_shape
+from ..quant import FP8, FP8_MAX, OPAQUE, Encoding, grid_shape
 
 MARKER = "scaled_fp8"
 FLOAT_SCALE_CODES = ("F32", "BF16", "F16", "F64")
 #: comfy_quant formats this codec handles; the others (nvfp4, mxfp8, int8 ...) stay as stored tensors.
 COMFY_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 MAX_COMFY_QUANT_BYTES = 4096
+COMFY_QUANT = ".comfy_quant"
+#: comfy_quant formats that pack several values per stored element, and how many.
+PACKED_FORMATS = {"nvfp4": 2}
 #: Without a config.json, the block every HF FP8 checkpoint uses; the grid check refuses any other.
 DEFAULT_BLOCK = (128, 128)
 
@@ -42,13 +45,19 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
 
     An encoded weight becomes one logical float32 tensor with `encoding` set; its scale and companion
     tensors leave the logical view. Every inconsistency is refused in one error."""
-    if not any(info.dtype in FP8_MAX for info in tensors.values()):
+    comfy_entries = [name for name in tensors if name.endswith(COMFY_QUANT)]
+    if not comfy_entries and not any(info.dtype in FP8_MAX for info in tensors.values()):
         return None
     block = _config_block(config)
     problems: list[str] = []
     markers = tuple(info for name, info in tensors.items() if is_marker(name))
     taken: set[str] = {info.name for info in markers}
     encodings: dict[str, Encoding] = {}
+    for entry in comfy_entries:
+        encoding = _opaque(entry, tensors, problems)
+        if encoding is not None:
+            encodings[encoding.data.name] = encoding
+            taken.update(part.name for part in encoding.parts)
     for name, info in tensors.items():
         if info.dtype not in FP8_MAX or name in taken:
             continue
@@ -69,11 +78,35 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
     for name, info in tensors.items():
         if name in encodings:
             encoding = encodings[name]
-            logical[name] = TensorInfo(name=name, dtype="F32", shape=info.shape, path=info.path,
+            logical[name] = TensorInfo(name=name, dtype="F32", shape=_logical_shape(encoding), path=info.path,
                                        data_start=info.data_start, nbytes=encoding.stored_bytes, encoding=encoding)
         elif name not in taken:
             logical[name] = info
     return logical, markers
+
+
+def _opaque(entry: str, tensors: Mapping[str, TensorInfo], problems: list[str]) -> Encoding | None:
+    """A ComfyUI layer in a format loratool cannot requantize (nvfp4, mxfp8, int8...): its parts stay
+    together as stored, copied by a merge, so that nothing mistakes its scales for weights."""
+    stem = entry[: -len("comfy_quant")]
+    weight = tensors.get(stem + "weight")
+    if weight is None:
+        problems.append(f"{entry} has no {stem}weight beside it")
+        return None
+    fmt = _comfy_format(tensors[entry], problems)
+    if fmt is None or fmt in COMFY_FORMATS:
+        return None
+    scale = tensors.get(stem + "weight_scale")
+    riders = tuple(tensors[n] for n in (stem + "weight_scale_2", stem + "input_scale", entry) if n in tensors)
+    return Encoding(OPAQUE, fmt, weight, scale, None, riders, "comfy-quant")
+
+
+def _logical_shape(encoding: Encoding) -> tuple[int, ...]:
+    """The weight's shape as the model sees it: nvfp4 packs two values in each stored byte."""
+    shape = encoding.data.shape
+    if encoding.scheme == OPAQUE and encoding.storage in PACKED_FORMATS and shape:
+        return (*shape[:-1], shape[-1] * PACKED_FORMATS[encoding.storage])
+    return shape
 
 
 def _config_block(config: dict | None) -> tuple[int, int] | None:

@@ -26,6 +26,8 @@ class TensorInfo(Protocol):
 #: the same with no scale), and GGUF's block types.
 FP8 = "fp8"
 GGUF = "gguf"
+#: Kept exactly as stored, never decoded: ComfyUI layers in formats loratool cannot requantize (nvfp4...).
+OPAQUE = "opaque"
 
 #: safetensors code of a float8 storage -> its largest finite value, the top of a fresh scale.
 FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
@@ -61,6 +63,8 @@ class Encoding:
         """"FP8 e4m3 per-tensor scaled", "FP8 e4m3 block 128×128", "Q4_K"..."""
         if self.scheme == GGUF:
             return self.storage
+        if self.scheme == OPAQUE:
+            return f"{self.storage} (ComfyUI, kept as stored)"
         name = {"F8_E4M3": "FP8 e4m3", "F8_E5M2": "FP8 e5m2"}[self.storage]
         if self.scale is None:
             return name

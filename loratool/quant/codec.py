@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import FP8, GGUF, Encoding, TensorInfo
+from ..errors import InvalidCheckpointError
+from . import FP8, GGUF, OPAQUE, Encoding, TensorInfo
 
 
 def decode(encoding: Encoding, read_stored: Callable[[TensorInfo], torch.Tensor]) -> torch.Tensor:
@@ -20,4 +21,7 @@ def decode(encoding: Encoding, read_stored: Callable[[TensorInfo], torch.Tensor]
         from .gguf_codec import dequantize_tensor
 
         return dequantize_tensor(encoding, read_stored(encoding.data))
+    if encoding.scheme == OPAQUE:
+        raise InvalidCheckpointError(f"{encoding.data.name} is stored in ComfyUI's {encoding.storage} format, which "
+                                     "loratool copies but cannot dequantize; use the bf16 or FP8 model for this")
     raise ValueError(f"unknown encoding scheme {encoding.scheme!r}")
