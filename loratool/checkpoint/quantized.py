@@ -73,7 +73,7 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
         problems.append(f"{markers[0].name!r} marks scaled FP8, but no tensor has a scale_weight")
     if problems:
         path = next(iter(tensors.values())).path
-        raise InvalidCheckpointError(f"{path}: {summarize(problems)}")
+        raise InvalidCheckpointError(f"{path}: {summarize(list(dict.fromkeys(problems)))}")
     logical: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if name in encodings:
