@@ -486,3 +486,20 @@ def test_comfyui_formats_it_cannot_requantize_are_kept_as_stored(run_cli, tmp_pa
                    tmp_path / "p.safetensors", "nvfp4", "cannot requantize")
     assert_refused(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", tmp_path / "b.safetensors", "--dtype",
                            "bfloat16"), tmp_path / "b.safetensors", "cannot dequantize")
+
+
+def test_diffusers_q_k_v_pieces_land_in_their_rows_of_a_fused_fp8_qkv(run_cli, tmp_path, flux_weights):
+    """Three diffusers modules update thirds of one float8 tensor under one fresh scale."""
+    base = tmp_path / "base.safetensors"
+    state = comfy_scaled(flux_weights, base)
+    generator = torch.Generator().manual_seed(4)
+    lora, pieces = {}, []
+    for leaf in ("to_q", "to_k", "to_v"):
+        down, up = torch.randn(2, WIDTH, generator=generator) * 0.2, torch.randn(WIDTH, 2, generator=generator) * 0.2
+        lora[f"transformer.transformer_blocks.0.attn.{leaf}.lora_A.weight"] = down
+        lora[f"transformer.transformer_blocks.0.attn.{leaf}.lora_B.weight"] = up
+        pieces.append(up.double() @ down.double())
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    out = tmp_path / "m.safetensors"
+    ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out))
+    check_accuracy(out, state, {"double_blocks.0.img_attn.qkv": torch.cat(pieces)}, "scale_weight")
