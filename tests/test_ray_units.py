@@ -61,6 +61,20 @@ def test_scale_out_options_are_checked(args, message):
     assert ScaleOut.parse(None) is None and ScaleOut.parse(" local ").address == "local"
 
 
+@pytest.mark.parametrize("device, gpus, asked", [("cuda", None, "--device cuda"), ("auto", 0.5, "--gpus-per-task")])
+def test_a_gpu_request_on_a_cluster_without_gpus_names_the_option_that_asked(device, gpus, asked):
+    from loratool.distributed.cluster import _device
+
+    class NoGpus:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 2.0}
+
+    with pytest.raises(UsageError, match=f"^{asked} asks for GPUs, but the Ray cluster at auto has none"):
+        _device(NoGpus, ScaleOut.parse("auto", device, gpus))
+    assert _device(NoGpus, ScaleOut.parse("auto", "auto", None)) == ("cpu", 0.0)
+
+
 def test_single_process_runs_never_import_ray(tmp_path):
     code = ("import sys; from loratool.cli import main; "
             "codes = [main(['svd-extract', sys.argv[1], sys.argv[1], '-r', '2', '-o', sys.argv[2] + '/s']), "

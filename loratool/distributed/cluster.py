@@ -84,7 +84,8 @@ def _device(ray: Any, options: ScaleOut) -> tuple[str, float]:
     if not wants_gpu:
         return "cpu", 0.0
     if gpus_in_cluster <= 0:
-        raise UsageError(f"--device {options.device} asks for GPUs, but the Ray cluster at {options.address} has none")
+        asked = "--gpus-per-task" if options.gpus_per_task is not None else f"--device {options.device}"
+        raise UsageError(f"{asked} asks for GPUs, but the Ray cluster at {options.address} has none")
     return "cuda", float(options.gpus_per_task or 1)
 
 
