@@ -503,3 +503,11 @@ def test_diffusers_q_k_v_pieces_land_in_their_rows_of_a_fused_fp8_qkv(run_cli, t
     out = tmp_path / "m.safetensors"
     ok(run_cli("merge", base, tmp_path / "lora.safetensors", "-o", out))
     check_accuracy(out, state, {"double_blocks.0.img_attn.qkv": torch.cat(pieces)}, "scale_weight")
+
+
+def test_a_broken_comfy_quant_entry_is_named_once(run_cli, tmp_path):
+    base = tmp_path / "base.safetensors"
+    save_file({"a.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn), "a.weight_scale": torch.tensor(1.0),
+               "a.comfy_quant": torch.tensor(list(b"nope"), dtype=torch.uint8)}, str(base))
+    line = assert_refused(run_cli("inspect", base), None, "a.comfy_quant does not hold JSON")
+    assert line.count("does not hold JSON") == 1, line

@@ -53,15 +53,17 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
     markers = tuple(info for name, info in tensors.items() if is_marker(name))
     taken: set[str] = {info.name for info in markers}
     encodings: dict[str, Encoding] = {}
+    formats = {entry: _comfy_format(tensors[entry], problems) for entry in comfy_entries
+               if _stem(entry) + "weight" in tensors}
     for entry in comfy_entries:
-        encoding = _opaque(entry, tensors, problems)
+        encoding = _opaque(entry, formats, tensors, problems)
         if encoding is not None:
             encodings[encoding.data.name] = encoding
             taken.update(part.name for part in encoding.parts)
     for name, info in tensors.items():
         if info.dtype not in FP8_MAX or name in taken:
             continue
-        encoding = _encoding_of(name, info, tensors, block, problems)
+        encoding = _encoding_of(name, info, tensors, formats, block, problems)
         if encoding is None:
             continue
         encodings[name] = encoding
@@ -73,7 +75,7 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
         problems.append(f"{markers[0].name!r} marks scaled FP8, but no tensor has a scale_weight")
     if problems:
         path = next(iter(tensors.values())).path
-        raise InvalidCheckpointError(f"{path}: {summarize(list(dict.fromkeys(problems)))}")
+        raise InvalidCheckpointError(f"{path}: {summarize(problems)}")
     logical: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if name in encodings:
@@ -85,15 +87,21 @@ def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
     return logical, markers
 
 
-def _opaque(entry: str, tensors: Mapping[str, TensorInfo], problems: list[str]) -> Encoding | None:
+def _stem(comfy_quant_entry: str) -> str:
+    """`X.comfy_quant` -> `X.`, the prefix of the layer's other tensors."""
+    return comfy_quant_entry[: -len("comfy_quant")]
+
+
+def _opaque(entry: str, formats: Mapping[str, str | None], tensors: Mapping[str, TensorInfo],
+            problems: list[str]) -> Encoding | None:
     """A ComfyUI layer in a format loratool cannot requantize (nvfp4, mxfp8, int8...): its parts stay
     together as stored, copied by a merge, so that nothing mistakes its scales for weights."""
-    stem = entry[: -len("comfy_quant")]
+    stem = _stem(entry)
     weight = tensors.get(stem + "weight")
     if weight is None:
         problems.append(f"{entry} has no {stem}weight beside it")
         return None
-    fmt = _comfy_format(tensors[entry], problems)
+    fmt = formats[entry]
     if fmt is None or fmt in COMFY_FORMATS:
         return None
     scale = tensors.get(stem + "weight_scale")
@@ -122,8 +130,9 @@ def _config_block(config: dict | None) -> tuple[int, int] | None:
     return (size[0], size[1])
 
 
-def _encoding_of(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], config_block: tuple[int, int] | None,
-                 problems: list[str]) -> Encoding | None:
+def _encoding_of(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], formats: Mapping[str, str | None],
+                 config_block: tuple[int, int] | None, problems: list[str]) -> Encoding | None:
+    """`formats`: each `comfy_quant` entry's format, read once (None where it could not be read)."""
     stem = name[: -len("weight")] if name.endswith("weight") else name + "."
     extras = lambda *names: tuple(tensors[n] for n in (stem + x for x in names) if n in tensors)  # noqa: E731
     if stem + "scale_weight" in tensors:
@@ -132,7 +141,7 @@ def _encoding_of(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo],
             return Encoding(FP8, info.dtype, info, scale, None, extras("scale_input"), "comfy-scaled")
         return None
     if stem + "comfy_quant" in tensors:
-        fmt = _comfy_format(tensors[stem + "comfy_quant"], problems)
+        fmt = formats.get(stem + "comfy_quant")  # absent: refused already, the entry has no weight
         if fmt is None or COMFY_FORMATS.get(fmt) != info.dtype:
             if fmt is not None and fmt in COMFY_FORMATS:
                 problems.append(f"{stem}comfy_quant says {fmt}, but {name} is stored as {info.dtype}")
