@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..formats import EMBEDDED
-from ..quant import OPAQUE
+from ..quant import is_opaque
 from ..formats.adapters import detect_format, load_adapter
 from ..dtypes import code_of
 from ..formats.gguf import GGUF_SUFFIX
@@ -116,7 +116,7 @@ def inspect_checkpoint(checkpoint: Checkpoint, check: bool = False, tensors: boo
             bad_scale = _nonfinite(checkpoint.read_stored(scale)) if scale is not None else None
             if bad_scale:
                 found[scale.name] = bad_scale
-            if info.encoding is not None and info.encoding.scheme == OPAQUE:
+            if is_opaque(info):
                 continue  # kept as stored, never decoded: its float scale is checked above
             bad = _nonfinite(checkpoint.read(info.name))
             if bad:

@@ -27,7 +27,7 @@ from ..layouts import open_base
 from ..lora.delta import COMPUTE_DTYPE, add_deltas_blockwise, as_2d
 from ..lora.module import Adapter
 from ..options import parse_weights, resolve_device
-from ..quant import OPAQUE
+from ..quant import is_opaque
 from ..quant.report import RoundingFigure
 from ..quant.report import summary as rounding_summary
 from ..quant.report import warning as rounding_warning
@@ -374,7 +374,7 @@ def _check_target(target: OutputTarget, gguf: bool, single_file: bool, checkpoin
                          ".safetensors file; an FP8 folder keeps its own encoding with --dtype auto")
     if target.float_dtype is not None:
         opaque = [name for checkpoint in checkpoints.values() for name, info in checkpoint.items()
-                  if info.encoding is not None and info.encoding.scheme == OPAQUE]
+                  if is_opaque(info)]
         if opaque:
             raise UsageError(f"BASE holds {len(opaque)} layer(s) in a ComfyUI format loratool cannot dequantize "
                              f"({summarize(opaque, 3)}); keep them as stored with --dtype auto")
@@ -428,6 +428,11 @@ def _streamable(checkpoint: Checkpoint, name: str, ops: list) -> bool:
         return False
     if ops and type(ops[0]) is ReplaceOp:
         ops = ops[1:]
+    return _all_terms(ops)
+
+
+def _all_terms(ops: list) -> bool:
+    """Whether every op is a `_term` (alpha·left@right from a row on): a bias, or a factored update."""
     return all(type(op) is BiasOp or (type(op) is DeltaOp and op.module.streams) for op in ops)
 
 
@@ -573,8 +578,7 @@ def _write_fp8(checkpoint: Checkpoint, name: str, ops: list, writer: Safetensors
     """A float8 tensor with fresh scales: its values, its scale, then its riders copied as they are.
     Requantizing is bound by arithmetic, not I/O, so it runs on all `threads` while the I/O threads wait."""
     info = checkpoint[name]
-    streams = all(type(op) is BiasOp or (type(op) is DeltaOp and op.module.streams) for op in ops)
-    terms = [_term(op, device) for op in ops] if streams else None
+    terms = [_term(op, device) for op in ops] if _all_terms(ops) else None
     streaming_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

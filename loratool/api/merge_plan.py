@@ -15,7 +15,7 @@ from ..lora.algorithms import AdapterModule
 from ..lora.module import Adapter
 from ..lora.targeting import OUTPUT_HEAD_LEAVES, head_is_tied, leaf, resolve_base_names
 from ..options import check_finite
-from ..quant import OPAQUE
+from ..quant import is_opaque
 from ..resolve import resolve
 
 
@@ -141,7 +141,7 @@ def _check_plan(plan: MergePlan, base: Checkpoint, out_dtype: torch.dtype | None
     problems: list[str] = []
     for name, ops in plan.ops.items():
         info = base[name]
-        if info.encoding is not None and info.encoding.scheme == OPAQUE:
+        if is_opaque(info):
             problems.append(f"{name} is stored in ComfyUI's {info.encoding.storage} format, which loratool cannot "
                             "requantize; merge into the bf16 or FP8 model instead")
         elif info.torch_dtype not in MERGEABLE_FLOATS:

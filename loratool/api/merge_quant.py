@@ -144,9 +144,13 @@ def _fill_scale(exact: torch.Tensor, scale: torch.Tensor | None, target: Fp8Targ
     """The fresh scale(s) of `exact` into `scale` (a view of the whole grid, or its rows)."""
     amax = block_amax(exact, target.block)
     if not allow_nonfinite and not math.isfinite(float(amax.max())):
-        raise NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
+        raise _nonfinite(name)
     if scale is not None:
         scale.copy_(fresh_scale(amax, target.storage, scale.dtype).reshape(scale.shape))
+
+
+def _nonfinite(name: str) -> NonFiniteError:
+    return NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
 
 
 def _round(exact: torch.Tensor, scale: torch.Tensor | None, target: Fp8Target, name: str, allow_nonfinite: bool,
@@ -155,7 +159,7 @@ def _round(exact: torch.Tensor, scale: torch.Tensor | None, target: Fp8Target, n
     if fresh:
         _fill_scale(exact, scale, target, name, allow_nonfinite)
     elif scale is None and not allow_nonfinite and not bool(torch.isfinite(exact).all()):
-        raise NonFiniteError(f"merged {name} holds NaN/Inf; check the adapter, or --allow-nonfinite to write it anyway")
+        raise _nonfinite(name)
     stored = quantize(exact, scale, target.block, target.storage)
     into.copy_(stored.reshape(into.shape))
     if tally is not None:

@@ -74,6 +74,11 @@ class Encoding:
         return f"{name} per-row scaled" if rows == 1 else f"{name} block {rows}×{cols}"
 
 
+def is_opaque(info) -> bool:
+    """Whether a logical tensor is kept exactly as stored and can be neither read nor requantized."""
+    return info.encoding is not None and info.encoding.scheme == OPAQUE
+
+
 def grid_shape(shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
     """The shape of the scale grid for a tensor of `shape` (no dimensions: one scale)."""
     if block is None:
