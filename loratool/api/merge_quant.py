@@ -75,31 +75,25 @@ def requantize(checkpoint: Checkpoint, name: str, target: Fp8Target, terms: list
     matrix = len(shape) == 2 and terms is not None
     chunks = _chunks(shape, target.block) if matrix else [(0, shape[0] if shape else 1)]
     values = torch.empty(shape, dtype=STORAGE_DTYPES[target.storage], device=device)
+    scale = None if target.scale_dtype is None else \
+        torch.empty(grid_shape(shape, target.block), dtype=target.scale_dtype, device=device)
     tally = RoundingTally() if terms != [] else None
-    if matrix and (target.block is not None or target.scale_dtype is None):
+    if matrix and (target.block is not None or scale is None):
         # every scale covers rows of one chunk only: each chunk is summed, scaled and rounded in one go
-        scale = torch.empty(grid_shape(shape, target.block), dtype=target.scale_dtype or torch.float32,
-                            device=device)
         for start, stop in chunks:
             base = source.rows(start, stop)
             exact = _with_terms(base, terms, start, keep=tally is not None)
-            rows_scale = _scale_rows(scale, start, stop, target.block) if target.scale_dtype else None
-            _round(exact, rows_scale, target, name, allow_nonfinite, values[start:stop], base, tally)
-        scale = scale if target.scale_dtype is not None else None
+            _round(exact, _scale_rows(scale, start, stop, target.block), target, name, allow_nonfinite,
+                   values[start:stop], base, tally)
     else:
         exact = _exact_whole(source, terms, merged_whole, chunks) if matrix else \
             (merged_whole or (lambda x: x))(source.whole())
-        scale = torch.empty(grid_shape(shape, target.block), dtype=target.scale_dtype or torch.float32,
-                            device=device) if target.scale_dtype is not None else None
         _fill_scale(exact, scale, target, name, allow_nonfinite)
         base_as_stored = _as_quantized(source, chunks, target) if tally is not None else None
         for start, stop in chunks:
-            rows = exact[start:stop] if len(shape) == 2 else exact
-            rows_scale = _scale_rows(scale, start, stop, target.block) if scale is not None and len(shape) == 2 \
-                else scale
-            base = base_as_stored(start, stop) if base_as_stored is not None else None
-            _round(rows, rows_scale, target, name, allow_nonfinite, values[start:stop] if len(shape) == 2 else values,
-                   base, tally, fresh=False)
+            _round(exact[start:stop] if shape else exact, _scale_rows(scale, start, stop, target.block), target,
+                   name, allow_nonfinite, values[start:stop] if shape else values,
+                   base_as_stored(start, stop) if base_as_stored is not None else None, tally, fresh=False)
     figure = tally.figure(name, target.description) if tally is not None else None
     return values.cpu(), scale.reshape(target.scale_shape).cpu() if scale is not None else None, figure
 
@@ -178,9 +172,10 @@ def _chunks(shape: tuple[int, ...], block: tuple[int, int] | None) -> list[tuple
     return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
 
 
-def _scale_rows(scale: torch.Tensor, start: int, stop: int, block: tuple[int, int] | None) -> torch.Tensor:
+def _scale_rows(scale: torch.Tensor | None, start: int, stop: int,
+                block: tuple[int, int] | None) -> torch.Tensor | None:
     """The scales of rows [start, stop) of a matrix (the grid rows they fall in); others use all scales."""
-    if block is None or scale.dim() != 2:
+    if scale is None or block is None or scale.dim() != 2:
         return scale
     return scale[start // block[0]: math.ceil(stop / block[0])]
 
