@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .header import TensorInfo
 from ..errors import InvalidCheckpointError, summarize
@@ -39,16 +39,17 @@ def is_marker(name: str) -> bool:
     return name.rpartition(".")[2] == MARKER
 
 
-def find_encodings(tensors: Mapping[str, TensorInfo], config: dict | None
+def find_encodings(tensors: Mapping[str, TensorInfo], config: Callable[[], dict | None]
                    ) -> tuple[dict[str, TensorInfo], tuple[TensorInfo, ...]] | None:
-    """(logical tensors, marker tensors) when the checkpoint holds float8 or scale tensors, else None.
+    """(logical tensors, marker tensors) when the checkpoint holds float8 or comfy_quant tensors, else
+    None. `config` gives config.json (for the block size), read only then.
 
     An encoded weight becomes one logical float32 tensor with `encoding` set; its scale and companion
     tensors leave the logical view. Every inconsistency is refused in one error."""
     comfy_entries = [name for name in tensors if name.endswith(COMFY_QUANT)]
     if not comfy_entries and not any(info.dtype in FP8_MAX for info in tensors.values()):
         return None
-    block = _config_block(config)
+    block = _config_block(config())
     problems: list[str] = []
     markers = tuple(info for name, info in tensors.items() if is_marker(name))
     taken: set[str] = {info.name for info in markers}

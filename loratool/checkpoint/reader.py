@@ -68,7 +68,7 @@ def _fold_encodings(checkpoint: Checkpoint) -> None:
     """Fold quantized weights and their scales into logical tensors (`quantized.py`)."""
     from .quantized import find_encodings
 
-    found = find_encodings(checkpoint.tensors, checkpoint.config())
+    found = find_encodings(checkpoint.tensors, checkpoint.config)
     if found is not None:
         checkpoint.stored = checkpoint.tensors
         checkpoint.tensors, checkpoint.markers = found
