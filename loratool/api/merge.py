@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.output import atomic_output, check_output_path, copy_regular, copy_regular_file, read_paths
 from ..checkpoint.pipeline import BackgroundWriter, BufferPool, ReadAhead
 from ..checkpoint.writer import PlannedTensor, SafetensorsWriter, plan_shards, shard_names, write_index
-from ..checkpoint.quantized import MARKER
+from ..checkpoint.quantized import MARKER, is_marker
 from ..checkpoint.reader import GGUF_SUFFIX
 from ..dtypes import FP8_OUTPUT, GGUF_OUTPUTS, MERGEABLE_FLOATS, parse_output_dtype, torch_dtype_name
 from ..errors import NonFiniteError, UsageError, summarize
@@ -561,7 +561,7 @@ def _kind(checkpoint: Checkpoint, item: PlannedTensor, ops: list) -> str:
     """How one planned output tensor is produced (see `_write`)."""
     info = checkpoint.tensors.get(item.name)
     if info is None:
-        return "marker" if item.name.rpartition(".")[2] == MARKER else "part"
+        return "marker" if is_marker(item.name) else "part"
     encoding = info.encoding
     if encoding is not None and item.dtype == encoding.data.torch_dtype:
         return "fp8" if ops else "parts"
