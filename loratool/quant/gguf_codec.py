@@ -35,34 +35,31 @@ def block_size(type_name: str) -> int:
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
 
 
-@lru_cache(maxsize=None)
 def can_read(type_name: str) -> bool:
-    """Whether `gguf.quants.dequantize` handles the type (tried on one block of zeros)."""
-    import numpy as np
+    """Whether `gguf.quants.dequantize` handles the type."""
+    return _package_handles(type_name, write=False)
 
-    gguf = _gguf()
-    kind = getattr(gguf.GGMLQuantizationType, type_name, None)
-    if kind is None:
-        return False
-    size = gguf.GGML_QUANT_SIZES[kind][1]
-    try:
-        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), kind)
-    except NotImplementedError:
-        return False
-    return True
+
+def can_write(type_name: str) -> bool:
+    """Whether `gguf.quants.quantize` writes the type."""
+    return _package_handles(type_name, write=True)
 
 
 @lru_cache(maxsize=None)
-def can_write(type_name: str) -> bool:
-    """Whether `gguf.quants.quantize` writes the type (tried on one block of zeros)."""
+def _package_handles(type_name: str, write: bool) -> bool:
+    """Tried on one block of zeros: the package raises NotImplementedError for the types it lacks."""
     import numpy as np
 
     gguf = _gguf()
     kind = getattr(gguf.GGMLQuantizationType, type_name, None)
     if kind is None:
         return False
+    values_per_block, bytes_per_block = gguf.GGML_QUANT_SIZES[kind]
     try:
-        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[kind][0]), dtype=np.float32), kind)
+        if write:
+            gguf.quants.quantize(np.zeros((1, values_per_block), dtype=np.float32), kind)
+        else:
+            gguf.quants.dequantize(np.zeros((1, bytes_per_block), dtype=np.uint8), kind)
     except NotImplementedError:
         return False
     return True
