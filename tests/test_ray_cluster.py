@@ -284,13 +284,13 @@ def _driver(*args, namespace: list[str] | None = None, env: dict | None = None) 
                             text=True, env=_driver_env(**(env or {})))
 
 
-def _private_mount(folder: Path) -> list[str] | None:
-    """An `unshare` prefix running a command with an empty tmpfs over `folder`, seen by nothing else."""
-    if shutil.which("unshare") is None:
-        return None
+def _private_mount(folder: Path) -> list[str]:
+    """Makes `folder` and returns an `unshare` prefix running a command with an empty tmpfs over it, seen
+    by nothing else (the test is skipped where user and mount namespaces are not available)."""
+    folder.mkdir()
     prefix = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs none "{folder}" && exec "$0" "$@"']
-    if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
-        return None
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with user and mount namespaces")
     return prefix
 
 
@@ -299,10 +299,7 @@ def test_an_out_the_workers_cannot_see_is_refused_before_any_work(cluster, tmp_p
     probe file is missing on the workers; the run stops with one line before a shard is written."""
     made, _, _ = cluster
     private = tmp_path / "driver-only"
-    private.mkdir()
     namespace = _private_mount(private)
-    if namespace is None:
-        pytest.skip("needs unshare with user and mount namespaces")
     driver = _driver("merge", FIXTURES / "tiny-llama", FIXTURES / "lora-llama", "--max-shard-size", "100KB",
                      "-o", private / "merged", "--ray", made.address, namespace=namespace)
     _, stderr = driver.communicate(timeout=120)
@@ -353,10 +350,7 @@ def test_hf_inputs_are_fetched_by_each_node_into_its_own_cache(cluster, hub, nod
 
     made, _, _ = cluster
     private = tmp_path / "driver-cache"
-    private.mkdir()
     namespace = _private_mount(private)
-    if namespace is None:
-        pytest.skip("needs unshare with user and mount namespaces")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True, raising=False)
     api = huggingface_hub.HfApi(endpoint=hub.url, token=TOKEN)
